@@ -1,0 +1,1 @@
+"""Built-in passes, one module each. Importing this package registers them."""

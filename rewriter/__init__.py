@@ -1,0 +1,33 @@
+"""evo-rewrite: capture a trained transformer as one FX graph, run verified rewrite passes, emit it.
+
+This module is the one place that says what users import::
+
+    import rewriter
+    result = rewriter.rewrite(model, "flash", example_inputs=(ids,))
+    result.module(ids); result.report.table(); result.save("model.pt2")
+"""
+
+__version__ = "0.1.0"
+
+from .api import RewriteResult, prepare, rewrite
+from .attention import AttentionSite, find_attention
+from .capture import capture
+from .errors import (CaptureError, OutputError, PassNotApplicable, PipelineError, RewriteError, SourceError,
+                     UsageError, VerificationError)
+from .figures import Figures, figures
+from .inputs import Inputs, parse_input_spec
+from .load import load
+from .manager import PassManager
+from .pass_infra import Pass, PassResult, Skip, get_pass, module_path, register_pass, registered_passes
+from .pipeline import format_pipeline, parse_pipeline
+from .program import Program, SourceInfo
+from .report import PassRecord, Report
+from .verify import Thresholds
+
+__all__ = [
+    "__version__", "rewrite", "prepare", "RewriteResult", "load", "capture", "Program", "SourceInfo", "Inputs",
+    "parse_input_spec", "Pass", "PassResult", "Skip", "register_pass", "registered_passes", "get_pass",
+    "module_path", "parse_pipeline", "format_pipeline", "PassManager", "Thresholds", "Report", "PassRecord",
+    "Figures", "figures", "AttentionSite", "find_attention", "RewriteError", "UsageError", "PipelineError",
+    "PassNotApplicable", "SourceError", "CaptureError", "VerificationError", "OutputError",
+]

@@ -1,0 +1,175 @@
+"""Capture: a module and example inputs -> one Program (torch.export, symbolic batch and sequence).
+
+Capture runs ``torch.export.export`` (non-strict) with ``Dim.AUTO`` on the batch dimension of every
+tensor input and on the sequence dimension of rank-2 and rank-3 inputs, then unlifts the program so
+weights are ``get_attr`` nodes named by module path. Where export fails, it retries on a
+``torch.fx.symbolic_trace`` graph of the module, so passes still see the ATen dialect. When both
+fail, the error names the innermost module and the source line that failed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import traceback
+import warnings
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.export import Dim
+
+from .errors import CaptureError
+from .inputs import Inputs
+from .program import Program, SourceInfo
+
+__all__ = ["capture", "program_from_exported", "default_dynamic_dims"]
+
+
+def default_dynamic_dims(t) -> list[int]:
+    """Batch (dim 0) of every tensor; sequence (dim 1) of rank-2 and rank-3 tensors."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return []
+    return [0, 1] if t.dim() in (2, 3) else [0]
+
+
+def _dynamic_shapes(model, inputs: Inputs, dims_of=default_dynamic_dims):
+    """torch.export's dynamic_shapes, keyed by forward's parameter names."""
+
+    def spec(t):
+        if not isinstance(t, torch.Tensor):
+            return None
+        return {d: Dim.AUTO for d in dims_of(t)} or None
+
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*inputs.args, **inputs.kwargs)
+    except (TypeError, ValueError):
+        return tuple(pytree.tree_map(spec, a) for a in inputs.args) if not inputs.kwargs else None
+    out = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: pytree.tree_map(spec, v) for k, v in value.items()}
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(pytree.tree_map(spec, v) for v in value)
+        else:
+            out[name] = pytree.tree_map(spec, value)
+    return out
+
+
+def _is_hf(model) -> bool:
+    return hasattr(model, "config") and type(model).__module__.startswith("transformers")
+
+
+def _prepare_hf(model) -> None:
+    """Turn off what does not export in a plain forward (KV-cache outputs)."""
+    cfg = model.config
+    for c in [cfg, *[getattr(cfg, k) for k in ("text_config", "decoder", "encoder") if hasattr(cfg, k)]]:
+        if hasattr(c, "use_cache"):
+            c.use_cache = False
+    if hasattr(model, "generation_config") and model.generation_config is not None:
+        try:
+            model.generation_config.use_cache = False
+        except Exception:  # noqa: BLE001 - generation_config is optional metadata
+            pass
+
+
+def _plain_out_spec(spec: pytree.TreeSpec) -> pytree.TreeSpec:
+    """Replace pytree node types that need their defining package (HF ModelOutput) by dicts/tuples."""
+    children = [_plain_out_spec(c) for c in spec.children()] if spec.num_children else []
+    t = spec.type
+    if t is None or t in (tuple, list, dict):
+        return pytree.TreeSpec(t, spec.context, children) if children or t is not None else spec
+    ctx = spec.context
+    if isinstance(ctx, (list, tuple)) and all(isinstance(k, str) for k in ctx) and len(ctx) == len(children):
+        return pytree.TreeSpec(dict, list(ctx), children)
+    return pytree.TreeSpec(tuple, None, children)
+
+
+def _module_frame(exc: BaseException, model: torch.nn.Module) -> tuple[str | None, str | None]:
+    """The innermost module (by path) and source line in ``exc``'s traceback."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found_mod, found_line = None, None
+    tb = exc.__traceback__
+    frames = traceback.extract_tb(tb)
+    i = 0
+    while tb is not None:
+        frame = tb.tb_frame
+        self_obj = frame.f_locals.get("self")
+        if self_obj is not None and id(self_obj) in names:
+            found_mod = names[id(self_obj)] or "<root>"
+            fs = frames[i]
+            found_line = f"{fs.filename.rsplit('/', 1)[-1]}:{fs.lineno}: {(fs.line or '').strip()}"
+        tb = tb.tb_next
+        i += 1
+    return found_mod, found_line
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def program_from_exported(ep: torch.export.ExportedProgram, inputs: Inputs, source: SourceInfo) -> Program:
+    gm = ep.module()
+    pi = getattr(gm.graph._codegen, "pytree_info", None)
+    if pi is not None and pi.out_spec is not None:
+        plain = _plain_out_spec(pi.out_spec)
+        gm.graph._codegen.pytree_info = pi._replace(out_spec=plain)
+        gm._out_spec = plain
+        gm.recompile()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    dynamic_dims = []
+    for n in placeholders:
+        val = n.meta.get("val")
+        dims = {}
+        if isinstance(val, torch.Tensor):
+            for d, s in enumerate(val.shape):
+                if isinstance(s, torch.SymInt) and not s.node.is_nested_int() and s.node.expr.free_symbols:
+                    dims[d] = str(s.node.expr)
+        dynamic_dims.append(dims)
+    ranges = {}
+    for sym, vr in ep.range_constraints.items():
+        try:
+            hi = int(vr.upper) if vr.upper.is_finite else None
+        except Exception:  # noqa: BLE001 - sympy infinity variants
+            hi = None
+        ranges[str(sym)] = (int(vr.lower), hi)
+    return Program(module=gm, inputs=inputs, source=source, dynamic_dims=dynamic_dims, symbol_ranges=ranges)
+
+
+def _export(model, inputs: Inputs, dims_of):
+    dyn = _dynamic_shapes(model, inputs, dims_of)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=dyn, strict=False)
+
+
+def capture(model: torch.nn.Module, inputs: Inputs, *, source: SourceInfo | None = None,
+            dims_of=default_dynamic_dims, log=None) -> Program:
+    """Capture ``model`` called with ``inputs`` as a Program with symbolic batch/sequence sizes."""
+    source = source or SourceInfo(kind="module", model_class=type(model).__qualname__)
+    model.eval()
+    if _is_hf(model):
+        _prepare_hf(model)
+    try:
+        ep = _export(model, inputs, dims_of)
+    except Exception as exc:  # noqa: BLE001 - every capture failure becomes one clear message
+        mod, line = _module_frame(exc, model)
+        first = exc
+        if log:
+            log(f"torch.export failed ({_first_line(exc)}); retrying on a torch.fx.symbolic_trace graph")
+        try:
+            traced = fx.symbolic_trace(model)
+            ep = _export(traced, inputs, dims_of)
+        except Exception:  # noqa: BLE001
+            where = f" in module '{mod}'" if mod else ""
+            at = f" at {line}" if line else ""
+            raise CaptureError(
+                f"cannot capture {type(model).__name__}: torch.export failed{where}{at} with "
+                f"{_first_line(first)}, and torch.fx.symbolic_trace could not trace it either. "
+                "Data-dependent Python control flow, calls outside PyTorch (numpy, .item()/.tolist()) and "
+                "in-place changes to inputs are the usual causes: rewrite that line with torch ops "
+                "(torch.where, torch.cond), or pass example inputs (--inputs) that avoid the branch."
+            ) from None
+    return program_from_exported(ep, inputs, source)

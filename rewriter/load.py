@@ -1,0 +1,296 @@
+"""Sources: turn what the user names into a module and example inputs (or a Program, for .pt2).
+
+SOURCE is one of
+  * ``model.pt2``                  a torch.export ExportedProgram (every output of evo-rewrite is one)
+  * ``path/to/hf_dir``             a Hugging Face model directory (config.json + weights), read offline
+  * ``file.py:factory`` or ``pkg.module:factory``  a callable returning a module, or (module, inputs)
+  * ``model.pt``                   a pickled nn.Module; loads only with ``allow_pickle=True``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import pickle
+import re
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .errors import SourceError
+from .inputs import Inputs, make_inputs, parse_input_spec
+from .program import Program, SourceInfo
+
+__all__ = ["Loaded", "load", "hf_example_inputs", "METADATA_FILE"]
+
+METADATA_FILE = "evo_rewrite.json"
+_PICKLE_EXT = {".pt", ".pth", ".bin", ".pkl", ".pickle"}
+
+
+@dataclasses.dataclass
+class Loaded:
+    source: SourceInfo
+    model: torch.nn.Module | None = None
+    inputs: Inputs | None = None
+    program: Program | None = None  # set for .pt2 sources, which are already captured
+
+
+def _describe_exc(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _looks_like_factory(src: str) -> bool:
+    if ":" not in src:
+        return False
+    left, right = src.rsplit(":", 1)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", right):
+        return False
+    return left.endswith(".py") or bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", left))
+
+
+def load(source: str | os.PathLike, *, inputs: str | Inputs | None = None, allow_pickle: bool = False,
+         device: str | torch.device = "cpu") -> Loaded:
+    """Load SOURCE and its example inputs. Raises SourceError with what to do on any bad source."""
+    src = str(source)
+    path = Path(src)
+    if path.is_dir():
+        loaded = _load_hf(path)
+    elif path.is_file() and path.suffix == ".pt2":
+        loaded = _load_pt2(path)
+    elif path.is_file() and path.suffix in _PICKLE_EXT:
+        loaded = _load_pickle(path, allow_pickle)
+    elif _looks_like_factory(src) and not path.exists():
+        loaded = _load_factory(src)
+    elif path.is_file():
+        if zipfile.is_zipfile(path):
+            loaded = _load_pt2(path)
+        else:
+            raise SourceError(f"{src}: not a model evo-rewrite can read. Give a .pt2 ExportedProgram, a Hugging Face "
+                              "model directory, file.py:factory, or a pickled .pt module with --allow-pickle.")
+    else:
+        raise SourceError(f"{src}: no such file or directory. Give a .pt2 file, a Hugging Face model directory, "
+                          "file.py:factory or package.module:factory.")
+    if inputs is not None:
+        if isinstance(inputs, str):
+            high = _vocab_size(loaded.model) if loaded.model is not None else None
+            loaded.inputs = make_inputs(parse_input_spec(inputs), default_high=high)
+        else:
+            loaded.inputs = inputs
+        if loaded.program is not None:
+            loaded.program.inputs = loaded.inputs
+    if loaded.program is None and loaded.inputs is None:
+        loaded.inputs = _guess_inputs(loaded.model)
+    if loaded.model is not None:
+        loaded.model.to(device)
+    if loaded.inputs is not None:
+        loaded.inputs = loaded.inputs.to(device)
+        if loaded.program is not None:
+            loaded.program.inputs = loaded.inputs
+    return loaded
+
+
+# ---- .pt2 ----------------------------------------------------------------------------------
+
+def _load_pt2(path: Path) -> Loaded:
+    from .capture import program_from_exported
+
+    extra = {METADATA_FILE: ""}
+    try:
+        ep = torch.export.load(str(path), extra_files=extra)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the file is not a usable .pt2
+        raise SourceError(f"{path}: not a readable .pt2 ExportedProgram ({_describe_exc(exc)}). The file may be "
+                          "truncated or written by another tool; re-export it with torch.export.save.") from None
+    meta = {}
+    if extra.get(METADATA_FILE):
+        try:
+            meta = json.loads(extra[METADATA_FILE])
+        except json.JSONDecodeError:
+            meta = {}
+    ex = getattr(ep, "example_inputs", None)
+    if ex is not None:
+        inputs = Inputs(tuple(ex[0]), dict(ex[1]))
+    else:
+        inputs = _inputs_from_placeholders(ep)
+    info = SourceInfo(kind="pt2", path=str(path), model_class=meta.get("model_class"),
+                      hf_config=meta.get("hf_config"), hf_class=meta.get("hf_class"))
+    program = program_from_exported(ep, inputs, info)
+    program.applied = list(meta.get("applied", []))
+    return Loaded(source=info, inputs=inputs, program=program)
+
+
+def _inputs_from_placeholders(ep) -> Inputs:
+    """Inputs shaped like the program's user inputs (for .pt2 files saved without example inputs)."""
+    import torch.utils._pytree as pytree
+
+    flat = []
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind.name != "USER_INPUT":
+            continue
+        node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == spec.arg.name)
+        v = node.meta["val"]
+        shape = [int(s) if not isinstance(s, torch.SymInt) else max(2, int(s.node.hint or 2)) for s in v.shape]
+        flat.append(torch.zeros(shape, dtype=v.dtype) if not v.is_floating_point() else torch.randn(shape, dtype=v.dtype))
+    args, kwargs = pytree.tree_unflatten(flat, ep.call_spec.in_spec)
+    return Inputs(tuple(args), dict(kwargs))
+
+
+# ---- pickle ----------------------------------------------------------------------------------
+
+def _load_pickle(path: Path, allow_pickle: bool) -> Loaded:
+    if not allow_pickle:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "weights_only" in str(exc) or "GLOBAL" in str(exc) or "global" in str(exc):
+                raise SourceError(
+                    f"{path} is a pickled module: loading it runs code stored in the file, so evo-rewrite did "
+                    "not load it. If you trust the file, rerun with --allow-pickle (Python: allow_pickle=True); "
+                    "safer: export it once with torch.export.save and pass the .pt2."
+                ) from None
+            raise SourceError(f"{path}: not a PyTorch file ({_describe_exc(exc)}).") from None
+        except Exception as exc:  # noqa: BLE001
+            raise SourceError(f"{path}: not a PyTorch file ({_describe_exc(exc)}).") from None
+        raise SourceError(f"{path} holds {type(obj).__name__} (tensors or a state dict), not a module. Load it into "
+                          "your model in a factory (file.py:factory returning the module) and pass that instead.")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise SourceError(f"{path}: cannot unpickle ({_describe_exc(exc)}). The class of the pickled module must be "
+                          "importable here; or pass file.py:factory instead.") from None
+    if not isinstance(obj, torch.nn.Module):
+        raise SourceError(f"{path} holds {type(obj).__name__}, not an nn.Module.")
+    return Loaded(source=SourceInfo(kind="pickle", path=str(path), model_class=type(obj).__qualname__), model=obj)
+
+
+# ---- factory ---------------------------------------------------------------------------------
+
+def _load_factory(src: str) -> Loaded:
+    left, name = src.rsplit(":", 1)
+    if left.endswith(".py"):
+        file = Path(left)
+        if not file.is_file():
+            raise SourceError(f"{src}: no such file {left}.")
+        mod_name = f"_evo_factory_{abs(hash(str(file.resolve())))}"
+        spec = importlib.util.spec_from_file_location(mod_name, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        try:
+            sys.path.insert(0, str(file.resolve().parent))
+            spec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001
+            raise SourceError(f"{src}: importing {left} raised {_describe_exc(exc)}. Fix the file and retry.") from None
+        finally:
+            sys.path.pop(0)
+    else:
+        try:
+            module = importlib.import_module(left)
+        except Exception as exc:  # noqa: BLE001
+            raise SourceError(f"{src}: cannot import module {left!r} ({_describe_exc(exc)}).") from None
+    fn = getattr(module, name, None)
+    if fn is None or not callable(fn):
+        raise SourceError(f"{src}: {left} has no callable named {name!r}.")
+    try:
+        out = fn()
+    except Exception as exc:  # noqa: BLE001
+        raise SourceError(f"{src}: the factory raised {_describe_exc(exc)}. Fix the factory and retry.") from None
+    model, inputs = out, None
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.nn.Module):
+        model, ex = out
+        if isinstance(ex, dict):
+            inputs = Inputs((), dict(ex))
+        elif isinstance(ex, Inputs):
+            inputs = ex
+        elif isinstance(ex, (tuple, list)):
+            inputs = Inputs(tuple(ex), {})
+        elif isinstance(ex, torch.Tensor):
+            inputs = Inputs((ex,), {})
+        else:
+            raise SourceError(f"{src}: the factory returned example inputs of type {type(ex).__name__}; return a "
+                              "tuple of positional inputs or a dict of keyword inputs.")
+    if not isinstance(model, torch.nn.Module):
+        raise SourceError(f"{src}: the factory returned {type(model).__name__}; it must return an nn.Module or "
+                          "(module, example_inputs).")
+    info = SourceInfo(kind="factory", path=src, model_class=type(model).__qualname__)
+    if _is_hf_model(model):
+        info.hf_config = model.config.to_dict()
+        info.hf_class = type(model).__name__
+        if inputs is None:
+            inputs = hf_example_inputs(model)
+    return Loaded(source=info, model=model, inputs=inputs)
+
+
+# ---- Hugging Face ------------------------------------------------------------------------------
+
+def _is_hf_model(model) -> bool:
+    return hasattr(model, "config") and type(model).__module__.startswith("transformers")
+
+
+def _load_hf(path: Path) -> Loaded:
+    if not (path / "config.json").is_file():
+        raise SourceError(f"{path}: a directory without config.json is not a Hugging Face model directory.")
+    try:
+        import transformers
+    except ImportError:
+        raise SourceError("reading Hugging Face checkpoints needs transformers: pip install 'evo-rewrite[hf]'") from None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise SourceError(f"{path}/config.json is not a valid transformers config ({_describe_exc(exc)}).") from None
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        cls = transformers.AutoModel
+    try:
+        model = cls.from_pretrained(str(path), local_files_only=True, attn_implementation="eager")
+    except Exception as exc:  # noqa: BLE001
+        raise SourceError(f"{path}: transformers could not load the weights ({_describe_exc(exc)}). The directory "
+                          "needs config.json and model.safetensors (or pytorch_model.bin).") from None
+    info = SourceInfo(kind="hf", path=str(path), model_class=type(model).__qualname__,
+                      hf_config=model.config.to_dict(), hf_class=type(model).__name__)
+    return Loaded(source=info, model=model, inputs=hf_example_inputs(model))
+
+
+def hf_example_inputs(model, batch: int = 2, seq: int = 16) -> Inputs:
+    """Example inputs derived from a transformers model's config (decoder inputs for encoder-decoders)."""
+    cfg = model.config
+    main = getattr(model, "main_input_name", "input_ids")
+    g = torch.Generator().manual_seed(0)
+    if main == "pixel_values":
+        size = getattr(cfg, "image_size", 224)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        ch = getattr(cfg, "num_channels", 3)
+        return Inputs((), {"pixel_values": torch.randn(batch, ch, size, size, generator=g)})
+    text = getattr(cfg, "text_config", None) or cfg
+    vocab = getattr(text, "vocab_size", None) or 100
+    maxpos = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or 512
+    seq = max(4, min(seq, int(maxpos) // 2))
+    kw = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
+          "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    if getattr(cfg, "is_encoder_decoder", False):
+        dseq = max(3, seq // 2)
+        kw["decoder_input_ids"] = torch.randint(0, vocab, (batch, dseq), generator=g)
+    return Inputs((), kw)
+
+
+def _vocab_size(model) -> int | None:
+    if model is None:
+        return None
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    return min(sizes) if sizes else None
+
+
+def _guess_inputs(model) -> Inputs:
+    """A module whose first layer is an embedding takes token ids; otherwise ask for --inputs."""
+    vocab = _vocab_size(model)
+    if vocab is not None:
+        return Inputs((torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)),), {})
+    raise SourceError(f"no example inputs for {type(model).__name__}: give them with --inputs, e.g. "
+                      "--inputs 'x:float32[2,16,64]' (names are forward's argument names), or return "
+                      "(module, example_inputs) from the factory.")

@@ -1,0 +1,127 @@
+"""The pass manager: runs a pipeline, lints and verifies after every pass, rolls back failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from typing import Callable
+
+
+from .errors import RewriteError
+from .figures import figures
+from .pass_infra import Pass, PassResult
+from .program import Program
+from .report import PassRecord, Report
+from .verify import Thresholds, check, compare_outputs, first_divergence
+
+__all__ = ["PassManager"]
+
+
+def _run_both(program: Program, inputs):
+    return [program(i) for i in inputs]
+
+
+@dataclasses.dataclass
+class PassManager:
+    passes: list[Pass]
+    thresholds: Thresholds = dataclasses.field(default_factory=Thresholds)
+    log: Callable[[str], None] | None = None
+
+    def _say(self, msg: str) -> None:
+        if self.log:
+            self.log(msg)
+
+    def run(self, program: Program) -> tuple[Program, Report]:
+        report = Report(pipeline=",".join(p.spec() for p in self.passes), inputs=program.inputs.describe())
+        report.model_before = figures(program).as_dict()
+        second = program.second_inputs()
+        checks = [program.inputs] + ([second] if second is not None else [])
+        report.verify_inputs = [c.describe() for c in checks]
+        t0 = time.perf_counter()
+        try:
+            ref = _run_both(program, checks)
+        except Exception as exc:  # noqa: BLE001
+            raise RewriteError(f"the captured program does not run on its verification inputs "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                               "Give example inputs that the model accepts with --inputs.") from None
+        report.baseline_seconds = time.perf_counter() - t0
+        original, original_out = program, ref
+        for i, p in enumerate(self.passes, 1):
+            self._say(f"[{i}/{len(self.passes)}] {p.spec()} ...")
+            rec = PassRecord(name=p.name, spec=p.spec(), exact=p.exact)
+            t0 = time.perf_counter()
+            try:
+                result: PassResult = p.run(program.clone())
+            except RewriteError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a crashing pass is rolled back, not fatal
+                rec.seconds = time.perf_counter() - t0
+                rec.rolled_back = True
+                rec.verified = False
+                rec.failure = f"pass raised {type(exc).__name__}: {exc}"
+                rec.traceback = traceback.format_exc(limit=6)
+                report.passes.append(rec)
+                self._say(f"      rolled back: {rec.failure}")
+                continue
+            rec.seconds = time.perf_counter() - t0
+            rec.rewrites = result.rewrites
+            rec.skipped = [dataclasses.asdict(s) for s in result.skipped]
+            rec.notes = result.notes
+            rec.message = result.message
+            if result.rewrites == 0:
+                rec.verified = True
+                rec.message = result.message or "nothing to rewrite"
+                report.passes.append(rec)
+                self._say(f"      no rewrites: {rec.message}")
+                continue
+            new = result.program
+            new.applied.append(p.spec())
+            t1 = time.perf_counter()
+            failure, metrics, dtype, new_out = self._verify(p, new, checks, ref)
+            rec.verify_seconds = time.perf_counter() - t1
+            rec.metrics = metrics
+            if failure:
+                rec.verified = False
+                rec.rolled_back = True
+                rec.failure = failure
+                if dtype is not None:
+                    rec.diverges_at = first_divergence(program, new, checks[0], dtype)
+                where = f" (first diverging module: {rec.diverges_at})" if rec.diverges_at else ""
+                self._say(f"      rolled back: {failure}{where}")
+            else:
+                rec.verified = True
+                program, ref = new, new_out
+                err = metrics.get("max_abs_error", 0.0)
+                self._say(f"      {result.rewrites} rewrite(s), {len(result.skipped)} skipped, max abs error {err:.3g}")
+            report.passes.append(rec)
+        if program is not original and self.passes:
+            metrics, problem, _ = _merge([compare_outputs(a, b) for a, b in zip(original_out, ref)])
+            report.end_to_end = {**metrics, **({"problem": problem} if problem else {})}
+        report.model_after = figures(program).as_dict()
+        return program, report
+
+    def _verify(self, p: Pass, new: Program, checks, ref):
+        try:
+            new.graph.lint()
+            new_out = _run_both(new, checks)
+        except Exception as exc:  # noqa: BLE001
+            which = "the second-size input" if checks else "the example input"
+            return f"rewritten program fails to run ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}) on {which}", {}, None, None
+        metrics, problem, dtype = _merge([compare_outputs(a, b) for a, b in zip(ref, new_out)])
+        return check(metrics, problem, dtype, p.exact, self.thresholds), metrics, dtype, new_out
+
+
+def _merge(results):
+    """Worst case over the verification inputs."""
+    worst = {"cosine": min, "sqnr_db": min, "top1_agreement": min}
+    merged: dict[str, float] = {}
+    problem, dtype = None, None
+    for metrics, prob, dt in results:
+        problem = problem or prob
+        dtype = dtype or dt
+        for k, v in metrics.items():
+            merged[k] = worst.get(k, max)(merged[k], v) if k in merged else v
+    return merged, problem, dtype
+
+

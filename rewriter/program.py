@@ -1,0 +1,148 @@
+"""Program: the one IR every pass sees.
+
+A Program is an unlifted ``torch.export`` graph module (weights are ``get_attr`` nodes named by
+module path, every node carries ``nn_module_stack`` provenance, batch and sequence dimensions are
+symbolic) together with the example inputs it was captured with and where it came from.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .inputs import Inputs, like
+
+__all__ = ["Program", "SourceInfo"]
+
+
+@dataclasses.dataclass
+class SourceInfo:
+    kind: str  # "pt2", "hf", "factory", "pickle", "module", "generated"
+    path: str | None = None
+    model_class: str | None = None
+    hf_config: dict | None = None  # config.to_dict() of a Hugging Face source
+    hf_class: str | None = None  # transformers class to rebuild an HF checkpoint with
+
+
+@dataclasses.dataclass
+class Program:
+    module: fx.GraphModule
+    inputs: Inputs
+    source: SourceInfo
+    # per flattened input: {dim index: symbol name} of the dimensions that stayed symbolic
+    dynamic_dims: list[dict[int, str]] = dataclasses.field(default_factory=list)
+    # (lo, hi) value range of each symbol, from torch.export's range constraints (hi None = unbounded)
+    symbol_ranges: dict[str, tuple[int, int | None]] = dataclasses.field(default_factory=dict)
+    applied: list[str] = dataclasses.field(default_factory=list)  # pipeline text of applied passes
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # pass-specific notes
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.module.graph
+
+    def __call__(self, inputs: Inputs | None = None):
+        inputs = self.inputs if inputs is None else inputs
+        with torch.no_grad():
+            return self.module(*inputs.args, **inputs.kwargs)
+
+    def clone(self) -> "Program":
+        """A copy with its own graph and module attributes; tensors are shared, not copied.
+
+        Passes build new tensors rather than changing weights in place, so the program before a
+        pass stays intact for verification and rollback without doubling memory.
+        """
+        new_gm = copy_graph_module(self.module)
+        return dataclasses.replace(
+            self, module=new_gm, applied=list(self.applied), meta=copy.deepcopy(self.meta),
+            dynamic_dims=[dict(d) for d in self.dynamic_dims],
+        )
+
+    def placeholders(self) -> list[fx.Node]:
+        return [n for n in self.graph.nodes if n.op == "placeholder"]
+
+    def second_inputs(self, seed: int = 1) -> Inputs | None:
+        """Inputs of another batch and sequence size (every symbolic dimension changed).
+
+        Returns None where the program has no symbolic dimension (nothing to vary).
+        """
+        flat, spec = pytree.tree_flatten((self.inputs.args, self.inputs.kwargs))
+        if not any(self.dynamic_dims):
+            return None
+        new_sizes: dict[str, int] = {}
+        for leaf, dims in zip(flat, self.dynamic_dims):
+            for d, sym in dims.items():
+                if sym in new_sizes or not isinstance(leaf, torch.Tensor):
+                    continue
+                cur = leaf.shape[d]
+                lo, hi = self.symbol_ranges.get(sym, (2, None))
+                cands = [cur + 1, cur - 1, cur + 3, cur // 2 + 1] if d == 0 else [cur - 5, cur // 2 + 1, cur + 3, cur - 1, cur + 1]
+                for c in cands:
+                    if c != cur and c >= max(lo, 2) and (hi is None or c <= hi):
+                        new_sizes[sym] = c
+                        break
+        new_flat = []
+        for i, (leaf, dims) in enumerate(zip(flat, self.dynamic_dims)):
+            if isinstance(leaf, torch.Tensor) and dims:
+                shape = tuple(new_sizes.get(dims.get(d), s) if d in dims else s for d, s in enumerate(leaf.shape))
+                new_flat.append(like(leaf, shape, seed=seed + i))
+            else:
+                new_flat.append(leaf)
+        args, kwargs = pytree.tree_unflatten(new_flat, spec)
+        return Inputs(tuple(args), dict(kwargs))
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer the graph reads, by module path (get_attr target)."""
+        out = {}
+        for n in self.graph.nodes:
+            if n.op == "get_attr":
+                t = _get_attr(self.module, n.target)
+                if isinstance(t, torch.Tensor):
+                    out[n.target] = t
+        return out
+
+    def get_tensor(self, target: str) -> torch.Tensor:
+        return _get_attr(self.module, target)
+
+    def set_tensor(self, target: str, value: torch.Tensor, *, parameter: bool | None = None) -> None:
+        """Bind a (new) tensor at a module path, creating intermediate modules as needed."""
+        *parents, leaf = target.split(".")
+        mod = self.module
+        for p in parents:
+            if not hasattr(mod, p):
+                mod.add_module(p, torch.nn.Module())
+            mod = getattr(mod, p)
+        if parameter is None:
+            parameter = isinstance(getattr(mod, leaf, None), torch.nn.Parameter) or value.is_floating_point()
+        if leaf in mod._parameters:
+            del mod._parameters[leaf]
+        if leaf in mod._buffers:
+            del mod._buffers[leaf]
+        if parameter and value.is_floating_point():
+            mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=value.requires_grad or True))
+        else:
+            mod.register_buffer(leaf, value)
+
+
+def _get_attr(mod: torch.nn.Module, target: str):
+    for part in target.split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with a deep-copied graph whose attributes are the same tensor objects."""
+    new_gm = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    for k, v in gm.__dict__.items():
+        if k.startswith("_") and k not in new_gm.__dict__ and not isinstance(v, (torch.nn.Module, torch.Tensor)):
+            new_gm.__dict__[k] = v
+    for k in ("_in_spec", "_out_spec"):
+        if hasattr(gm, k):
+            setattr(new_gm, k, getattr(gm, k))
+    new_gm.meta = dict(getattr(gm, "meta", {}))
+    new_gm.recompile()
+    return new_gm

@@ -1,0 +1,165 @@
+"""The Report: data first (JSON), then a terminal table.
+
+JSON schema (``--report-json``; ``schema_version`` 1)::
+
+    {
+      "schema_version": 1,
+      "tool": "evo-rewrite", "version": str, "torch": str,
+      "source": str, "source_kind": str, "pipeline": str,
+      "inputs": str,                       # example inputs, e.g. "input_ids:int64[2, 16]"
+      "verify_inputs": [str],              # every input set each pass is verified on
+      "passes": [{
+          "name": str, "spec": str, "exact": bool,
+          "rewrites": int,
+          "skipped": [{"reason": str, "module": str, "node": str}],
+          "verified": bool, "rolled_back": bool,
+          "failure": str | null, "diverges_at": str | null,   # module path of first divergence
+          "max_abs_error": float | null,
+          "metrics": {"max_abs_error", "max_rel_error", "cosine", "sqnr_db",
+                      "top1_agreement"?, "kl"?},             # worst over verify_inputs
+          "seconds": float, "verify_seconds": float,
+          "notes": {...}, "message": str
+      }],
+      "end_to_end": {...metrics of the final program against the source...},
+      "model_before": {"parameters", "weight_bytes", "kv_cache_bytes_per_token",
+                       "attention_sites", "softmaxes"},
+      "model_after":  {... same keys ...},
+      "outputs": [str],                    # files written
+      "ok": bool                           # every pass verified
+    }
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+__all__ = ["PassRecord", "Report"]
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    spec: str
+    exact: bool
+    rewrites: int = 0
+    skipped: list[dict] = dataclasses.field(default_factory=list)
+    verified: bool = False
+    rolled_back: bool = False
+    failure: str | None = None
+    diverges_at: str | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+    verify_seconds: float = 0.0
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    message: str = ""
+    traceback: str | None = None
+
+    @property
+    def max_abs_error(self) -> float | None:
+        return self.metrics.get("max_abs_error")
+
+
+@dataclasses.dataclass
+class Report:
+    pipeline: str = ""
+    inputs: str = ""
+    source: str = ""
+    source_kind: str = ""
+    verify_inputs: list[str] = dataclasses.field(default_factory=list)
+    passes: list[PassRecord] = dataclasses.field(default_factory=list)
+    end_to_end: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model_before: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model_after: dict[str, Any] = dataclasses.field(default_factory=dict)
+    outputs: list[str] = dataclasses.field(default_factory=list)
+    baseline_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(p.verified for p in self.passes)
+
+    def failed(self) -> list[PassRecord]:
+        return [p for p in self.passes if not p.verified]
+
+    def to_dict(self) -> dict:
+        import torch
+
+        from . import __version__
+
+        passes = []
+        for p in self.passes:
+            d = dataclasses.asdict(p)
+            d["max_abs_error"] = p.max_abs_error
+            d["metrics"] = {k: _finite(v) for k, v in p.metrics.items()}
+            passes.append(d)
+        return {
+            "schema_version": 1, "tool": "evo-rewrite", "version": __version__, "torch": torch.__version__,
+            "source": self.source, "source_kind": self.source_kind, "pipeline": self.pipeline,
+            "inputs": self.inputs, "verify_inputs": self.verify_inputs, "passes": passes,
+            "end_to_end": {k: _finite(v) for k, v in self.end_to_end.items()},
+            "model_before": self.model_before, "model_after": self.model_after,
+            "outputs": self.outputs, "ok": self.ok,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def table(self) -> str:
+        lines = []
+        lines.append(f"source   {self.source} ({self.source_kind})")
+        lines.append(f"inputs   {self.inputs}; verified also on: {'; '.join(self.verify_inputs[1:]) or '(no symbolic dims)'}")
+        lines.append(f"pipeline {self.pipeline or '(none: capture, verify, emit)'}")
+        if self.passes:
+            hdr = f"{'pass':<28} {'rewrites':>8} {'skipped':>7} {'verified':>9} {'max abs err':>12} {'SQNR dB':>8} {'time s':>7}"
+            lines += ["", hdr, "-" * len(hdr)]
+            for p in self.passes:
+                state = "yes" if p.verified else "ROLLED BACK"
+                err = p.metrics.get("max_abs_error")
+                sq = p.metrics.get("sqnr_db")
+                lines.append(f"{p.spec[:28]:<28} {p.rewrites:>8} {len(p.skipped):>7} {state:>9} "
+                             f"{_fmt(err, '.2e'):>12} {_fmt(sq, '.1f'):>8} {p.seconds + p.verify_seconds:>7.2f}")
+                if p.failure:
+                    lines.append(f"    failed: {p.failure}" + (f" — first diverging module: {p.diverges_at}" if p.diverges_at else ""))
+                if p.message and not p.rewrites:
+                    lines.append(f"    {p.message}")
+                for s in p.skipped[:8]:
+                    lines.append(f"    skipped {s['module'] or s['node'] or '?'}: {s['reason']}")
+                if len(p.skipped) > 8:
+                    lines.append(f"    ... and {len(p.skipped) - 8} more skipped (see --report-json)")
+                for k, v in p.notes.items():
+                    if isinstance(v, (str, int, float)):
+                        lines.append(f"    {k}: {v}")
+        b, a = self.model_before, self.model_after
+        if b:
+            lines += ["", f"{'model':<26} {'before':>14} {'after':>14} {'ratio':>7}", "-" * 64]
+            for key, label in [("parameters", "parameters"), ("weight_bytes", "weight bytes"),
+                               ("kv_cache_bytes_per_token", "KV-cache bytes/token"), ("attention_sites", "attention sites")]:
+                bv, av = b.get(key), a.get(key, b.get(key))
+                ratio = f"{av / bv:.3f}" if isinstance(bv, (int, float)) and isinstance(av, (int, float)) and bv else ""
+                lines.append(f"{label:<26} {_fmt(bv, ',d'):>14} {_fmt(av, ',d'):>14} {ratio:>7}")
+        if self.end_to_end:
+            e = self.end_to_end
+            lines.append("")
+            lines.append("against the source: " + ", ".join(f"{k} {_fmt(v, '.3g')}" for k, v in e.items() if isinstance(v, (int, float))))
+        for o in self.outputs:
+            lines.append(f"wrote    {o}")
+        return "\n".join(lines)
+
+
+def _fmt(v, spec) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    try:
+        return format(v, spec)
+    except (ValueError, TypeError):
+        return str(v)
+
+
+def _finite(v):
+    if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
+        return str(v)
+    return v

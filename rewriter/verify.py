@@ -1,0 +1,174 @@
+"""Numerical verification of a program against the program before a pass.
+
+Exact passes must agree within the output dtype's tolerance; lossy passes report error metrics
+(max abs / rel error, cosine, SQNR; for language-model logits top-1 agreement and KL divergence)
+and fail only past the user's thresholds. When a check fails, ``first_divergence`` names the first
+module (in execution order) whose output differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .inputs import Inputs
+from .pass_infra import module_paths
+from .program import Program
+
+__all__ = ["Thresholds", "compare_outputs", "first_divergence", "TOLERANCE"]
+
+# normalized max error (max |a-b| / max |a|) an exact pass may show, by output dtype
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """Limits a lossy pass must meet (None: report only, never fail)."""
+
+    min_sqnr_db: float | None = None
+    min_cosine: float | None = None
+    max_kl: float | None = None
+
+    def __post_init__(self):
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
+            raise ValueError(f"min_cosine must lie in [-1, 1], got {self.min_cosine}")
+        if self.max_kl is not None and self.max_kl < 0:
+            raise ValueError(f"max_kl must be >= 0, got {self.max_kl}")
+
+
+def _leaves(out) -> list[tuple[str, Any]]:
+    flat, _ = pytree.tree_flatten_with_path(out)
+    return [(pytree.keystr(p), v) for p, v in flat]
+
+
+def _tensor_metrics(ref: torch.Tensor, new: torch.Tensor, is_logits: bool) -> dict[str, float]:
+    a, b = ref.detach().double().flatten(), new.detach().double().flatten()
+    m: dict[str, float] = {}
+    finite = torch.isfinite(a)
+    if not torch.equal(finite, torch.isfinite(b)) and b.numel():
+        m["nonfinite_mismatch"] = 1.0
+    a, b = torch.where(finite, a, 0.0), torch.where(torch.isfinite(b), b, 0.0)
+    diff = (a - b).abs()
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    m["max_abs_error"] = float(diff.max()) if diff.numel() else 0.0
+    m["max_rel_error"] = m["max_abs_error"] / max(scale, 1e-12)
+    na, nb = float(a.norm()), float(b.norm())
+    m["cosine"] = float(a @ b) / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+    noise = float((a - b).norm())
+    m["sqnr_db"] = math.inf if noise == 0 else (20 * math.log10(na / noise) if na > 0 else -math.inf)
+    if is_logits and ref.dim() >= 2 and ref.shape[-1] > 1:
+        r, n = ref.detach().float().reshape(-1, ref.shape[-1]), new.detach().float().reshape(-1, ref.shape[-1])
+        m["top1_agreement"] = float((r.argmax(-1) == n.argmax(-1)).float().mean())
+        lp, lq = torch.log_softmax(r, -1), torch.log_softmax(n, -1)
+        m["kl"] = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    return m
+
+
+def compare_outputs(ref, new) -> tuple[dict[str, float], str | None, torch.dtype | None]:
+    """Aggregate metrics over all output tensors (worst case of each).
+
+    Returns (metrics, structural problem or None, the floating dtype of the outputs).
+    """
+    rl, nl = _leaves(ref), _leaves(new)
+    if [k for k, _ in rl] != [k for k, _ in nl]:
+        return {}, f"output structure changed: {[k for k, _ in rl]} -> {[k for k, _ in nl]}", None
+    agg: dict[str, float] = {}
+    worst = {"max_abs_error": max, "max_rel_error": max, "cosine": min, "sqnr_db": min,
+             "top1_agreement": min, "kl": max, "nonfinite_mismatch": max}
+    dtype = None
+    for (key, a), (_, b) in zip(rl, nl):
+        if not isinstance(a, torch.Tensor):
+            if a != b:
+                return {}, f"non-tensor output {key} changed: {a!r} -> {b!r}", None
+            continue
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            return {}, f"output {key} changed shape: {tuple(a.shape)} -> {tuple(getattr(b, 'shape', ()))}", None
+        if not a.is_floating_point():
+            if not torch.equal(a, b.to(a.dtype)):
+                return {"max_abs_error": float((a.double() - b.double()).abs().max())}, f"integer output {key} differs", None
+            continue
+        dtype = a.dtype if dtype is None or TOLERANCE.get(a.dtype, 0) > TOLERANCE.get(dtype, 0) else dtype
+        for k, v in _tensor_metrics(a, b, "logits" in key).items():
+            agg[k] = worst[k](agg[k], v) if k in agg else v
+    return agg, None, dtype
+
+
+def check(metrics: dict[str, float], problem: str | None, dtype, exact: bool, thresholds: Thresholds) -> str | None:
+    """The reason the comparison fails, or None when it passes."""
+    if problem:
+        return problem
+    if metrics.get("nonfinite_mismatch"):
+        return "outputs have NaN/inf where the program before the pass had finite values (or the reverse)"
+    if exact:
+        tol = TOLERANCE.get(dtype, 1e-4)
+        if metrics.get("max_rel_error", 0.0) > tol:
+            return (f"exact pass changed the outputs: max relative error {metrics['max_rel_error']:.3g} "
+                    f"> tolerance {tol:g} for {str(dtype).replace('torch.', '')}")
+        return None
+    t = thresholds
+    if t.min_sqnr_db is not None and metrics.get("sqnr_db", math.inf) < t.min_sqnr_db:
+        return f"SQNR {metrics['sqnr_db']:.1f} dB < --min-sqnr {t.min_sqnr_db:g}"
+    if t.min_cosine is not None and metrics.get("cosine", 1.0) < t.min_cosine:
+        return f"cosine {metrics['cosine']:.4f} < --min-cosine {t.min_cosine:g}"
+    if t.max_kl is not None and metrics.get("kl", 0.0) > t.max_kl:
+        return f"KL {metrics['kl']:.4g} > --max-kl {t.max_kl:g}"
+    return None
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm, wanted: set[str]):
+        super().__init__(gm)
+        self.wanted = wanted
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name in self.wanted and isinstance(out, torch.Tensor):
+            self.values[n.name] = out.detach()
+        return out
+
+
+def _module_outputs(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Module path -> the last node traced inside it (that module's output, in graph order)."""
+    last: dict[str, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        for p in module_paths(n):
+            if p:
+                last[p] = n
+    return last
+
+
+def _run_flat(gm: fx.GraphModule, inputs: Inputs, wanted: set[str]) -> dict[str, Any]:
+    flat = pytree.tree_leaves((inputs.args, inputs.kwargs))
+    rec = _Recorder(gm, wanted)
+    with torch.no_grad():
+        rec.run(*flat, enable_io_processing=False)
+    return rec.values
+
+
+def first_divergence(before: Program, after: Program, inputs: Inputs, dtype=torch.float32) -> str | None:
+    """The first module (by where its output is computed) whose output differs between the programs."""
+    try:
+        lb, la = _module_outputs(before.module), _module_outputs(after.module)
+        common = [p for p in lb if p in la]
+        vb = _run_flat(before.module, inputs, {lb[p].name for p in common})
+        va = _run_flat(after.module, inputs, {la[p].name for p in common})
+    except Exception:  # noqa: BLE001 - divergence is a diagnostic; never mask the real failure
+        return None
+    order = {n.name: i for i, n in enumerate(before.module.graph.nodes)}
+    tol = TOLERANCE.get(dtype, 1e-4)
+    for p in sorted(common, key=lambda p: order[lb[p].name]):
+        a, b = vb.get(lb[p].name), va.get(la[p].name)
+        if a is None or b is None or a.shape != b.shape or not a.is_floating_point():
+            continue
+        m = _tensor_metrics(a, b.to(a.dtype), False)
+        if m["max_rel_error"] > tol or m.get("nonfinite_mismatch"):
+            return p
+    return None

@@ -1,0 +1,93 @@
+"""PyTorch target: a ``.pt2`` ExportedProgram that ``torch.export.load`` runs without the original class.
+
+The program is re-exported with the same symbolic batch/sequence dimensions, saved with an
+``evo_rewrite.json`` entry (source, applied pipeline) so the file is again a source, reloaded and run
+at the example size and at another size against the in-memory program, and only then moved into
+place (atomically: a temporary file in the same directory, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export import Dim
+
+from rewriter.errors import OutputError, VerificationError
+from rewriter.program import Program
+from rewriter.verify import TOLERANCE, compare_outputs
+
+__all__ = ["save_pt2", "export_program"]
+
+
+def export_program(program: Program) -> torch.export.ExportedProgram:
+    flat, spec = pytree.tree_flatten((program.inputs.args, program.inputs.kwargs))
+    dyn_flat = [{d: Dim.AUTO for d in dims} or None if isinstance(t, torch.Tensor) else None
+                for t, dims in zip(flat, program.dynamic_dims + [{}] * (len(flat) - len(program.dynamic_dims)))]
+    dyn_args, dyn_kwargs = pytree.tree_unflatten(dyn_flat, spec)
+    gm = program.module
+    # forward's parameters are the original argument names: positional first, then keywords
+    names = gm.graph._codegen.pytree_info.orig_args
+    dynamic_shapes = {**dict(zip(names, dyn_args)), **dyn_kwargs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(gm, program.inputs.args, program.inputs.kwargs,
+                                   dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def _metadata(program: Program) -> str:
+    s = program.source
+    return json.dumps({"tool": "evo-rewrite", "source_kind": s.kind, "source": s.path, "model_class": s.model_class,
+                       "hf_class": s.hf_class, "hf_config": s.hf_config, "applied": program.applied,
+                       "dynamic_dims": program.dynamic_dims}, default=str)
+
+
+def _check_loaded(path: str, program: Program) -> None:
+    loaded = torch.export.load(path).module()
+    for inputs in [program.inputs, program.second_inputs()]:
+        if inputs is None:
+            continue
+        with torch.no_grad():
+            ref = program(inputs)
+            got = loaded(*inputs.args, **inputs.kwargs)
+        metrics, problem, dtype = compare_outputs(ref, got)
+        tol = TOLERANCE.get(dtype, 1e-4)
+        if problem or metrics.get("max_rel_error", 0.0) > tol:
+            raise VerificationError(f"the saved .pt2 does not reproduce the program on {inputs.describe()}: "
+                                    f"{problem or 'max relative error %.3g' % metrics['max_rel_error']}")
+
+
+def save_pt2(program: Program, path: str | os.PathLike, *, check: bool = True) -> str:
+    """Write ``program`` to ``path`` atomically; return the path written."""
+    from rewriter.load import METADATA_FILE
+
+    out = Path(path)
+    if out.is_dir():
+        raise OutputError(f"{out} is a directory; give a file name ending in .pt2 with -o")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write {out}: directory {parent} is not writable; choose another -o")
+    src = program.source.path
+    if src and Path(src).exists() and out.exists() and os.path.samefile(src, out):
+        raise OutputError(f"refusing to overwrite the source {src}; choose another -o")
+    ep = export_program(program)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.pt2", dir=parent)
+    os.close(fd)
+    try:
+        torch.export.save(ep, tmp, extra_files={METADATA_FILE: _metadata(program)})
+        if check:
+            _check_loaded(tmp, program)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return str(out)
