@@ -63,8 +63,13 @@ def _is_hf(model) -> bool:
 
 def _prepare_hf(model) -> None:
     """Turn off what does not export in a plain forward (KV-cache outputs)."""
-    cfg = model.config
-    for c in [cfg, *[getattr(cfg, k) for k in ("text_config", "decoder", "encoder") if hasattr(cfg, k)]]:
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    for cfg in list(configs.values()):
+        for k in ("text_config", "decoder", "encoder"):
+            sub = getattr(cfg, k, None)
+            if sub is not None and hasattr(sub, "to_dict"):
+                configs[id(sub)] = sub
+    for c in configs.values():
         if hasattr(c, "use_cache"):
             c.use_cache = False
     if hasattr(model, "generation_config") and model.generation_config is not None:

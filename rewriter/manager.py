@@ -96,7 +96,7 @@ class PassManager:
                 self._say(f"      {result.rewrites} rewrite(s), {len(result.skipped)} skipped, max abs error {err:.3g}")
             report.passes.append(rec)
         if program is not original and self.passes:
-            metrics, problem, _ = _merge([compare_outputs(a, b) for a, b in zip(original_out, ref)])
+            metrics, problem, _ = _merge([compare_outputs(a, b, program.vocab_sizes()) for a, b in zip(original_out, ref)])
             report.end_to_end = {**metrics, **({"problem": problem} if problem else {})}
         report.model_after = figures(program).as_dict()
         return program, report
@@ -108,7 +108,7 @@ class PassManager:
         except Exception as exc:  # noqa: BLE001
             which = "the second-size input" if checks else "the example input"
             return f"rewritten program fails to run ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}) on {which}", {}, None, None
-        metrics, problem, dtype = _merge([compare_outputs(a, b) for a, b in zip(ref, new_out)])
+        metrics, problem, dtype = _merge([compare_outputs(a, b, new.vocab_sizes()) for a, b in zip(ref, new_out)])
         return check(metrics, problem, dtype, p.exact, self.thresholds), metrics, dtype, new_out
 
 

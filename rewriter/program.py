@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -95,6 +96,18 @@ class Program:
         args, kwargs = pytree.tree_unflatten(new_flat, spec)
         return Inputs(tuple(args), dict(kwargs))
 
+    def vocab_sizes(self) -> set[int]:
+        """Rows of the embedding tables indexed directly by a user input (token ids): the vocabulary."""
+        sizes = set()
+        for n in self.graph.nodes:
+            if n.op == "call_function" and n.target is torch.ops.aten.embedding.default:
+                w, idx = n.args[0], n.args[1]
+                if isinstance(idx, fx.Node) and idx.op == "placeholder" and isinstance(w, fx.Node):
+                    val = w.meta.get("val")
+                    if val is not None:
+                        sizes.add(int(val.shape[0]))
+        return sizes
+
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Every parameter and buffer the graph reads, by module path (get_attr target)."""
         out = {}
@@ -136,7 +149,10 @@ def _get_attr(mod: torch.nn.Module, target: str):
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule with a deep-copied graph whose attributes are the same tensor objects."""
-    new_gm = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deepcopy of pytree specs warns in torch 2.13
+        graph = copy.deepcopy(gm.graph)
+    new_gm = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     for k, v in gm.__dict__.items():
         if k.startswith("_") and k not in new_gm.__dict__ and not isinstance(v, (torch.nn.Module, torch.Tensor)):
             new_gm.__dict__[k] = v

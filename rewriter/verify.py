@@ -69,9 +69,11 @@ def _tensor_metrics(ref: torch.Tensor, new: torch.Tensor, is_logits: bool) -> di
     return m
 
 
-def compare_outputs(ref, new) -> tuple[dict[str, float], str | None, torch.dtype | None]:
+def compare_outputs(ref, new, vocab_sizes=frozenset()) -> tuple[dict[str, float], str | None, torch.dtype | None]:
     """Aggregate metrics over all output tensors (worst case of each).
 
+    A floating output is scored as language-model logits (top-1 agreement, KL) when its key names
+    logits or its last dimension is the vocabulary size of the program's token embedding.
     Returns (metrics, structural problem or None, the floating dtype of the outputs).
     """
     rl, nl = _leaves(ref), _leaves(new)
@@ -93,7 +95,7 @@ def compare_outputs(ref, new) -> tuple[dict[str, float], str | None, torch.dtype
                 return {"max_abs_error": float((a.double() - b.double()).abs().max())}, f"integer output {key} differs", None
             continue
         dtype = a.dtype if dtype is None or TOLERANCE.get(a.dtype, 0) > TOLERANCE.get(dtype, 0) else dtype
-        for k, v in _tensor_metrics(a, b, "logits" in key).items():
+        for k, v in _tensor_metrics(a, b, "logits" in key or (a.dim() >= 2 and a.shape[-1] in vocab_sizes)).items():
             agg[k] = worst[k](agg[k], v) if k in agg else v
     return agg, None, dtype
 
@@ -164,7 +166,7 @@ def first_divergence(before: Program, after: Program, inputs: Inputs, dtype=torc
         return None
     order = {n.name: i for i, n in enumerate(before.module.graph.nodes)}
     tol = TOLERANCE.get(dtype, 1e-4)
-    for p in sorted(common, key=lambda p: order[lb[p].name]):
+    for p in sorted(common, key=lambda p: (order[lb[p].name], -p.count("."))):  # deepest first on ties
         a, b = vb.get(lb[p].name), va.get(la[p].name)
         if a is None or b is None or a.shape != b.shape or not a.is_floating_point():
             continue
