@@ -11,12 +11,12 @@ __version__ = "0.1.0"
 
 from .api import RewriteResult, prepare, rewrite
 from .attention import AttentionSite, find_attention
-from .capture import capture
+from .graph_capture import capture
 from .errors import (CaptureError, OutputError, PassNotApplicable, PipelineError, RewriteError, SourceError,
                      UsageError, VerificationError)
 from .figures import Figures, figures
 from .inputs import Inputs, parse_input_spec
-from .load import load
+from .sources import load
 from .manager import PassManager
 from .pass_infra import Pass, PassResult, Skip, get_pass, module_path, register_pass, registered_passes
 from .pipeline import format_pipeline, parse_pipeline

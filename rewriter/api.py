@@ -8,10 +8,10 @@ from typing import Callable
 
 import torch
 
-from .capture import capture
+from .graph_capture import capture
 from .errors import UsageError, VerificationError
 from .inputs import Inputs
-from .load import Loaded, load
+from .sources import Loaded, load
 from .manager import PassManager
 from .pass_infra import Pass
 from .pipeline import parse_pipeline
@@ -60,7 +60,7 @@ def prepare(source, example_inputs=None, *, allow_pickle: bool = False, device: 
     inputs = to_inputs(example_inputs) if not isinstance(example_inputs, str) else example_inputs
     if isinstance(source, torch.nn.Module):
         if inputs is None or isinstance(inputs, str):
-            from .load import _is_hf_model, hf_example_inputs, parse_input_spec, make_inputs
+            from .sources import _is_hf_model, hf_example_inputs, parse_input_spec, make_inputs
 
             if isinstance(inputs, str):
                 inputs = make_inputs(parse_input_spec(inputs))
@@ -70,7 +70,7 @@ def prepare(source, example_inputs=None, *, allow_pickle: bool = False, device: 
                 raise UsageError("rewrite(module, ...) needs example_inputs (a tuple of positional or a dict of "
                                  "keyword tensors)")
         info = SourceInfo(kind="module", model_class=type(source).__qualname__)
-        from .load import _is_hf_model
+        from .sources import _is_hf_model
 
         if _is_hf_model(source):
             info.hf_config, info.hf_class = source.config.to_dict(), type(source).__name__

@@ -64,7 +64,7 @@ def _check_loaded(path: str, program: Program) -> None:
 
 def save_pt2(program: Program, path: str | os.PathLike, *, check: bool = True) -> str:
     """Write ``program`` to ``path`` atomically; return the path written."""
-    from rewriter.load import METADATA_FILE
+    from rewriter.sources import METADATA_FILE
 
     out = Path(path)
     if out.is_dir():

@@ -53,7 +53,7 @@ class _Lin(torch.nn.Module):
 
 def test_capture_falls_back_to_symbolic_trace(monkeypatch):
     """When torch.export fails on the module itself, capture exports its symbolic_trace graph."""
-    cap = importlib.import_module("rewriter.capture")
+    cap = importlib.import_module("rewriter.graph_capture")
 
     real = cap._export
     calls = []

@@ -98,7 +98,7 @@ def load(source: str | os.PathLike, *, inputs: str | Inputs | None = None, allow
 # ---- .pt2 ----------------------------------------------------------------------------------
 
 def _load_pt2(path: Path) -> Loaded:
-    from .capture import program_from_exported
+    from .graph_capture import program_from_exported
 
     extra = {METADATA_FILE: ""}
     try:
