@@ -1,1 +1,2 @@
 """Built-in passes, one module each. Importing this package registers them."""
+from . import flash  # noqa: F401

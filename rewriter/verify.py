@@ -20,7 +20,7 @@ from .inputs import Inputs
 from .pass_infra import module_paths
 from .program import Program
 
-__all__ = ["Thresholds", "compare_outputs", "first_divergence", "TOLERANCE"]
+__all__ = ["Thresholds", "compare_outputs", "first_divergence", "record", "TOLERANCE"]
 
 # normalized max error (max |a-b| / max |a|) an exact pass may show, by output dtype
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -147,7 +147,7 @@ def _module_outputs(gm: fx.GraphModule) -> dict[str, fx.Node]:
     return last
 
 
-def _run_flat(gm: fx.GraphModule, inputs: Inputs, wanted: set[str]) -> dict[str, Any]:
+def record(gm: fx.GraphModule, inputs: Inputs, wanted: set[str]) -> dict[str, Any]:
     flat = pytree.tree_leaves((inputs.args, inputs.kwargs))
     rec = _Recorder(gm, wanted)
     with torch.no_grad():
@@ -160,8 +160,8 @@ def first_divergence(before: Program, after: Program, inputs: Inputs, dtype=torc
     try:
         lb, la = _module_outputs(before.module), _module_outputs(after.module)
         common = [p for p in lb if p in la]
-        vb = _run_flat(before.module, inputs, {lb[p].name for p in common})
-        va = _run_flat(after.module, inputs, {la[p].name for p in common})
+        vb = record(before.module, inputs, {lb[p].name for p in common})
+        va = record(after.module, inputs, {la[p].name for p in common})
     except Exception:  # noqa: BLE001 - divergence is a diagnostic; never mask the real failure
         return None
     order = {n.name: i for i, n in enumerate(before.module.graph.nodes)}

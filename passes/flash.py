@@ -1,0 +1,248 @@
+"""`flash`: replace every attention subgraph with one fused ``scaled_dot_product_attention`` call.
+
+pattern  the attention sites of ``rewriter.attention`` (softmax over the key axis of Q·Kᵀ, times V)
+check    the score chain is expressible by SDPA: constant scales, additive biases, masked_fill/where
+         with a very negative fill (a mask), casts; the probabilities feed only the product with V;
+         K/V heads equal Q heads or divide them (GQA)
+rewrite  SDPA(q, k, v, attn_mask=bias, scale=product of the scales, is_causal when the bias is
+         exactly causal and input-independent, enable_gqa instead of a materialised K/V repeat)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar, Literal
+
+import torch
+import torch.fx as fx
+
+from rewriter.attention import CASTS, DROPOUT, AttentionSite, find_attention, untranspose, val
+from rewriter.pass_infra import Pass, PassResult, Skip, register_pass
+from rewriter.program import Program
+from rewriter.verify import record
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+MASK_FLOOR = -1e4  # a fill value at or below this is a mask, not a score
+
+
+class _NotExpressible(Exception):
+    pass
+
+
+def _const(x):
+    """A Python number for a scalar argument or a constant scalar tensor node, else None."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    if isinstance(x, fx.Node) and x.op == "call_function":
+        if x.target is aten.full.default and list(x.args[0]) == []:
+            return float(x.args[1])
+        if x.target in (aten.scalar_tensor.default,):
+            return float(x.args[0])
+        if x.target in (aten.lift_fresh_copy.default, aten.detach.default, *CASTS) and x.args:
+            return _const(x.args[0])
+    if isinstance(x, fx.Node) and x.op == "get_attr":
+        owner = x.graph.owning_module
+        t = owner
+        for part in x.target.split("."):
+            t = getattr(t, part)
+        if isinstance(t, torch.Tensor) and t.numel() == 1:
+            return float(t.reshape(()))
+    return None
+
+
+class _Builder:
+    """Translates a site's score chain into (scale, additive bias node) by inserting graph nodes."""
+
+    def __init__(self, g: fx.Graph, site: AttentionSite, dtype: torch.dtype):
+        self.g, self.site, self.dtype = g, site, dtype
+        self.scale, self.bias = 1.0, None
+
+    def _add(self, term):
+        self.bias = term if self.bias is None else self.g.call_function(aten.add.Tensor, (self.bias, term))
+
+    def _mask_term(self, cond, fill, negate=False):
+        f = _const(fill)
+        if f is None or not (f <= MASK_FLOOR or f == -math.inf):
+            raise _NotExpressible(f"scores are replaced by {fill if f is None else f:g}" if f is not None
+                                  else "scores are replaced by a non-constant tensor (not a mask)")
+        if negate:
+            cond = self.g.call_function(aten.logical_not.default, (cond,))
+        zeros = self.g.call_function(aten.zeros_like.default, (cond,), {"dtype": self.dtype})
+        self._add(self.g.call_function(aten.masked_fill.Scalar, (zeros, cond, f)))
+
+    def step(self, n: fx.Node, prev: fx.Node) -> None:
+        t = n.target
+        others = [a for a in n.args if a is not prev]
+        if t in CASTS:
+            return
+        if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+            if n.args[0] is not prev and t in (aten.div.Tensor, aten.div.Scalar):
+                raise _NotExpressible("scores are a divisor")
+            c = _const(others[0]) if others else None
+            if c is None:
+                raise _NotExpressible("scores are scaled by a non-constant tensor")
+            c = c if t in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / c
+            self.scale *= c
+            if self.bias is not None:
+                self.bias = self.g.call_function(aten.mul.Tensor, (self.bias, c))
+            return
+        if t in (aten.add.Tensor, aten.sub.Tensor):
+            alpha = n.kwargs.get("alpha", 1)
+            other = others[0] if others else prev  # x + x
+            if other is prev or alpha != 1:
+                raise _NotExpressible("scores are added to themselves or with alpha")
+            if t is aten.sub.Tensor and n.args[0] is not prev:
+                raise _NotExpressible("scores are negated")
+            if not isinstance(other, fx.Node):
+                return  # a constant shift: softmax ignores it
+            if t is aten.sub.Tensor:
+                other = self.g.call_function(aten.neg.default, (other,))
+            self._add(other)
+            return
+        if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            self._mask_term(n.args[1], n.args[2])
+            return
+        if t in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
+            cond, a, b = n.args[:3]
+            if a is prev:
+                self._mask_term(cond, b, negate=True)
+            else:
+                self._mask_term(cond, a)
+            return
+        if t is aten.tanh.default:
+            raise _NotExpressible("scores are soft-capped with tanh (Gemma2-style); SDPA cannot express it")
+        raise _NotExpressible(f"score op {t} has no SDPA equivalent")
+
+
+def _input_independent(node: fx.Node) -> bool:
+    """True when the node's value depends on no user input (only weights, buffers and sizes)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return False
+        if n.op == "call_function" and n.target is aten.sym_size.int:
+            continue
+        stack.extend(n.all_input_nodes)
+    return True
+
+
+def _is_causal_bias(b: torch.Tensor) -> bool:
+    if b.dim() < 2 or b.shape[-1] != b.shape[-2]:
+        return False
+    s = b.shape[-1]
+    lower = torch.ones(s, s, dtype=torch.bool, device=b.device).tril()
+    b = b.float()
+    return bool((b[..., lower] == 0).all()) and bool((b[..., ~lower] <= MASK_FLOOR).all())
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class Flash(Pass):
+    """Fuse every attention subgraph into one scaled_dot_product_attention call."""
+
+    name: ClassVar[str] = "flash"
+    exact: ClassVar[bool] = True
+    summary: ClassVar[str] = "fuse matmul-softmax-matmul attention into scaled_dot_product_attention (is_causal, GQA-native)"
+    causal: bool = True  # turn an input-independent, exactly causal mask into is_causal=True
+
+    def run(self, program: Program) -> PassResult:
+        g = program.graph
+        skipped, fused, causal_candidates = [], [], []
+        for r in find_attention(program.module):
+            if r.site is None:
+                skipped.append(Skip(r.reason, r.module, r.node.name))
+                continue
+            if r.site.fused:
+                continue
+            try:
+                node, bias = self._rewrite(g, r.site)
+            except _NotExpressible as e:
+                skipped.append(Skip(str(e), r.module, r.node.name))
+                continue
+            fused.append((r.site.module, node))
+            if self.causal and bias is not None and _input_independent(bias) and not r.site.cross:
+                causal_candidates.append((node, bias))
+        g.eliminate_dead_code()
+        program.module.recompile()
+        n_causal = self._use_is_causal(program, causal_candidates)
+        notes = {"causal sites": n_causal} if fused else {}
+        if not fused:
+            return PassResult(program, 0, skipped, message="no attention site can be fused" if skipped else "no attention in the model")
+        return PassResult(program, len(fused), skipped, notes)
+
+    def _rewrite(self, g: fx.Graph, s: AttentionSite):
+        vq = val(s.q)
+        dtype = vq.dtype if vq is not None else torch.float32
+        dropout_p = 0.0
+        for n in s.after:
+            if n.target in DROPOUT and (n.args[2] if len(n.args) > 2 else n.kwargs.get("train", False)):
+                dropout_p = float(n.args[1])
+        q, k, v, gqa = s.q, s.k, s.v, False
+        if s.kv_repeat is not None:
+            k_src, v_src, _ = s.kv_repeat
+        with g.inserting_before(s.output):
+            b = _Builder(g, s, dtype)
+            prev = s.scores
+            for n in s.chain:
+                b.step(n, prev)
+                prev = n
+            if s.kv_repeat is not None:
+                k, v, gqa = k_src, v_src, True
+            elif s.k_transposed:
+                k = untranspose(s.k) or g.call_function(aten.transpose.int, (s.k, -2, -1))
+            vk, vv = val(k), val(v)
+            if vq is not None and vk is not None and vq.dim() == 4 and vk.dim() == 4 and not gqa:
+                hq, hk = vq.shape[1], vk.shape[1]
+                if str(hq) != str(hk):
+                    if isinstance(hk, int) and isinstance(hq, int) and hq % hk == 0:
+                        gqa = True  # K/V broadcast over query heads (multi-query)
+                    else:
+                        raise _NotExpressible(f"K/V heads ({hk}) do not divide query heads ({hq})")
+            if vq is not None and vk is not None and str(vq.shape[0]) != str(vk.shape[0]):
+                raise _NotExpressible("K/V are broadcast over the batch")
+            bias = b.bias
+            if bias is not None:
+                bias = g.call_function(aten._to_copy.default, (bias,), {"dtype": dtype})
+            kwargs = {"scale": b.scale}
+            if gqa:
+                kwargs["enable_gqa"] = True
+            node = g.call_function(SDPA, (q, k, v, bias, dropout_p, False), kwargs)
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in s.softmax.meta:
+                node.meta[key] = s.softmax.meta[key]
+        node.meta["val"] = s.output.meta.get("val")
+        s.output.replace_all_uses_with(node)
+        for n in [s.output, *reversed(s.after), s.softmax, *reversed(s.chain), s.scores]:
+            for u in list(n.users):
+                if u.op == "call_function" and u.target is aten._assert_tensor_metadata.default:
+                    g.erase_node(u)
+            if not n.users:
+                g.erase_node(n)
+        return node, bias
+
+    def _use_is_causal(self, program: Program, candidates) -> int:
+        """Replace masks that are exactly causal at two sizes (and depend on no input) by is_causal."""
+        if not candidates:
+            return 0
+        checks = [program.inputs] + ([program.second_inputs()] if program.second_inputs() is not None else [])
+        names = {b.name for _, b in candidates}
+        try:
+            values = [record(program.module, i, names) for i in checks]
+        except Exception:  # noqa: BLE001 - fall back to the explicit mask
+            return 0
+        n = 0
+        for node, bias in candidates:
+            if all(bias.name in vals and _is_causal_bias(vals[bias.name]) for vals in values):
+                args = list(node.args)
+                args[3], args[5] = None, True
+                node.args = tuple(args)
+                n += 1
+        program.graph.eliminate_dead_code()
+        program.module.recompile()
+        return n
