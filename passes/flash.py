@@ -153,12 +153,13 @@ class Flash(Pass):
 
     def run(self, program: Program) -> PassResult:
         g = program.graph
-        skipped, fused, causal_candidates = [], [], []
+        skipped, fused, causal_candidates, already = [], [], [], 0
         for r in find_attention(program.module):
             if r.site is None:
                 skipped.append(Skip(r.reason, r.module, r.node.name))
                 continue
             if r.site.fused:
+                already += 1
                 continue
             try:
                 node, bias = self._rewrite(g, r.site)
@@ -173,7 +174,9 @@ class Flash(Pass):
         n_causal = self._use_is_causal(program, causal_candidates)
         notes = {"causal sites": n_causal} if fused else {}
         if not fused:
-            return PassResult(program, 0, skipped, message="no attention site can be fused" if skipped else "no attention in the model")
+            msg = ("no attention site can be fused" if skipped else
+                   f"all {already} attention sites are already fused" if already else "no attention in the model")
+            return PassResult(program, 0, skipped, message=msg)
         return PassResult(program, len(fused), skipped, notes)
 
     def _rewrite(self, g: fx.Graph, s: AttentionSite):

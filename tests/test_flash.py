@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+import rewriter
+from rewriter import zoo
+from attention_spellings import NEGATIVE, POSITIVE, PaddedEncoder, SoftmaxClassifier, Spelled, kv_heads_for
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def _sdpa_nodes(program):
+    return [n for n in program.graph.nodes if n.op == "call_function" and n.target is SDPA]
+
+
+def _check_grads(model, rewritten_module, x):
+    """Gradients of the rewritten program's weights match the original's."""
+    model.zero_grad()
+    model(x).square().mean().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    params = dict(rewritten_module.named_parameters())
+    for p in params.values():
+        p.grad = None
+    rewritten_module(x).square().mean().backward()
+    for name, g in ref.items():
+        if name in params and params[name].grad is not None:
+            torch.testing.assert_close(params[name].grad, g, rtol=1e-4, atol=1e-5)
+    return len(ref)
+
+
+@pytest.mark.parametrize("spelling,causal", POSITIVE, ids=[p[0] for p in POSITIVE])
+def test_fuses_spelling(spelling, causal):
+    torch.manual_seed(0)
+    model = Spelled(spelling, kv_heads=kv_heads_for(spelling)).eval()
+    x = torch.randn(2, 12, 32)
+    result = rewriter.rewrite(model, "flash", example_inputs=(x,))
+    rec = result.report.passes[0]
+    assert rec.rewrites == 1 and rec.verified, rec.failure
+    nodes = _sdpa_nodes(result.program)
+    assert len(nodes) == 1
+    assert not any("softmax" in str(n.target) for n in result.program.graph.nodes)
+    assert rec.notes["causal sites"] == int(causal)
+    assert nodes[0].args[5] is causal  # is_causal
+    if kv_heads_for(spelling) < 4:
+        assert nodes[0].kwargs.get("enable_gqa") is True  # K/V stay at their own head count
+        assert "expand" not in " ".join(str(n.target) for n in result.program.graph.nodes) or spelling != "gqa_expand"
+    # another batch and sequence size
+    x2 = torch.randn(3, 7, 32)
+    torch.testing.assert_close(result.module(x2), model(x2), rtol=1e-4, atol=1e-5)
+    assert _check_grads(model, result.module, x2) > 0
+
+
+@pytest.mark.parametrize("spelling,reason", NEGATIVE, ids=[n[0] for n in NEGATIVE])
+def test_leaves_non_fusable_sites_with_reason(spelling, reason):
+    model = Spelled(spelling).eval()
+    result = rewriter.rewrite(model, "flash", example_inputs=(torch.randn(2, 12, 32),))
+    rec = result.report.passes[0]
+    assert rec.rewrites == 0 and rec.verified
+    assert len(rec.skipped) == 1 and reason in rec.skipped[0]["reason"]
+    assert rec.message == "no attention site can be fused"
+    assert _sdpa_nodes(result.program) == []
+
+
+def test_softmax_that_is_not_attention():
+    result = rewriter.rewrite(SoftmaxClassifier().eval(), "flash", example_inputs=(torch.randn(2, 12, 32),))
+    rec = result.report.passes[0]
+    assert rec.rewrites == 0
+    assert "softmax input is not a product of Q and Kᵀ" in rec.skipped[0]["reason"]
+    assert rec.skipped[0]["module"] == ""  and rec.skipped[0]["node"] == "softmax"
+
+
+def test_padding_mask_from_input_stays_a_mask():
+    model = PaddedEncoder().eval()
+    x, mask = torch.randn(2, 10, 32), torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    result = rewriter.rewrite(model, "flash", example_inputs=(x, mask))
+    (node,) = _sdpa_nodes(result.program)
+    assert node.args[3] is not None and node.args[5] is False
+    m2 = torch.ones(3, 5, dtype=torch.long)
+    m2[0, 3:] = 0
+    x2 = torch.randn(3, 5, 32)
+    torch.testing.assert_close(result.module(x2, m2), model(x2, m2), rtol=1e-4, atol=1e-5)
+
+
+def test_gpt_zoo_all_layers_causal_and_saved(tmp_path):
+    model, inputs = zoo.gpt()
+    result = rewriter.rewrite(model, "flash", example_inputs=inputs)
+    assert result.report.passes[0].rewrites == 4 and result.report.passes[0].notes["causal sites"] == 4
+    assert result.report.model_after["attention_sites"] == 4  # fused sites still count
+    path = result.save(tmp_path / "g.pt2")
+    ep = torch.export.load(path)
+    assert sum(1 for n in ep.graph.nodes if "scaled_dot_product" in str(n.target)) == 4
+    x = torch.randint(0, 256, (1, 33))
+    torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_flash_twice_is_a_no_op():
+    model, inputs = zoo.gpt(n_layer=2)
+    first = rewriter.rewrite(model, "flash", example_inputs=inputs)
+    second = rewriter.rewrite(first.program, "flash")
+    assert second.report.passes[0].rewrites == 0
+    assert second.report.passes[0].message == "all 2 attention sites are already fused"
+    plain = rewriter.rewrite(torch.nn.Linear(4, 4), "flash", example_inputs=(torch.randn(2, 4),))
+    assert plain.report.passes[0].message == "no attention in the model"
