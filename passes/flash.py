@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.fx as fx
 
-from rewriter.attention import CASTS, DROPOUT, AttentionSite, find_attention, untranspose, val
+from rewriter.attention import CASTS, DROPOUT, INPLACE, RESHAPES, AttentionSite, find_attention, untranspose, val
 from rewriter.pass_infra import Pass, PassResult, Skip, register_pass
 from rewriter.program import Program
 from rewriter.verify import record
@@ -58,6 +58,15 @@ class _Builder:
     def __init__(self, g: fx.Graph, site: AttentionSite, dtype: torch.dtype):
         self.g, self.site, self.dtype = g, site, dtype
         self.scale, self.bias = 1.0, None
+        self.view_shape = None  # scores reshaped (B·H, Sq, Sk) -> (B, H, Sq, Sk) on the way (DeBERTa, Bloom)
+
+    def start(self, prod: fx.Node) -> None:
+        if prod.target is aten.baddbmm.default:  # beta * bias + alpha * (q @ kᵀ)
+            beta, alpha = prod.kwargs.get("beta", 1), prod.kwargs.get("alpha", 1)
+            self.scale = float(alpha)
+            if beta != 0:
+                bias = prod.args[0]
+                self._add(bias if beta == 1 else self.g.call_function(aten.mul.Tensor, (bias, float(beta))))
 
     def _add(self, term):
         self.bias = term if self.bias is None else self.g.call_function(aten.add.Tensor, (self.bias, term))
@@ -73,10 +82,21 @@ class _Builder:
         self._add(self.g.call_function(aten.masked_fill.Scalar, (zeros, cond, f)))
 
     def step(self, n: fx.Node, prev: fx.Node) -> None:
-        t = n.target
+        t = INPLACE.get(n.target, n.target)
         others = [a for a in n.args if a is not prev]
         if t in CASTS:
             return
+        if t in RESHAPES:
+            vp, vn = val(prev), val(n)
+            if vp is not None and vn is not None and tuple(map(str, vp.shape)) == tuple(map(str, vn.shape)):
+                return
+            if self.view_shape is None and vp is not None and vn is not None and vp.dim() == 3 and vn.dim() == 4:
+                self.view_shape = n.args[1]
+                if self.bias is not None:  # bring the bias to the scores' full shape, then split the heads
+                    full = self.g.call_function(aten.add.Tensor, (self.bias, self.g.call_function(aten.zeros_like.default, (prev,))))
+                    self.bias = self.g.call_function(aten.reshape.default, (full, n.args[1]))
+                return
+            raise _NotExpressible("scores are reshaped in a way SDPA cannot follow")
         if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
             if n.args[0] is not prev and t in (aten.div.Tensor, aten.div.Scalar):
                 raise _NotExpressible("scores are a divisor")
@@ -191,6 +211,7 @@ class Flash(Pass):
             k_src, v_src, _ = s.kv_repeat
         with g.inserting_before(s.output):
             b = _Builder(g, s, dtype)
+            b.start(s.scores)
             prev = s.scores
             for n in s.chain:
                 b.step(n, prev)
@@ -199,6 +220,15 @@ class Flash(Pass):
                 k, v, gqa = k_src, v_src, True
             elif s.k_transposed:
                 k = untranspose(s.k) or g.call_function(aten.transpose.int, (s.k, -2, -1))
+            if b.view_shape is not None:  # 3-D (B·H, S, D) operands, 4-D mask: split the heads for SDPA
+                lead, (sq, sk) = list(b.view_shape[:2]), b.view_shape[2:4]
+                dq, dv = int(val(s.q).shape[-1]), int(val(s.v).shape[-1])
+                shapes = [lead + [sq, dq], lead + [sk, dq], lead + [sk, dv]]
+                if any(sum(1 for x in sh if isinstance(x, int) and x == -1) > 1 for sh in shapes):
+                    raise _NotExpressible("cannot tell the head split of 3-D scores")
+                q, k, v = (g.call_function(aten.reshape.default, (t, sh)) for t, sh in zip((q, k, v), shapes))
+                for t in (q, k, v):
+                    t.meta["val"] = None
             vk, vv = val(k), val(v)
             if vq is not None and vk is not None and vq.dim() == 4 and vk.dim() == 4 and not gqa:
                 hq, hk = vq.shape[1], vk.shape[1]
@@ -216,11 +246,15 @@ class Flash(Pass):
             if gqa:
                 kwargs["enable_gqa"] = True
             node = g.call_function(SDPA, (q, k, v, bias, dropout_p, False), kwargs)
+            result = node
+            if b.view_shape is not None:  # back to the (B·H, Sq, Dv) the model continues with
+                result = g.call_function(aten.flatten.using_ints, (node, 0, 1))
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if key in s.softmax.meta:
                 node.meta[key] = s.softmax.meta[key]
-        node.meta["val"] = s.output.meta.get("val")
-        s.output.replace_all_uses_with(node)
+        if result is node:
+            node.meta["val"] = s.output.meta.get("val")
+        s.output.replace_all_uses_with(result)
         for n in [s.output, *reversed(s.after), s.softmax, *reversed(s.chain), s.scores]:
             for u in list(n.users):
                 if u.op == "call_function" and u.target is aten._assert_tensor_metadata.default:

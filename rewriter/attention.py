@@ -19,11 +19,12 @@ import torch.fx as fx
 
 from .pass_infra import module_path
 
-__all__ = ["AttentionSite", "SoftmaxReport", "find_attention", "attention_sites", "untranspose", "val", "real_users", "SOFTMAX_OPS", "MATMUL_OPS", "SDPA_OPS"]
+__all__ = ["AttentionSite", "SoftmaxReport", "find_attention", "attention_sites", "untranspose", "INPLACE", "RESHAPES", "val", "real_users", "SOFTMAX_OPS", "MATMUL_OPS", "SDPA_OPS"]
 
 aten = torch.ops.aten
 SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.einsum.default}
+SCORE_OPS = MATMUL_OPS | {aten.baddbmm.default}  # baddbmm(bias, q, kᵀ, beta, alpha): ALiBi in Bloom
 SDPA_OPS = {aten.scaled_dot_product_attention.default, aten._scaled_dot_product_cudnn_attention.default,
             aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default}
 CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default,
@@ -33,7 +34,12 @@ SCALE_OPS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
 MASK_OPS = {aten.add.Tensor, aten.sub.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
             aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf}
 CAP_OPS = {aten.tanh.default}
-CHAIN_OPS = CASTS | SCALE_OPS | MASK_OPS | CAP_OPS
+# in-place spellings that export keeps (Falcon's `scores /= sqrt(d)`) and their meaning
+INPLACE = {aten.mul_.Tensor: aten.mul.Tensor, aten.mul_.Scalar: aten.mul.Scalar, aten.div_.Tensor: aten.div.Tensor,
+           aten.div_.Scalar: aten.div.Scalar, aten.add_.Tensor: aten.add.Tensor, aten.sub_.Tensor: aten.sub.Tensor,
+           aten.masked_fill_.Scalar: aten.masked_fill.Scalar, aten.masked_fill_.Tensor: aten.masked_fill.Tensor}
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+CHAIN_OPS = CASTS | SCALE_OPS | MASK_OPS | CAP_OPS | set(INPLACE) | RESHAPES
 _ASSERT = aten._assert_tensor_metadata.default
 
 
@@ -126,7 +132,7 @@ def _find_scores(start, shape) -> tuple[fx.Node | None, list[fx.Node], str]:
         nonlocal best_miss
         if not isinstance(n, fx.Node) or depth > 12:
             return None
-        if n.op == "call_function" and n.target in MATMUL_OPS:
+        if n.op == "call_function" and n.target in SCORE_OPS:
             v = val(n)
             if v is not None and tuple(v.shape[-2:]) == tuple(shape[-2:]) or v is None:
                 return n, path
@@ -135,9 +141,12 @@ def _find_scores(start, shape) -> tuple[fx.Node | None, list[fx.Node], str]:
                 best_miss = f"{_opname(n) if n.op == 'call_function' else n.op} after {[_opname(p) for p in reversed(path)] or 'nothing'}"
             return None
         vn = val(n)
-        cands = [a for a in n.args if isinstance(a, fx.Node) and val(a) is not None and val(a).is_floating_point()
-                 and (vn is None or val(a).dim() == vn.dim())]
-        cands.sort(key=lambda a: (a.op != "call_function" or a.target not in MATMUL_OPS | CHAIN_OPS))
+        if n.target in RESHAPES:
+            cands = [n.args[0]]
+        else:
+            cands = [a for a in n.args if isinstance(a, fx.Node) and val(a) is not None and val(a).is_floating_point()
+                     and (vn is None or val(a).dim() == vn.dim())]
+        cands.sort(key=lambda a: (a.op != "call_function" or a.target not in SCORE_OPS | CHAIN_OPS))
         for a in cands:
             found = visit(a, path + [n], depth + 1)
             if found:
@@ -181,6 +190,8 @@ def _qk_from_product(prod: fx.Node):
         if a[-1] == b[-2] and out[-2:] == a[-2] + b[-1]:  # ...qd,...dk->...qk
             return prod.args[1][0], prod.args[1][1], True
         return f"einsum '{prod.args[0]}' is not a batched Q·Kᵀ"
+    if prod.target is aten.baddbmm.default:
+        return prod.args[1], prod.args[2], True
     return prod.args[0], prod.args[1], True
 
 
@@ -261,7 +272,7 @@ def _classify(sm: fx.Node) -> SoftmaxReport:
             return SoftmaxReport(sm, mod, None, f"attention probabilities are used {len(users)} times "
                                  "(returned or reused), so fusing would lose them")
         u = users[0]
-        if u.op == "call_function" and u.target in CASTS | DROPOUT:
+        if u.op == "call_function" and u.target in CASTS | DROPOUT | RESHAPES:
             after.append(u)
             cur = u
             continue

@@ -17,6 +17,7 @@ def _check_grads(model, rewritten_module, x):
     model.zero_grad()
     model(x).square().mean().backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()  # the program shares the model's parameter tensors
     params = dict(rewritten_module.named_parameters())
     for p in params.values():
         p.grad = None
