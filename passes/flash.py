@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from rewriter.attention import CASTS, DROPOUT, INPLACE, RESHAPES, AttentionSite, find_attention, untranspose, val
+from rewriter.errors import PassNotApplicable
 from rewriter.pass_infra import Pass, PassResult, Skip, register_pass
 from rewriter.program import Program
 from rewriter.verify import record
@@ -170,6 +171,8 @@ class Flash(Pass):
     exact: ClassVar[bool] = True
     summary: ClassVar[str] = "fuse matmul-softmax-matmul attention into scaled_dot_product_attention (is_causal, GQA-native)"
     causal: bool = True  # turn an input-independent, exactly causal mask into is_causal=True
+    # SDPA backend to pin on CUDA: auto measures per site signature; default leaves the choice to PyTorch per call
+    backend: Literal["auto", "default", "cudnn", "flash", "efficient"] = "auto"
 
     def run(self, program: Program) -> PassResult:
         g = program.graph
@@ -193,6 +196,8 @@ class Flash(Pass):
         program.module.recompile()
         n_causal = self._use_is_causal(program, causal_candidates)
         notes = {"causal sites": n_causal} if fused else {}
+        if fused:
+            notes.update(self._choose_backends(program, fused))
         if not fused:
             msg = ("no attention site can be fused" if skipped else
                    f"all {already} attention sites are already fused" if already else "no attention in the model")
@@ -262,6 +267,41 @@ class Flash(Pass):
             if not n.users:
                 g.erase_node(n)
         return node, bias
+
+    def _choose_backends(self, program: Program, fused) -> dict:
+        """Pin an SDPA backend per site on CUDA (measured for auto); report the backend per site."""
+        from . import flash_backends as fb
+
+        device = next((t.device for t in program.named_tensors().values()), torch.device("cpu"))
+        if device.type != "cuda" or self.backend == "default":
+            where = "CPU" if device.type != "cuda" else "CUDA"
+            return {"backend": f"default (PyTorch's dispatcher per call, on {where})"}
+        batch = next((t.shape[0] for t in program.inputs.flat() if isinstance(t, torch.Tensor) and t.dim()), 1)
+        per_site, measured = {}, {}
+        for module, node in fused:
+            sig = fb.signature(node)
+            if sig is None:
+                per_site[module] = "default (3-D or dynamic heads: not pinned)"
+                continue
+            if self.backend == "auto":
+                choice = fb.choose(sig, device, int(batch))
+                backend = choice.backend
+                measured[str(sig)] = {"ms": choice.ms, "rejected": choice.rejected, "chosen": backend}
+            else:
+                backend = self.backend
+                _, takes_mask = fb.PINNED[backend]
+                if (sig.mask in ("key-padding", "full") and not takes_mask) or sig.gqa:
+                    raise PassNotApplicable(f"flash(backend={backend}) cannot serve site {module}: "
+                                            f"{'it has an attention mask' if not sig.gqa else 'it has grouped K/V heads'}; "
+                                            "use backend=auto or backend=default")
+            fb.pin(program.graph, node, backend)
+            per_site[module] = backend
+        program.module.recompile()
+        counts = {}
+        for b in per_site.values():
+            counts[b.split(" ")[0]] = counts.get(b.split(" ")[0], 0) + 1
+        return {"backend": ", ".join(f"{b}: {n} sites" for b, n in counts.items()), "backend_per_site": per_site,
+                "backend_measurements": measured}
 
     def _use_is_causal(self, program: Program, candidates) -> int:
         """Replace masks that are exactly causal at two sizes (and depend on no input) by is_causal."""

@@ -1,0 +1,66 @@
+"""GPU: backend choice and bf16 numerics of `flash` (skipped without CUDA; run on an H200 by hand)."""
+
+import pytest
+import torch
+
+import rewriter
+from rewriter import zoo
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+PINNED = {torch.ops.aten._scaled_dot_product_cudnn_attention.default: "cudnn",
+          torch.ops.aten._scaled_dot_product_flash_attention.default: "flash",
+          torch.ops.aten._scaled_dot_product_efficient_attention.default: "efficient"}
+
+
+def _gpt_bf16():
+    model, (ids,) = zoo.gpt(n_layer=2, d_model=256, n_head=2)  # head dim 128
+    return model.to("cuda", torch.bfloat16), ids.cuda()
+
+
+def test_auto_backend_is_measured_pinned_and_reported():
+    model, ids = _gpt_bf16()
+    result = rewriter.rewrite(model, "flash", example_inputs=(ids,), device="cuda")
+    rec = result.report.passes[0]
+    assert rec.verified and rec.rewrites == 2, rec.failure
+    per_site = rec.notes["backend_per_site"]
+    assert set(per_site) == {"h.0.attn", "h.1.attn"}
+    pinned = [PINNED[n.target] for n in result.program.graph.nodes if n.target in PINNED]
+    chosen = [b for b in per_site.values() if b != "default"]
+    assert sorted(pinned) == sorted(chosen)
+    m = next(iter(rec.notes["backend_measurements"].values()))
+    assert m["chosen"] in m["ms"] and m["ms"][m["chosen"]] == min(m["ms"].values())
+    x = torch.randint(0, 256, (3, 45), device="cuda")
+    with torch.no_grad():
+        ref, got = model(x).float(), result.module(x).float()
+    assert (ref - got).abs().max() / ref.abs().max() < 3e-2
+
+
+def test_explicit_backend_and_pt2_round_trip(tmp_path):
+    model, ids = _gpt_bf16()
+    result = rewriter.rewrite(model, "flash(backend=flash)", example_inputs=(ids,), device="cuda")
+    assert result.report.ok
+    assert sum(1 for n in result.program.graph.nodes if PINNED.get(n.target) == "flash") == 2
+    path = result.save(tmp_path / "g.pt2")
+    ep = torch.export.load(path)
+    assert sum(1 for n in ep.graph.nodes if "_scaled_dot_product_flash_attention" in str(n.target)) == 2
+
+
+def test_backend_that_cannot_take_a_mask_is_refused():
+    from attention_spellings import PaddedEncoder
+
+    model = PaddedEncoder().to("cuda", torch.bfloat16).eval()
+    x = torch.randn(2, 16, 32, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(2, 16, dtype=torch.long, device="cuda")
+    with pytest.raises(rewriter.PassNotApplicable, match=r"flash\(backend=flash\) cannot serve site .*attention mask"):
+        rewriter.rewrite(model, "flash(backend=flash)", example_inputs=(x, mask), device="cuda")
+
+
+def test_bf16_hf_llama_flash_matches():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=128, attn_implementation="eager", use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    result = rewriter.rewrite(model, "flash", device="cuda")
+    rec = result.report.passes[0]
+    assert rec.verified and rec.rewrites == 2, rec.failure
+    assert rec.metrics["max_rel_error"] < 3e-2
