@@ -173,6 +173,8 @@ class Flash(Pass):
     causal: bool = True  # turn an input-independent, exactly causal mask into is_causal=True
     # SDPA backend to pin on CUDA: auto measures per site signature; default leaves the choice to PyTorch per call
     backend: Literal["auto", "default", "cudnn", "flash", "efficient"] = "auto"
+    # shapes the program will see: fixed (prefill/training lengths repeat) or varying (a new length every call)
+    regime: Literal["fixed", "varying"] = "fixed"
 
     def run(self, program: Program) -> PassResult:
         g = program.graph
@@ -284,7 +286,7 @@ class Flash(Pass):
                 per_site[module] = "default (3-D or dynamic heads: not pinned)"
                 continue
             if self.backend == "auto":
-                choice = fb.choose(sig, device, int(batch))
+                choice = fb.choose(sig, device, int(batch), regime=self.regime)
                 backend = choice.backend
                 measured[str(sig)] = {"ms": choice.ms, "rejected": choice.rejected, "chosen": backend}
             else:

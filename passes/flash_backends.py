@@ -91,9 +91,15 @@ def _time_ms(fn, iters: int = 10) -> float:
     return start.elapsed_time(end) / iters
 
 
-def choose(sig: Signature, device, batch: int, seqs=(509, 1024, 2048)) -> Choice:
-    """Measure every candidate for ``sig`` on ``device``; cached per signature/device/torch version."""
-    key = (sig, torch.cuda.get_device_name(device), torch.__version__, batch, tuple(seqs))
+def choose(sig: Signature, device, batch: int, seqs=(509, 1024, 2048), regime: str = "fixed") -> Choice:
+    """Measure every candidate for ``sig`` on ``device``; cached per signature/device/torch version.
+
+    ``regime="fixed"``: shapes repeat (prefill/training batches of a few lengths), so a backend is
+    judged by its steady-state time. ``regime="varying"``: every call brings a new length (decode
+    with a growing cache), so the first call at a new length (cuDNN builds a plan) is charged to
+    every call. PyTorch's own dispatcher ("default") is kept unless a pinned backend beats it by 3%.
+    """
+    key = (sig, torch.cuda.get_device_name(device), torch.__version__, batch, tuple(seqs), regime)
     if key in _CACHE:
         return _CACHE[key]
     causal = sig.mask == "causal"
@@ -127,11 +133,14 @@ def choose(sig: Signature, device, batch: int, seqs=(509, 1024, 2048)) -> Choice
                 err = float((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
                 if not torch.isfinite(out).all() or err > _TOL.get(sig.dtype, 1e-4):
                     raise RuntimeError(f"numerics off at S={seq}: max rel error {err:.3g}")
-                total += _time_ms(fn) + first_ms / 100  # a new length every 100 calls
+                steady = _time_ms(fn)
+                total += steady + (max(first_ms - steady, 0.0) if regime == "varying" else 0.0)
             ms[name] = total / len(seqs)
         except Exception as exc:  # noqa: BLE001 - an unusable backend is a rejected candidate
             rejected[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
     best = min(ms, key=ms.get) if ms else "default"
+    if "default" in ms and ms[best] > 0.97 * ms["default"]:
+        best = "default"
     choice = Choice(best, ms, rejected)
     _CACHE[key] = choice
     return choice
@@ -180,3 +189,58 @@ def pin(graph: fx.Graph, node: fx.Node, backend: str) -> fx.Node:
     node.replace_all_uses_with(out)
     graph.erase_node(node)
     return out
+
+
+def pinned_backend(node: fx.Node) -> str | None:
+    for name, (op, _) in PINNED.items():
+        if node.op == "call_function" and node.target is op:
+            return name
+    return None
+
+
+def unpin(graph: fx.Graph) -> dict[str, str]:
+    """Turn pinned backend calls back into portable SDPA calls; return {module path: backend}.
+
+    torch.export's serializer (2.11-2.13) cannot write the flash/cuDNN ops, which return SymInts,
+    so a .pt2 carries portable SDPA and records the choice; ``repin`` restores it on load.
+    """
+    from rewriter.pass_infra import module_path
+
+    chosen = {}
+    for call in list(graph.nodes):
+        backend = pinned_backend(call)
+        if backend is None:
+            continue
+        if backend == "flash":
+            q, k, v, dropout_p, is_causal = call.args[:5]
+            mask = None
+        elif backend == "cudnn":
+            q, k, v, mask, _, dropout_p, is_causal = call.args[:7]
+        else:
+            q, k, v, mask, _, dropout_p, is_causal = call.args[:7]
+        with graph.inserting_before(call):
+            sdpa = graph.call_function(SDPA, (q, k, v, mask, dropout_p, is_causal), {"scale": call.kwargs.get("scale")})
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in call.meta:
+                sdpa.meta[key] = call.meta[key]
+        getters = [u for u in call.users if u.target is __import__("operator").getitem]
+        for g in getters:
+            if g.args[1] == 0:
+                sdpa.meta["val"] = g.meta.get("val")
+                g.replace_all_uses_with(sdpa)
+            graph.erase_node(g)
+        graph.erase_node(call)
+        chosen[module_path(sdpa)] = backend
+    return chosen
+
+
+def repin(graph: fx.Graph, chosen: dict[str, str]) -> int:
+    """Pin the recorded backends again (programs loaded from .pt2 on CUDA)."""
+    from rewriter.pass_infra import module_path
+
+    n = 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is SDPA and chosen.get(module_path(node)) in PINNED:
+            pin(graph, node, chosen[module_path(node)])
+            n += 1
+    return n

@@ -42,8 +42,10 @@ class PassManager:
         try:
             ref = _run_both(program, checks)
         except Exception as exc:  # noqa: BLE001
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
             raise RewriteError(f"the captured program does not run on its verification inputs "
-                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}, at "
+                               f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}). "
                                "Give example inputs that the model accepts with --inputs.") from None
         report.baseline_seconds = time.perf_counter() - t0
         original, original_out = program, ref

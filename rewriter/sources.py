@@ -88,6 +88,13 @@ def load(source: str | os.PathLike, *, inputs: str | Inputs | None = None, allow
         loaded.inputs = _guess_inputs(loaded.model)
     if loaded.model is not None:
         loaded.model.to(device)
+    if loaded.program is not None and str(device) != "cpu":
+        loaded.program.module.to(device)
+        if torch.device(device).type == "cuda" and loaded.program.meta.get("sdpa_backends"):
+            from passes.flash_backends import repin  # the .pt2 recorded the flash pass's backend choice
+
+            repin(loaded.program.graph, loaded.program.meta["sdpa_backends"])
+            loaded.program.module.recompile()
     if loaded.inputs is not None:
         loaded.inputs = loaded.inputs.to(device)
         if loaded.program is not None:
@@ -121,6 +128,7 @@ def _load_pt2(path: Path) -> Loaded:
                       hf_config=meta.get("hf_config"), hf_class=meta.get("hf_class"))
     program = program_from_exported(ep, inputs, info)
     program.applied = list(meta.get("applied", []))
+    program.meta["sdpa_backends"] = meta.get("sdpa_backends") or {}
     return Loaded(source=info, inputs=inputs, program=program)
 
 

@@ -26,6 +26,12 @@ __all__ = ["save_pt2", "export_program"]
 
 
 def export_program(program: Program) -> torch.export.ExportedProgram:
+    from passes.flash_backends import pinned_backend, unpin
+
+    if any(pinned_backend(n) for n in program.graph.nodes):
+        program = program.clone()
+        program.meta["sdpa_backends"] = unpin(program.graph)
+        program.module.recompile()
     flat, spec = pytree.tree_flatten((program.inputs.args, program.inputs.kwargs))
     dyn_flat = [{d: Dim.AUTO for d in dims} or None if isinstance(t, torch.Tensor) else None
                 for t, dims in zip(flat, program.dynamic_dims + [{}] * (len(flat) - len(program.dynamic_dims)))]
@@ -41,10 +47,19 @@ def export_program(program: Program) -> torch.export.ExportedProgram:
 
 
 def _metadata(program: Program) -> str:
+    from passes.flash_backends import pinned_backend
+
+    pinned = {}
+    for n in program.graph.nodes:
+        b = pinned_backend(n)
+        if b:
+            from rewriter.pass_infra import module_path
+
+            pinned[module_path(n)] = b
     s = program.source
     return json.dumps({"tool": "evo-rewrite", "source_kind": s.kind, "source": s.path, "model_class": s.model_class,
                        "hf_class": s.hf_class, "hf_config": s.hf_config, "applied": program.applied,
-                       "dynamic_dims": program.dynamic_dims}, default=str)
+                       "dynamic_dims": program.dynamic_dims, "sdpa_backends": pinned}, default=str)
 
 
 def _check_loaded(path: str, program: Program) -> None:

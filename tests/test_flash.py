@@ -102,3 +102,22 @@ def test_flash_twice_is_a_no_op():
     assert second.report.passes[0].message == "all 2 attention sites are already fused"
     plain = rewriter.rewrite(torch.nn.Linear(4, 4), "flash", example_inputs=(torch.randn(2, 4),))
     assert plain.report.passes[0].message == "no attention in the model"
+
+
+def test_pin_and_unpin_round_trip_graph():
+    """Pinning rewrites SDPA into a backend's own op; unpinning restores portable SDPA (for .pt2)."""
+    from passes import flash_backends as fb
+
+    model, inputs = zoo.gpt(n_layer=2)
+    program = rewriter.rewrite(model, "flash", example_inputs=inputs).program.clone()
+    for node in list(_sdpa_nodes(program)):
+        fb.pin(program.graph, node, "efficient")
+    assert _sdpa_nodes(program) == []
+    assert sum(1 for n in program.graph.nodes if fb.pinned_backend(n) == "efficient") == 2
+    chosen = fb.unpin(program.graph)
+    program.module.recompile()
+    assert chosen == {"h.0.attn": "efficient", "h.1.attn": "efficient"}
+    assert len(_sdpa_nodes(program)) == 2 and all(n.args[5] is True for n in _sdpa_nodes(program))
+    x = torch.randint(0, 256, (3, 9))
+    torch.testing.assert_close(program.module(x), model(x), rtol=1e-4, atol=1e-5)
+    assert fb.repin(program.graph, chosen) == 2
