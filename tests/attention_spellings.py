@@ -99,7 +99,7 @@ class PaddedEncoder(nn.Module):
         q = self.q(x).view(B, T, HEADS, HEAD_DIM).transpose(1, 2)
         k = self.k(x).view(B, T, HEADS, HEAD_DIM).transpose(1, 2)
         v = self.v(x).view(B, T, HEADS, HEAD_DIM).transpose(1, 2)
-        att = q @ k.transpose(-1, -2) / math.sqrt(HEAD_DIM) + (1.0 - mask[:, None, None, :].float()) * -10000.0
+        att = q @ k.transpose(-1, -2) / math.sqrt(HEAD_DIM) + (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
         return self.o((att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
 
 
