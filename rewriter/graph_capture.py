@@ -123,6 +123,15 @@ def program_from_exported(ep: torch.export.ExportedProgram, inputs: Inputs, sour
         gm.graph._codegen.pytree_info = pi._replace(out_spec=plain)
         gm._out_spec = plain
         gm.recompile()
+    # export's generated guard function re-checks input shapes; its generated code fails on some
+    # torch versions (2.11: a guard reading an input that is None), and every Program is verified and
+    # re-exported (with fresh guards) before it is saved, so the captured program drops it
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and n.target == "_guards_fn":
+            gm.graph.erase_node(n)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.recompile()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     dynamic_dims = []
     for n in placeholders:
