@@ -290,6 +290,10 @@ def _classify(sm: fx.Node) -> SoftmaxReport:
     layout, heads, kvh, hd, vhd = _layout(q, v_node, v_node)
     if kv_repeat is not None:
         kvh = _int(val(kv_repeat[1]).shape[1])
+    if layout == "(BH)SD":  # heads split off the scores on the way (DeBERTa, Bloom): (B·H, S, S) -> (B, H, S, S)
+        split = [n for n in chain if n.target in RESHAPES and val(n) is not None and val(n).dim() == 4]
+        if split:
+            heads = kvh = _int(val(split[0]).shape[1])
     vq, vv = val(q), val(v_node)
     cross = vq is not None and vv is not None and not _same_len(vq.shape[-2], vv.shape[-2])
     site = AttentionSite(sm, prod, u, q, k, v_node, mod, layout, heads, kvh, hd, vhd, chain, after,
