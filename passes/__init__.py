@@ -1,2 +1,3 @@
 """Built-in passes, one module each. Importing this package registers them."""
 from . import flash  # noqa: F401
+from . import gqa  # noqa: F401

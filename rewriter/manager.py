@@ -106,6 +106,7 @@ class PassManager:
     def _verify(self, p: Pass, new: Program, checks, ref):
         try:
             new.graph.lint()
+            new.refresh_meta()
             new_out = _run_both(new, checks)
         except Exception as exc:  # noqa: BLE001
             which = "the second-size input" if checks else "the example input"

@@ -63,6 +63,21 @@ class Program:
             dynamic_dims=[dict(d) for d in self.dynamic_dims],
         )
 
+    def refresh_meta(self) -> None:
+        """Recompute every node's ``meta["val"]`` (shapes and dtypes) with the captured symbolic sizes.
+
+        Passes that change shapes (fewer K/V heads) or insert nodes leave stale or missing metadata;
+        the pass manager refreshes it after each pass so the next pass sees true shapes.
+        """
+        from torch._guards import detect_fake_mode
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+        vals = [n.meta.get("val") for n in self.placeholders()]
+        mode = detect_fake_mode([v for v in vals if v is not None])
+        if mode is None or any(v is None for v in vals):
+            return
+        FakeTensorProp(self.module, mode).propagate_dont_convert_inputs(*vals)
+
     def placeholders(self) -> list[fx.Node]:
         return [n for n in self.graph.nodes if n.op == "placeholder"]
 

@@ -1,0 +1,284 @@
+"""`gqa`: convert multi-head attention to grouped-query attention (MQA with one group).
+
+pattern  every attention site whose K and V trace back to linear projections
+         (rewriter.projections: separate or fused qkv, rotary, materialised K/V repeats)
+check    the new K/V head count divides the current one (else an error naming the site and the
+         valid counts); the head-split reshape names its head count as a constant or -1
+rewrite  K and V projection heads merged per group of consecutive heads (``method=mean``: the GQA
+         paper's mean-pooling; ``method=fit``: calibrated, see passes/gqa_fit.py), the head-split
+         reshape and any repeat rewritten for the new count, and attention fed grouped K/V
+         (``enable_gqa`` on a fused site, ``repeat_interleave`` otherwise). Rotary embedding acts
+         on each head alike, so it commutes with merging heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Literal
+
+import torch
+import torch.fx as fx
+
+from rewriter.attention import AttentionSite, attention_sites, untranspose, val
+from rewriter.errors import PassNotApplicable
+from rewriter.pass_infra import Pass, PassResult, Skip, register_pass
+from rewriter.program import Program
+from rewriter.projections import HeadPath, output_projection, trace_projection
+
+aten = torch.ops.aten
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclasses.dataclass
+class _Plan:
+    site: AttentionSite
+    k_seq: fx.Node  # K (B, Hkv, S, D) before any repeat
+    v_seq: fx.Node
+    k_path: HeadPath
+    v_path: HeadPath
+    kv_heads: int
+    heads: int
+    head_dim: int
+    v_head_dim: int
+
+
+def _seq_first_k(site: AttentionSite) -> fx.Node | None:
+    if site.kv_repeat is not None:
+        return site.kv_repeat[0]
+    if site.fused or not site.k_transposed:
+        return site.k
+    return untranspose(site.k)
+
+
+def _repeat_nodes(site: AttentionSite) -> list[fx.Node]:
+    """The nodes that materialise repeated K/V heads (expand of expand+reshape, or repeat_interleave)."""
+    out = []
+    k = site.k if not site.k_transposed or site.fused else untranspose(site.k)
+    for t in (k, site.v):
+        if t is None or t.op != "call_function":
+            continue
+        if t.target is aten.repeat_interleave.self_int:
+            out.append(t)
+        elif t.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+            e = t.args[0]
+            if isinstance(e, fx.Node) and e.target is aten.expand.default:
+                out.append(e)
+    return out
+
+
+def merge_mean(w: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
+    """(heads·D, in) -> (groups·D, in): mean over consecutive heads of each group."""
+    heads = w.shape[0] // head_dim
+    return w.reshape(groups, heads // groups, head_dim, *w.shape[1:]).mean(1).reshape(groups * head_dim, *w.shape[1:])
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class GQA(Pass):
+    """Group the K/V heads of every attention site (MHA -> GQA; kv_heads=1 is MQA)."""
+
+    name: ClassVar[str] = "gqa"
+    exact: ClassVar[bool] = False
+    summary: ClassVar[str] = "merge K/V heads into kv_heads groups (mean-pooling or calibrated fit); KV cache shrinks"
+    kv_heads: int = 0
+    method: Literal["mean", "fit"] = "mean"
+
+    def __post_init__(self):
+        if self.kv_heads < 1:
+            raise ValueError(f"kv_heads must be given and >= 1 (e.g. gqa(kv_heads=4)), got {self.kv_heads}")
+
+    def run(self, program: Program) -> PassResult:
+        sites = attention_sites(program.module)
+        if not sites:
+            return PassResult(program, 0, message="no attention in the model")
+        plans, skipped = [], []
+        for s in sites:
+            plan = self._plan(s)
+            if isinstance(plan, str):
+                skipped.append(Skip(plan, s.module, s.output.name))
+                continue
+            if plan.kv_heads % self.kv_heads:
+                raise PassNotApplicable(
+                    f"gqa(kv_heads={self.kv_heads}): site {s.module} has {plan.kv_heads} K/V heads, which "
+                    f"{self.kv_heads} does not divide; valid kv_heads for it: {', '.join(map(str, _divisors(plan.kv_heads)))}")
+            if plan.kv_heads == self.kv_heads:
+                skipped.append(Skip(f"already has {plan.kv_heads} K/V heads", s.module, s.output.name))
+                continue
+            plans.append(plan)
+        if not plans:
+            return PassResult(program, 0, skipped, message=f"no site needs grouping to {self.kv_heads} K/V heads")
+        merged = self._merge_weights(program, plans)
+        for plan in plans:
+            self._rewrite_graph(program, plan)
+        program.graph.eliminate_dead_code()
+        program.module.recompile()
+        notes = {"method": self.method, "kv_heads": f"{plans[0].kv_heads} -> {self.kv_heads}"}
+        notes.update(merged)
+        return PassResult(program, len(plans), skipped, notes)
+
+    # -- analysis ---------------------------------------------------------------------------
+
+    def _plan(self, s: AttentionSite) -> _Plan | str:
+        if s.layout != "BHSD" or s.heads is None or s.kv_heads is None or s.head_dim is None:
+            return f"layout {s.layout}: head counts unknown"
+        k_seq, v_seq = _seq_first_k(s), (s.kv_repeat[1] if s.kv_repeat else s.v)
+        if k_seq is None:
+            return "cannot find K before its transpose"
+        vk = val(k_seq)
+        if vk is None or vk.dim() != 4 or int(vk.shape[1]) != s.kv_heads:
+            if vk is not None and vk.dim() == 4 and int(vk.shape[1]) == 1 and s.kv_heads != 1:
+                return "K/V broadcast over query heads"
+            return "K is not (B, K/V heads, S, D)"
+        paths = []
+        for name, t in (("K", k_seq), ("V", v_seq)):
+            p = trace_projection(t)
+            if isinstance(p, str):
+                return f"{name} projection not found: {p}"
+            if p.head_split is None:
+                return f"{name} has no head-split reshape"
+            hd = p.head_split.args[1][p.heads_dim]
+            if not (isinstance(hd, int) and hd in (-1, s.kv_heads)):
+                return f"{name}'s head-split reshape does not name its head count as a constant"
+            paths.append(p)
+        return _Plan(s, k_seq, v_seq, paths[0], paths[1], s.kv_heads, s.heads, s.head_dim, s.v_head_dim or s.head_dim)
+
+    # -- weights ----------------------------------------------------------------------------
+
+    def _merge_weights(self, program: Program, plans: list[_Plan]) -> dict:
+        """Replace K/V rows (or columns) of every projection weight and bias; one rebuild per tensor."""
+        fitted = None
+        if self.method == "fit":
+            from .gqa_fit import fit_merges
+
+            fitted = fit_merges(program, plans, self.kv_heads)
+        # segments per weight target: (start, stop, new rows as (rows, in) tensor)
+        edits: dict[str, list] = {}
+        bias_edits: dict[str, list] = {}
+        for plan in plans:
+            for role, path, hd in (("k", plan.k_path, plan.head_dim), ("v", plan.v_path, plan.v_head_dim)):
+                proj = path.projection
+                w = program.get_tensor(proj.weight).detach()
+                rows = w[proj.start:proj.stop] if proj.layout == "out_in" else w[:, proj.start:proj.stop].t()
+                b = program.get_tensor(proj.bias).detach()[proj.start:proj.stop] if proj.bias else None
+                if fitted is not None and (plan.site.module, role) in fitted:
+                    new_rows, new_b = fitted[(plan.site.module, role)]
+                else:
+                    new_rows = merge_mean(rows, self.kv_heads, hd)
+                    new_b = merge_mean(b, self.kv_heads, hd) if b is not None else None
+                if any(seg[1] == proj.start for seg in edits.get(proj.weight, [])):
+                    continue  # a weight shared by several sites (ALBERT) is merged once
+                edits.setdefault(proj.weight, []).append((proj, proj.start, proj.stop, new_rows))
+                if proj.bias:
+                    bias_edits.setdefault(proj.bias, []).append((proj, proj.start, proj.stop, new_b))
+        for target, segs in edits.items():
+            self._apply(program, target, segs, is_bias=False)
+        for target, segs in bias_edits.items():
+            self._apply(program, target, segs, is_bias=True)
+        return {"projections rewritten": len(edits)}
+
+    def _apply(self, program: Program, target: str, segs, is_bias: bool) -> None:
+        old = program.get_tensor(target).detach()
+        layout = segs[0][0].layout
+        feat = old if (is_bias or layout == "out_in") else old.t()
+        parts, cursor = [], 0
+        for _, start, stop, new in sorted(segs, key=lambda x: x[1]):
+            parts.append(feat[cursor:start])
+            parts.append(new.to(feat.dtype))
+            cursor = stop
+        parts.append(feat[cursor:])
+        new_feat = torch.cat([p for p in parts if p.numel() or p.shape[0]], 0)
+        new = new_feat if (is_bias or layout == "out_in") else new_feat.t().contiguous()
+        program.set_tensor(target, new.requires_grad_(old.requires_grad) if new.is_floating_point() else new)
+        if len(segs) == 1 and segs[0][1] == 0 and segs[0][2] == feat.shape[0]:
+            return
+        # a fused projection: move the split/slice boundaries that follow the new sizes
+        if not is_bias:
+            self._resize_fused_outputs(segs, feat.shape[0])
+
+    def _resize_fused_outputs(self, segs, old_total: int) -> None:
+        """Rewrite split sizes / slice bounds of a fused qkv output for the new K/V widths."""
+        shrink = {(start, stop): stop - start - new.shape[0] for _, start, stop, new in segs}
+
+        def new_pos(pos: int) -> int:
+            return pos - sum(d for (a, b), d in shrink.items() if b <= pos)
+
+        proj_node = segs[0][0].node
+        new_total = new_pos(old_total)
+        for user in _fused_consumers(proj_node):
+            if user.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+                shape = list(user.args[1])
+                if shape and isinstance(shape[-1], int) and shape[-1] == old_total:
+                    shape[-1] = new_total  # GPT-2: view(addmm, [B, S, 3·C])
+                    user.args = (user.args[0], shape, *user.args[2:])
+            elif user.target is aten.split.Tensor:
+                size = int(user.args[1])
+                bounds = list(range(0, old_total + 1, size))
+                sizes = [new_pos(b) - new_pos(a) for a, b in zip(bounds[:-1], bounds[1:])]
+                user.target = aten.split_with_sizes.default
+                user.args = (user.args[0], sizes, *user.args[2:])
+            elif user.target is aten.split_with_sizes.default:
+                bounds = [0]
+                for sz in user.args[1]:
+                    bounds.append(bounds[-1] + int(sz))
+                user.args = (user.args[0], [new_pos(b) - new_pos(a) for a, b in zip(bounds[:-1], bounds[1:])], *user.args[2:])
+            elif user.target is aten.slice.Tensor:
+                args = list(user.args)
+                start = args[2] if len(args) > 2 and args[2] is not None else 0
+                end = args[3] if len(args) > 3 else None
+                args[2] = new_pos(int(start))
+                if end is not None and int(end) < old_total:
+                    args[3] = new_pos(int(end))
+                user.args = tuple(args)
+
+    # -- graph ------------------------------------------------------------------------------
+
+    def _rewrite_graph(self, program: Program, plan: _Plan) -> None:
+        g = program.graph
+        n, rep = self.kv_heads, plan.heads // self.kv_heads
+        for path in (plan.k_path, plan.v_path):
+            hs = path.head_split
+            shape = list(hs.args[1])
+            if shape[path.heads_dim] != -1:
+                shape[path.heads_dim] = n
+                hs.args = (hs.args[0], shape, *hs.args[2:])
+        repeats = _repeat_nodes(plan.site)
+        for r in repeats:
+            if r.target is aten.expand.default:
+                shape = list(r.args[1])
+                shape[1], shape[2] = n, rep
+                r.args = (r.args[0], shape, *r.args[2:])
+            else:
+                r.args = (r.args[0], rep, *r.args[2:])
+        if repeats or rep == 1:
+            return
+        s = plan.site
+        if s.fused:
+            s.output.kwargs = {**s.output.kwargs, "enable_gqa": True}
+            return
+        for t in (plan.k_seq, plan.v_seq):  # materialise the repeat; `flash` turns it into enable_gqa
+            with g.inserting_after(t):
+                r = g.call_function(aten.repeat_interleave.self_int, (t, rep, 1))
+            t.replace_all_uses_with(r, delete_user_cb=lambda u, r=r: u is not r)
+
+
+def _fused_consumers(proj_node: fx.Node) -> list[fx.Node]:
+    """Split/slice nodes reading a fused projection's output (through reshapes)."""
+    out, stack, seen = [], [proj_node], set()
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in seen or u.op != "call_function":
+                continue
+            seen.add(u)
+            if u.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor):
+                out.append(u)
+            elif u.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.add.Tensor):
+                out.append(u)
+                stack.append(u)
+    return out
+
+
+__all__ = ["GQA", "merge_mean", "output_projection"]
