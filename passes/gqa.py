@@ -153,7 +153,7 @@ class GQA(Pass):
         if self.method == "fit":
             from .gqa_fit import fit_merges
 
-            fitted = fit_merges(program, plans, self.kv_heads)
+            fitted = fit_merges(program, plans, self.kv_heads, program.meta.get("calibration"))
         # segments per weight target: (start, stop, new rows as (rows, in) tensor)
         edits: dict[str, list] = {}
         bias_edits: dict[str, list] = {}
@@ -165,6 +165,8 @@ class GQA(Pass):
                 b = program.get_tensor(proj.bias).detach()[proj.start:proj.stop] if proj.bias else None
                 if fitted is not None and (plan.site.module, role) in fitted:
                     new_rows, new_b = fitted[(plan.site.module, role)]
+                    new_rows = new_rows.to(rows.dtype)
+                    new_b = new_b.to(rows.dtype) if new_b is not None else None
                 else:
                     new_rows = merge_mean(rows, self.kv_heads, hd)
                     new_b = merge_mean(b, self.kv_heads, hd) if b is not None else None
@@ -173,11 +175,28 @@ class GQA(Pass):
                 edits.setdefault(proj.weight, []).append((proj, proj.start, proj.stop, new_rows))
                 if proj.bias:
                     bias_edits.setdefault(proj.bias, []).append((proj, proj.start, proj.stop, new_b))
+        n_fit = 0
+        for plan in plans if fitted else []:
+            if (plan.site.module, "q") not in fitted:
+                continue
+            n_fit += 1
+            qproj, new_q = fitted[(plan.site.module, "q")]
+            edits.setdefault(qproj.weight, []).append((qproj, qproj.start, qproj.stop, new_q[:, :-1]))
+            if qproj.bias:
+                bias_edits.setdefault(qproj.bias, []).append((qproj, qproj.start, qproj.stop, new_q[:, -1]))
+            oproj, new_o = fitted[(plan.site.module, "o")]
+            old_o = program.get_tensor(oproj.weight)
+            new_o = (new_o if oproj.layout == "out_in" else new_o.t()).to(old_o.dtype).contiguous()
+            program.set_tensor(oproj.weight, new_o.requires_grad_(old_o.requires_grad))
         for target, segs in edits.items():
             self._apply(program, target, segs, is_bias=False)
         for target, segs in bias_edits.items():
             self._apply(program, target, segs, is_bias=True)
-        return {"projections rewritten": len(edits)}
+        notes = {"projections rewritten": len(edits)}
+        if self.method == "fit":
+            notes["fitted sites"] = f"{n_fit} of {len(plans)} (others mean-pooled)" if n_fit < len(plans) else f"{n_fit} of {len(plans)}"
+            notes["calibration"] = program.meta.get("calibration_note", "the example inputs")
+        return notes
 
     def _apply(self, program: Program, target: str, segs, is_bias: bool) -> None:
         old = program.get_tensor(target).detach()
