@@ -19,7 +19,35 @@ from .program import Program, SourceInfo
 from .report import Report
 from .verify import Thresholds
 
-__all__ = ["RewriteResult", "rewrite", "to_inputs", "prepare"]
+__all__ = ["RewriteResult", "rewrite", "to_inputs", "prepare", "set_calibration", "load_calibration"]
+
+
+def set_calibration(program: Program, calibration, device="cpu") -> None:
+    """Attach calibration inputs to the program (``program.meta``) for calibrated passes."""
+    if calibration is None:
+        return
+    if isinstance(calibration, (dict, Inputs, torch.Tensor)):
+        calibration = [calibration]
+    batches = [to_inputs(c).to(device) for c in calibration]
+    if not batches:
+        raise UsageError("calibration is empty; give at least one batch of inputs")
+    program.meta["calibration"] = batches
+    program.meta["calibration_note"] = f"{len(batches)} calibration batch(es): {batches[0].describe()}"
+
+
+def load_calibration(path: str):
+    """Calibration batches from a .pt file (a dict of tensors or a list of them), read without pickled code."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"--calibration {path}: no such file") from None
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"--calibration {path}: not a tensor file ({type(exc).__name__}); save a dict of input "
+                         "tensors (or a list of such dicts) with torch.save") from None
+    batches = obj if isinstance(obj, list) else [obj]
+    if not batches or not all(isinstance(b, dict) and all(isinstance(v, torch.Tensor) for v in b.values()) for b in batches):
+        raise UsageError(f"--calibration {path}: expected a dict of input tensors or a list of such dicts")
+    return batches
 
 
 @dataclasses.dataclass
@@ -86,15 +114,18 @@ def prepare(source, example_inputs=None, *, allow_pickle: bool = False, device: 
 
 def rewrite(source, pipeline: str | list[Pass] = "", example_inputs=None, *, allow_pickle: bool = False,
             device: str = "cpu", thresholds: Thresholds | None = None, strict: bool = False,
-            log: Callable[[str], None] | None = None) -> RewriteResult:
+            calibration=None, log: Callable[[str], None] | None = None) -> RewriteResult:
     """Capture SOURCE, run PIPELINE with verification after every pass, return the result and report.
 
     ``source``: an ``nn.Module`` (with ``example_inputs``), a Program, or any CLI SOURCE string.
     ``pipeline``: text such as ``"gqa(kv_heads=4),flash"`` or a list of Pass objects.
     ``strict``: raise VerificationError when a pass is rolled back (otherwise see ``report.ok``).
+    ``calibration``: inputs for calibrated passes (``gqa(method=fit)``): a list of example-input
+    tuples/dicts (or one); default: the example inputs.
     """
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
     program = prepare(source, example_inputs, allow_pickle=allow_pickle, device=device, log=log)
+    set_calibration(program, calibration, device)
     manager = PassManager(passes, thresholds or Thresholds(), log=log)
     program, report = manager.run(program)
     report.source = program.source.path or program.source.model_class or ""

@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to capture, verify and run passes")
     p.add_argument("--explain", action="store_true", help="list every softmax: attention site or why not")
     p.add_argument("--list-passes", action="store_true", help="list the passes, their options and exit")
+    p.add_argument("--calibration", metavar="FILE.pt", help="calibration inputs for calibrated passes: a torch.save'd dict of input tensors (or a list of dicts)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled .pt module (runs code in the file)")
     p.add_argument("--min-sqnr", type=float, metavar="DB", help="roll back a lossy pass whose output SQNR falls below DB")
     p.add_argument("--min-cosine", type=float, metavar="X", help="roll back a lossy pass whose output cosine falls below X")
@@ -126,7 +127,11 @@ def run(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is false)")
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    from .api import load_calibration, set_calibration
+
+    calibration = load_calibration(args.calibration) if args.calibration else None
     program = prepare(args.source, args.inputs, allow_pickle=args.allow_pickle, device=args.device, log=log)
+    set_calibration(program, calibration, args.device)
     if args.explain:
         print(explain(program))
         print()
