@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+import rewriter
+from hf_configs import build
+from rewriter import PassNotApplicable, PipelineError, zoo
+
+
+def _gqa(model, spec, inputs=None, **kw):
+    result = rewriter.rewrite(model, spec, example_inputs=inputs, **kw)
+    return result, result.report.passes[0]
+
+
+def test_unchanged_head_count_is_identity():
+    model, inputs = zoo.gpt()
+    result, rec = _gqa(model, "gqa(kv_heads=4)", inputs)
+    assert rec.rewrites == 0 and rec.verified
+    assert rec.message == "no site needs grouping to 4 K/V heads"
+    assert {s["reason"] for s in rec.skipped} == {"already has 4 K/V heads"}
+    x = torch.randint(0, 256, (3, 9))
+    torch.testing.assert_close(result.module(x), model(x))
+
+
+@pytest.mark.parametrize("kv", [2, 1])
+@pytest.mark.parametrize("factory", ["gpt", "encoder"])
+def test_zoo_ratios_shapes_and_kv_cache(factory, kv):
+    model, inputs = getattr(zoo, factory)()
+    result, rec = _gqa(model, f"gqa(kv_heads={kv})", inputs)
+    assert rec.rewrites == 4 and rec.verified
+    before, after = result.report.model_before, result.report.model_after
+    assert after["kv_cache_bytes_per_token"] * 4 // kv == before["kv_cache_bytes_per_token"]
+    assert after["parameters"] < before["parameters"]
+    if factory == "gpt":  # fused qkv: q rows unchanged, k and v rows shrink
+        assert result.program.get_tensor("h.0.attn.c_attn.weight").shape == (64 + 2 * 16 * kv, 64)
+    else:
+        assert result.program.get_tensor("layers.0.key.weight").shape == (16 * kv, 64)
+        assert result.program.get_tensor("layers.0.value.bias").shape == (16 * kv,)
+    assert 0.5 < rec.metrics["cosine"] < 1.0  # lossy, and reported
+
+
+def test_mean_pooling_is_the_papers_conversion():
+    model, inputs = zoo.encoder()
+    result, _ = _gqa(model, "gqa(kv_heads=2)", inputs)
+    w = model.layers[1].key.weight.detach()  # 4 heads x 16 dims
+    expected = w.reshape(2, 2, 16, 64).mean(1).reshape(32, 64)
+    torch.testing.assert_close(result.program.get_tensor("layers.1.key.weight"), expected)
+
+
+@pytest.mark.parametrize("arch,kv,sites", [("gpt2", 2, 2), ("bert", 1, 2), ("llama", 1, 2), ("bart", 2, 6), ("phi3", 2, 2)])
+def test_hf_models(arch, kv, sites):
+    """GPT-2 fused qkv (Conv1D), BERT, Llama with rotary and already GQA (2 -> 1), BART cross-attention, Phi-3 sliced qkv."""
+    model = build(arch)
+    result, rec = _gqa(model, f"gqa(kv_heads={kv}),flash")
+    assert rec.rewrites == sites and rec.verified, rec.failure
+    flash = result.report.passes[1]
+    assert flash.rewrites == sites and flash.verified  # grouped K/V fuse, GQA-native
+    sdpa = [n for n in result.program.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert all(n.args[1].meta["val"].shape[1] == kv for n in sdpa)  # K reaches attention with kv heads
+    assert all(n.kwargs.get("enable_gqa") for n in sdpa)
+    inputs = result.program.second_inputs()
+    out = result.module(*inputs.args, **inputs.kwargs)
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_gradients_reach_the_grouped_weights():
+    model, inputs = zoo.gpt()
+    result, _ = _gqa(model, "gqa(kv_heads=2)", inputs)
+    w = dict(result.module.named_parameters())["h.0.attn.c_attn.weight"]
+    result.module(torch.randint(0, 256, (2, 8))).square().mean().backward()
+    assert w.grad is not None and w.grad.shape == (128, 64) and w.grad.abs().sum() > 0
+
+
+def test_fit_beats_mean():
+    model, inputs = zoo.encoder()
+    calib = [dict(input_ids=torch.randint(0, 256, (4, 16)), attention_mask=torch.ones(4, 16, dtype=torch.long))]
+    _, mean = _gqa(model, "gqa(kv_heads=1)", inputs)
+    _, fit = _gqa(model, "gqa(kv_heads=1,method=fit)", inputs, calibration=calib)
+    assert fit.notes["fitted sites"] == "4 of 4"
+    assert fit.notes["calibration"].startswith("1 calibration batch(es): input_ids:int64[4, 16]")
+    assert fit.metrics["sqnr_db"] > mean.metrics["sqnr_db"] + 2
+
+
+def test_fit_is_exact_under_rotary_when_nothing_is_merged_away():
+    """Merging 2 -> 1 heads whose K and V are identical loses nothing, with rotary, for fit."""
+    model = build("llama")
+    for layer in model.model.layers:
+        att = layer.self_attn
+        for proj in (att.k_proj, att.v_proj):
+            with torch.no_grad():
+                proj.weight[8:] = proj.weight[:8]
+    result, rec = _gqa(model, "gqa(kv_heads=1,method=fit)")
+    assert rec.verified and rec.metrics["max_rel_error"] < 1e-5
+
+
+def test_kv_heads_that_do_not_divide():
+    model, inputs = zoo.gpt()
+    with pytest.raises(PassNotApplicable, match=r"site h\.0\.attn has 4 K/V heads, which 3 does not divide; valid kv_heads for it: 1, 2, 4"):
+        rewriter.rewrite(model, "gqa(kv_heads=3)", example_inputs=inputs)
+
+
+def test_bad_options():
+    with pytest.raises(PipelineError, match=r"kv_heads must be given and >= 1"):
+        rewriter.parse_pipeline("gqa")
+    with pytest.raises(PipelineError, match=r"option method='median' is not valid; allowed: mean, fit"):
+        rewriter.parse_pipeline("gqa(kv_heads=2,method=median)")
+
+
+def test_sites_it_cannot_group_are_reported():
+    result, rec = _gqa(build("qwen3"), "gqa(kv_heads=1)")  # per-head RMSNorm on K (k_norm)
+    assert rec.rewrites == 0 and len(rec.skipped) == 2
+    assert all(s["reason"].startswith("K projection not found") for s in rec.skipped)
+    _, rec = _gqa(torch.nn.Linear(4, 4), "gqa(kv_heads=1)", (torch.randn(2, 4),))
+    assert rec.rewrites == 0 and rec.message == "no attention in the model"
