@@ -67,6 +67,17 @@ class RewriteResult:
         self.report.outputs.append(written)
         return written
 
+    def save_onnx(self, path: str | os.PathLike, *, attention: str | None = None, dtype: str = "fp32",
+                  external_data: bool | None = None):
+        """Write a checked ``.onnx`` (see ``targets/onnx.py``); record it in the report; return its OnnxReport."""
+        from targets.onnx import DEFAULT_ATTENTION, save_onnx
+
+        rep = save_onnx(self.program, path, attention=attention or DEFAULT_ATTENTION, dtype=dtype,
+                        external_data=external_data)
+        self.report.onnx = rep.to_dict()
+        self.report.outputs += [rep.path] + ([rep.external_data] if rep.external_data else [])
+        return rep
+
 
 def to_inputs(example_inputs) -> Inputs | None:
     if example_inputs is None or isinstance(example_inputs, Inputs):

@@ -61,22 +61,20 @@ def _is_hf(model) -> bool:
     return hasattr(model, "config") and type(model).__module__.startswith("transformers")
 
 
-def _prepare_hf(model) -> None:
-    """Turn off what does not export in a plain forward (KV-cache outputs)."""
+def _prepare_hf(model) -> list:
+    """Turn off what does not export in a plain forward (KV-cache outputs); return what to restore."""
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
     for cfg in list(configs.values()):
         for k in ("text_config", "decoder", "encoder"):
             sub = getattr(cfg, k, None)
             if sub is not None and hasattr(sub, "to_dict"):
                 configs[id(sub)] = sub
+    restore = []
     for c in configs.values():
         if hasattr(c, "use_cache"):
+            restore.append((c, "use_cache", c.use_cache))
             c.use_cache = False
-    if hasattr(model, "generation_config") and model.generation_config is not None:
-        try:
-            model.generation_config.use_cache = False
-        except Exception:  # noqa: BLE001 - generation_config is optional metadata
-            pass
+    return restore
 
 
 def _plain_out_spec(spec: pytree.TreeSpec) -> pytree.TreeSpec:
@@ -163,9 +161,18 @@ def capture(model: torch.nn.Module, inputs: Inputs, *, source: SourceInfo | None
             dims_of=default_dynamic_dims, log=None) -> Program:
     """Capture ``model`` called with ``inputs`` as a Program with symbolic batch/sequence sizes."""
     source = source or SourceInfo(kind="module", model_class=type(model).__qualname__)
+    was_training = model.training
     model.eval()
-    if _is_hf(model):
-        _prepare_hf(model)
+    restore = _prepare_hf(model) if _is_hf(model) else []
+    try:
+        return _capture(model, inputs, source, dims_of, log)
+    finally:  # the user's model leaves capture as it came (training flag, use_cache)
+        for obj, attr, value in restore:
+            setattr(obj, attr, value)
+        model.train(was_training)
+
+
+def _capture(model, inputs: Inputs, source: SourceInfo, dims_of, log) -> Program:
     try:
         ep = _export(model, inputs, dims_of)
     except Exception as exc:  # noqa: BLE001 - every capture failure becomes one clear message

@@ -23,7 +23,7 @@ from .program import Program
 __all__ = ["Thresholds", "compare_outputs", "first_divergence", "record", "TOLERANCE"]
 
 # normalized max error (max |a-b| / max |a|) an exact pass may show, by output dtype
-TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 
 
 @dataclasses.dataclass(frozen=True)

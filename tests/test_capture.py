@@ -109,3 +109,13 @@ def test_figures_count_tied_weights_once(gpt_program):
     assert f.attention_sites == 4
     # K and V, 4 heads x 16 dims, fp32, 4 layers
     assert f.kv_cache_bytes_per_token == 4 * 2 * 4 * 16 * 4
+
+
+def test_capture_leaves_the_users_model_as_it_was():
+    from hf_configs import build
+
+    model = build("llama")
+    model.train()
+    assert model.config.use_cache is True
+    rewriter.prepare(model, None)
+    assert model.config.use_cache is True and model.training  # restored after capture

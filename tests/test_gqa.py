@@ -111,3 +111,30 @@ def test_sites_it_cannot_group_are_reported():
     assert all(s["reason"].startswith("K projection not found") for s in rec.skipped)
     _, rec = _gqa(torch.nn.Linear(4, 4), "gqa(kv_heads=1)", (torch.randn(2, 4),))
     assert rec.rewrites == 0 and rec.message == "no attention in the model"
+
+
+def test_hf_checkpoint_output_reloads_with_fewer_kv_heads(tmp_path):
+    import transformers
+    build("llama").save_pretrained(tmp_path / "src")
+    result = rewriter.rewrite(str(tmp_path / "src"), "gqa(kv_heads=1,method=fit),flash")
+    out = result.save_hf(tmp_path / "out")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    assert model.config.num_key_value_heads == 1
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (8, 32)
+    inputs = result.program.second_inputs()
+    with torch.no_grad():
+        got = model(**inputs.kwargs, use_cache=False).logits
+        ref = result.module(**inputs.kwargs)["logits"]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # the source directory is untouched and a second write to the same place is refused
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "src").num_key_value_heads == 2
+    with pytest.raises(rewriter.OutputError, match="already exists"):
+        result.save_hf(tmp_path / "out")
+
+
+def test_hf_checkpoint_refused_when_not_expressible(tmp_path):
+    build("bert").save_pretrained(tmp_path / "bert")
+    result = rewriter.rewrite(str(tmp_path / "bert"), "gqa(kv_heads=1)")
+    with pytest.raises(rewriter.UsageError, match="BertForMaskedLM's config has no num_key_value_heads"):
+        result.save_hf(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
