@@ -67,6 +67,14 @@ class RewriteResult:
         self.report.outputs.append(written)
         return written
 
+    def save_hf(self, path: str | os.PathLike) -> str:
+        """Write a Hugging Face checkpoint directory (GQA -> num_key_value_heads); see targets/hf.py."""
+        from targets.hf import save_hf
+
+        written = save_hf(self.program, path)
+        self.report.outputs.append(written)
+        return written
+
     def save_onnx(self, path: str | os.PathLike, *, attention: str | None = None, dtype: str = "fp32",
                   external_data: bool | None = None):
         """Write a checked ``.onnx`` (see ``targets/onnx.py``); record it in the report; return its OnnxReport."""
