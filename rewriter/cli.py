@@ -27,11 +27,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", default="", metavar="SPEC", help="pipeline text; empty: capture, verify and emit")
     p.add_argument("-o", "--output", metavar="OUT", help="output file (default: <source name>.rewritten.pt2 here)")
     p.add_argument("--target", choices=["pytorch", "onnx"], default="pytorch", help="what to emit (default pytorch: .pt2)")
+    p.add_argument("--onnx-attention", choices=["ort", "onnx"], default=None,
+                   help="--target onnx: attention as ORT's MultiHeadAttention/GroupQueryAttention (ort, default) "
+                        "or the standard ONNX Attention operator (onnx, opset 23)")
+    p.add_argument("--onnx-dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="--target onnx: precision (fp16 keeps ops without a CPU fp16 kernel in fp32)")
+    p.add_argument("--onnx-external-data", action="store_true",
+                   help="--target onnx: weights in <OUT>.data beside the model (automatic above 1.5 GiB)")
     p.add_argument("--inputs", metavar="SPEC", help="example inputs, e.g. 'input_ids:int64[2,16]@0..50257'")
     p.add_argument("--report-json", metavar="PATH", help="also write the report as JSON (schema in rewriter/report.py)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to capture, verify and run passes")
     p.add_argument("--explain", action="store_true", help="list every softmax: attention site or why not")
     p.add_argument("--list-passes", action="store_true", help="list the passes, their options and exit")
+    p.add_argument("--hf-output", metavar="DIR", help="also write a Hugging Face checkpoint directory (default for a Hugging "
+                   "Face source whose rewrite fits its config, e.g. gqa: OUT without .pt2 + '-hf')")
     p.add_argument("--calibration", metavar="FILE.pt", help="calibration inputs for calibrated passes: a torch.save'd dict of input tensors (or a list of dicts)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled .pt module (runs code in the file)")
     p.add_argument("--min-sqnr", type=float, metavar="DB", help="roll back a lossy pass whose output SQNR falls below DB")
@@ -98,6 +107,23 @@ def _write_json_atomic(path: str, text: str) -> None:
     os.replace(tmp, p)
 
 
+def _write_hf(program, args, out: Path, report, log) -> None:
+    """The Hugging Face checkpoint beside the .pt2: asked for, or by default for HF sources when it fits."""
+    from targets.hf import hf_expressible, save_hf
+
+    reason = hf_expressible(program)
+    if args.hf_output is None and (program.source.kind != "hf" or reason or not program.applied):
+        if program.source.kind == "hf" and program.applied and reason:
+            report.notes.append(f"no Hugging Face checkpoint written: {reason}")
+        return
+    if reason:
+        raise UsageError(f"--hf-output: cannot write a Hugging Face checkpoint: {reason}")
+    target = Path(args.hf_output) if args.hf_output else out.with_name(out.stem + "-hf")
+    if log:
+        log(f"writing {target} (Hugging Face checkpoint, reload and check) ...")
+    report.outputs.append(save_hf(program, target))
+
+
 def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.list_passes:
@@ -115,8 +141,8 @@ def run(argv: list[str] | None = None) -> int:
         thresholds = Thresholds(args.min_sqnr, args.min_cosine, args.max_kl)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.target == "onnx":
-        raise UsageError("--target onnx is not available in this version yet; use --target pytorch (.pt2)")
+    if args.target != "onnx" and (args.onnx_attention or args.onnx_dtype != "fp32" or args.onnx_external_data):
+        raise UsageError("--onnx-attention, --onnx-dtype and --onnx-external-data apply only with --target onnx")
     out = Path(args.output) if args.output else _default_output(args.source, args.target)
     _check_output_path(out, args.source)
     if args.report_json:
@@ -137,12 +163,22 @@ def run(argv: list[str] | None = None) -> int:
         print()
     program, report = PassManager(passes, thresholds, log=log).run(program)
     report.source, report.source_kind = args.source, program.source.kind
-    if report.ok:
+    if report.ok and args.target == "onnx":
+        from targets.onnx import DEFAULT_ATTENTION, save_onnx
+
+        if log:
+            log(f"writing {out} (ONNX export, check in ONNX Runtime at two sizes) ...")
+        onnx_report = save_onnx(program, out, attention=args.onnx_attention or DEFAULT_ATTENTION,
+                                dtype=args.onnx_dtype, external_data=True if args.onnx_external_data else None, log=log)
+        report.onnx = onnx_report.to_dict()
+        report.outputs += [onnx_report.path] + ([onnx_report.external_data] if onnx_report.external_data else [])
+    elif report.ok:
         from targets.pytorch import save_pt2
 
         if log:
             log(f"writing {out} (re-export, reload and check at two sizes) ...")
         report.outputs.append(save_pt2(program, out))
+        _write_hf(program, args, out, report, log)
     print(report.table())
     if args.report_json:
         _write_json_atomic(args.report_json, report.to_json())

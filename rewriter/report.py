@@ -25,6 +25,16 @@ JSON schema (``--report-json``; ``schema_version`` 1)::
                        "attention_sites", "softmaxes"},
       "model_after":  {... same keys ...},
       "outputs": [str],                    # files written
+      "onnx": null | {                     # --target onnx (targets/onnx.py OnnxReport)
+          "path": str, "attention": "ort"|"onnx", "dtype": "fp32"|"fp16", "opset": int,
+          "ort_version": str, "provider": str,
+          "attention_sites": int, "fused": int, "fused_ops": {op: int},
+          "kv_heads": [{"node", "op", "heads", "kv_heads"}],
+          "unfused": [{"module", "node", "reason"}], "flash_applied": int,
+          "op_counts": {op: int}, "checks": [{"inputs", "max_abs_error", "max_rel_error"}],
+          "max_rel_error": float, "tolerance": float, "fp32_ops": [str],
+          "external_data": str | null, "bytes": int, "seconds": float, "notes": [str]
+      },
       "ok": bool                           # every pass verified
     }
 """
@@ -74,7 +84,9 @@ class Report:
     model_before: dict[str, Any] = dataclasses.field(default_factory=dict)
     model_after: dict[str, Any] = dataclasses.field(default_factory=dict)
     outputs: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
     baseline_seconds: float = 0.0
+    onnx: dict[str, Any] = dataclasses.field(default_factory=dict)  # the ONNX target's findings (OnnxReport)
 
     @property
     def ok(self) -> bool:
@@ -100,7 +112,7 @@ class Report:
             "inputs": self.inputs, "verify_inputs": self.verify_inputs, "passes": passes,
             "end_to_end": {k: _finite(v) for k, v in self.end_to_end.items()},
             "model_before": self.model_before, "model_after": self.model_after,
-            "outputs": self.outputs, "ok": self.ok,
+            "outputs": self.outputs, "onnx": self.onnx or None, "ok": self.ok,
         }
 
     def to_json(self) -> str:
@@ -143,9 +155,35 @@ class Report:
             e = self.end_to_end
             lines.append("")
             lines.append("against the source: " + ", ".join(f"{k} {_fmt(v, '.3g')}" for k, v in e.items() if isinstance(v, (int, float))))
+        if self.onnx:
+            lines += [""] + _onnx_lines(self.onnx)
         for o in self.outputs:
             lines.append(f"wrote    {o}")
+        for n in self.notes:
+            lines.append(f"note     {n}")
         return "\n".join(lines)
+
+
+def _onnx_lines(o: dict) -> list[str]:
+    fused = ", ".join(f"{op} {n}" for op, n in o.get("fused_ops", {}).items()) or "none"
+    kv = sorted({(h["heads"], h["kv_heads"]) for h in o.get("kv_heads", [])}, key=str)
+    lines = [f"onnx     {o['attention']} attention, {o['dtype']}, opset {o['opset']}, ONNX Runtime {o['ort_version']} "
+             f"({o['provider']})",
+             f"    fused attention operators / attention sites: {o['fused']} / {o['attention_sites']} ({fused})"
+             + (f"; heads/kv_heads {', '.join(f'{h}/{k}' for h, k in kv)}" if kv else "")]
+    if o.get("flash_applied"):
+        lines.append(f"    flash run by the target first: {o['flash_applied']} sites fused")
+    for u in o.get("unfused", [])[:4]:
+        lines.append(f"    not fused {u['module'] or u['node']}: {u['reason']}")
+    for c in o.get("checks", []):
+        lines.append(f"    ORT vs PyTorch on {c['inputs']}: max abs err {_fmt(c['max_abs_error'], '.2e')}, "
+                     f"max rel err {_fmt(c['max_rel_error'], '.2e')} (tolerance {o['tolerance']:g})")
+    top = list(o.get("op_counts", {}).items())[:10]
+    lines.append(f"    operators ({sum(o.get('op_counts', {}).values())}): " + ", ".join(f"{k} {v}" for k, v in top)
+                 + (", ..." if len(o.get("op_counts", {})) > 10 else ""))
+    for n in o.get("notes", []):
+        lines.append(f"    note: {n}")
+    return lines
 
 
 def _fmt(v, spec) -> str:

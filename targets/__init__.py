@@ -1,5 +1,6 @@
 """Emitters: write a rewritten Program as files other tools run."""
 
+from .onnx import OnnxReport, save_onnx
 from .pytorch import save_pt2
 
-__all__ = ["save_pt2"]
+__all__ = ["save_pt2", "save_onnx", "OnnxReport"]

@@ -1,0 +1,644 @@
+"""ONNX target: a ``.onnx`` model for ONNX Runtime with every attention site one fused operator.
+
+How a Program becomes ONNX:
+
+1. Attention must be fused first. A program that still holds matmul → softmax → matmul attention
+   (no ``flash`` in its pipeline) gets the ``flash`` pass here, verified like any pass; sites that
+   ``flash`` cannot express (Gemma2's ``tanh`` soft-capping) stay unfused and are reported with the
+   reason.
+2. ``targets.pytorch.export_program`` re-exports the program with its symbolic batch and sequence
+   dimensions, and ``torch.onnx.export(dynamo=True, opset_version=23)`` lowers each
+   ``scaled_dot_product_attention`` call (``enable_gqa`` included) to one ONNX ``Attention`` node
+   whose K/V keep their grouped head count.
+3. ``attention="onnx"`` keeps those nodes. ``attention="ort"`` rewrites each into ONNX Runtime's
+   contrib operator: ``com.microsoft.MultiHeadAttention`` where K/V have as many heads as Q,
+   ``com.microsoft.GroupQueryAttention`` (``kv_num_heads`` = the grouped count) where they have
+   fewer. The rewrite is an onnxscript rule (pattern / check / rewrite, :class:`AttentionToOrt`);
+   onnxscript's optimizer then folds the layout transposes it leaves next to the model's own.
+4. ``dtype="fp16"`` converts with ONNX Runtime's own ``float16`` tool (inputs and outputs stay
+   fp32); every operator the CPU execution provider has no fp16 kernel for stays fp32 behind casts,
+   and the report lists them.
+5. The model is written to a temporary directory beside the output (weights as external data when
+   asked, or automatically above :data:`EXTERNAL_DATA_AUTO_BYTES`), loaded in ONNX Runtime
+   (CPUExecutionProvider), run at the example size and at another size against the PyTorch
+   program, and only then moved into place.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+
+from rewriter.attention import SDPA_OPS, find_attention
+from rewriter.errors import OutputError, RewriteError, UsageError, VerificationError
+from rewriter.program import Program
+from rewriter.verify import TOLERANCE, compare_outputs
+
+__all__ = ["save_onnx", "to_onnx", "OnnxReport", "AttentionToOrt", "ATTENTION_FORMS", "DEFAULT_ATTENTION",
+           "DTYPES", "EXTERNAL_DATA_AUTO_BYTES", "OPSET"]
+
+OPSET = 23
+# "onnx": the standard ONNX Attention operator; "ort": com.microsoft MultiHeadAttention / GroupQueryAttention
+ATTENTION_FORMS = ("onnx", "ort")
+DEFAULT_ATTENTION = "ort"  # measured fastest on ORT's CPU EP (README, "ONNX target")
+DTYPES = ("fp32", "fp16")
+# protobuf cannot hold a model above 2 GiB; weights above this go to an external data file by default
+EXTERNAL_DATA_AUTO_BYTES = 1536 * 2**20
+PROVIDER = "CPUExecutionProvider"
+# max |Δ| / max |ref| between ORT and the PyTorch program (fp32 program); fp16 is judged against fp32
+ORT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+MS_DOMAIN = "com.microsoft"
+FUSED_OPS = {"onnx": {("", "Attention")}, "ort": {(MS_DOMAIN, "MultiHeadAttention"), (MS_DOMAIN, "GroupQueryAttention")}}
+
+
+@dataclasses.dataclass
+class OnnxReport:
+    """What the ONNX target wrote and how it checked it (``Report.onnx`` holds ``to_dict()``)."""
+
+    path: str
+    attention: str  # the requested form: "onnx" or "ort"
+    dtype: str
+    opset: int
+    ort_version: str
+    provider: str
+    attention_sites: int  # attention sites in the program (fused or not)
+    fused: int  # attention operators in the ONNX graph
+    fused_ops: dict[str, int]  # operator -> count, e.g. {"GroupQueryAttention": 2}
+    kv_heads: list[dict]  # per fused operator: node, op, heads, kv_heads
+    unfused: list[dict]  # attention sites left as matmul/softmax: module, reason
+    flash_applied: int  # sites the target fused itself (program had no flash)
+    op_counts: dict[str, int]
+    checks: list[dict]  # per input set: inputs, max_abs_error, max_rel_error
+    tolerance: float
+    fp32_ops: list[str] = dataclasses.field(default_factory=list)  # fp16: ops kept fp32 (no kernel on the EP)
+    external_data: str | None = None
+    bytes: int = 0
+    seconds: float = 0.0
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((c["max_rel_error"] for c in self.checks), default=0.0)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["max_rel_error"] = self.max_rel_error
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Attention → ONNX Runtime contrib operators (an onnxscript rule)
+# --------------------------------------------------------------------------------------------
+
+def _static(dim) -> int | None:
+    return dim if isinstance(dim, int) else None
+
+
+def _same_dim(a, b) -> bool:
+    return a is not None and b is not None and str(a) == str(b)
+
+
+@functools.lru_cache(maxsize=None)
+def _rule_class():
+    """The rule class, built on first use so that onnxscript loads only when ONNX is wanted."""
+    import onnx_ir as ir
+    from onnxscript.rewriter import pattern
+
+    class AttentionToOrt(pattern.RewriteRuleClassBase):
+        """ONNX ``Attention`` on (B, H, S, D) tensors → ``MultiHeadAttention`` or ``GroupQueryAttention``.
+
+        pattern: one Attention node (mask optional), no KV cache inputs or extra outputs.
+        check:   4-D Q/K/V with static head counts; no softcap, no QK output; GQA only for
+                 self-attention (its K/V sequence must be the query's) with equal head dims.
+        rewrite: (B, H, S, D) → (B, S, H·D) for Q, K and V; the mask as a 4-D additive
+                 ``attention_bias``; the fused operator; its (B, S, H·Dv) output back to (B, H, S, Dv).
+        """
+
+        def __init__(self):
+            super().__init__("AttentionToOrt", remove_nodes=True)
+
+        def pattern(self, op, query_BHSD, key_BHkvSD, value_BHkvSDv):
+            return op.Attention(query_BHSD, key_BHkvSD, value_BHkvSDv, _allow_other_inputs=True,
+                                _allow_other_attributes=True, _outputs=["out_BHSDv"])
+
+        def check(self, context, query_BHSD, key_BHkvSD, value_BHkvSDv, out_BHSDv, **_):
+            node = out_BHSDv.producer()
+            fail = pattern.MatchResult().fail
+            extra = [v for v in node.inputs[4:] if v is not None]
+            if extra or len([o for o in node.outputs if o.uses()]) > 1:
+                return fail("Attention with a KV cache or extra outputs", node)
+            if node.attributes.get_float("softcap", 0.0) or node.attributes.get_int("qk_matmul_output_mode", 0):
+                return fail("Attention with softcap or a QK output", node)
+            shapes = [v.shape for v in (query_BHSD, key_BHkvSD, value_BHkvSDv)]
+            if any(s is None or len(s) != 4 for s in shapes):
+                return fail("Q/K/V are not 4-D (B, H, S, D)", node)
+            (_, hq, sq, dq), (_, hk, sk, dk), (_, hv, _, dv) = shapes
+            if None in (_static(hq), _static(hk), _static(hv), _static(dq), _static(dv)):
+                return fail("head count or head size is not static", node)
+            if hq % hk or hk != hv:
+                return fail(f"K/V heads ({hk}) do not divide query heads ({hq})", node)
+            causal = node.attributes.get_int("is_causal", 0)
+            if causal and not _same_dim(sq, sk):
+                return fail("causal attention across sequences of different lengths", node)
+            if hk != hq and (not _same_dim(sq, sk) or dq != dv):
+                return fail("grouped K/V for cross-attention or with a different value head size "
+                            "(GroupQueryAttention needs self-attention)", node)
+            mask = node.inputs[3] if len(node.inputs) > 3 else None
+            if mask is not None and (mask.shape is None or len(mask.shape) > 4):
+                return fail("mask of unknown rank", node)
+            return True
+
+        def rewrite(self, op, query_BHSD, key_BHkvSD, value_BHkvSDv, out_BHSDv, **_):
+            node = out_BHSDv.producer()
+            hq, hk = query_BHSD.shape[1], key_BHkvSD.shape[1]
+            dv = value_BHkvSDv.shape[3]
+            attrs = {}
+            scale = node.attributes.get_float("scale", None)
+            if scale is not None:
+                attrs["scale"] = scale
+            causal = node.attributes.get_int("is_causal", 0)
+            to_bsd = op.Constant(value_ints=[0, 0, -1])
+            query_BSD, key_BSD, value_BSD = (op.Reshape(op.Transpose(t, perm=[0, 2, 1, 3]), to_bsd)
+                                             for t in (query_BHSD, key_BHkvSD, value_BHkvSDv))
+            mask = node.inputs[3] if len(node.inputs) > 3 else None
+            bias = None
+            if mask is not None:
+                bias = self._bias(op, mask, query_BHSD, key_BHkvSD)
+            if hk == hq:
+                out_BSD = op.MultiHeadAttention(query_BSD, key_BSD, value_BSD, None, None, bias, num_heads=hq,
+                                                unidirectional=causal, _domain=MS_DOMAIN, **attrs)
+            else:
+                # no KV cache: every row sees the whole (new) sequence; seqlens_k = S - 1 per batch row
+                shape_q = op.Shape(query_BHSD)
+                seq_1 = op.Slice(shape_q, op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
+                total = op.Cast(op.Squeeze(seq_1), to=ir.DataType.INT32)
+                batch_1 = op.Slice(shape_q, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
+                one = op.Constant(value=ir.tensor(np.array(1, dtype=np.int32)))
+                seqlens_k = op.Expand(op.Sub(total, one), batch_1)
+                out_BSD, _, _ = op.GroupQueryAttention(
+                    query_BSD, key_BSD, value_BSD, None, None, seqlens_k, total, None, None, None, bias,
+                    num_heads=hq, kv_num_heads=hk, causal=causal, _domain=MS_DOMAIN, _outputs=3, **attrs)
+            return op.Transpose(op.Reshape(out_BSD, op.Constant(value_ints=[0, 0, hq, dv])), perm=[0, 2, 1, 3])
+
+        @staticmethod
+        def _bias(op, mask, query_BHSD, key_BHkvSD):
+            """The mask as an additive (B|1, H|1, Sq, Sk) bias, which both contrib operators require."""
+            if mask.dtype == ir.DataType.BOOL:  # True: attend
+                dtype = query_BHSD.dtype.numpy()
+                zero = op.Constant(value=ir.tensor(np.zeros((), dtype=dtype)))
+                neg = op.Constant(value=ir.tensor(np.array(-np.inf, dtype=dtype)))
+                mask = op.Where(mask, zero, neg)
+            return _mask_to_scores(op, mask, query_BHSD, key_BHkvSD)
+
+    class AttentionMaskRows(pattern.RewriteRuleClassBase):
+        """Repair: ONNX Runtime's CPU Attention kernel does not broadcast a mask over the query axis.
+
+        The ONNX spec allows any mask broadcastable to (B, H, Sq, Sk); ORT 1.32 requires its last two
+        axes to be Sq and Sk, so a (B, 1, 1, Sk) padding mask fails.
+        pattern: Attention(q, k, v, mask). check: the mask's last two axes are not known to be (Sq, Sk).
+        rewrite: Expand the mask to (…, Sq, Sk).
+        """
+
+        def __init__(self):
+            super().__init__("AttentionMaskRows", remove_nodes=True)
+
+        def pattern(self, op, query_BHSD, key_BHkvSD, value_BHkvSDv, mask):
+            return op.Attention(query_BHSD, key_BHkvSD, value_BHkvSDv, mask, _allow_other_inputs=True,
+                                _allow_other_attributes=True, _outputs=["out_BHSDv"])
+
+        def check(self, context, query_BHSD, key_BHkvSD, mask, **_):
+            fail = pattern.MatchResult().fail
+            producer = mask.producer()
+            if producer is not None and producer.op_type == "Expand":
+                return fail("mask already expanded", mask)
+            if query_BHSD.shape is None or key_BHkvSD.shape is None or len(query_BHSD.shape) != 4:
+                return fail("Q/K are not 4-D", query_BHSD)
+            if mask.shape is not None and len(mask.shape) == 4 and _same_dim(mask.shape[2], query_BHSD.shape[2]) \
+                    and _same_dim(mask.shape[3], key_BHkvSD.shape[2]):
+                return fail("mask already has (Sq, Sk)", mask)
+            if mask.shape is None or len(mask.shape) > 4:
+                return fail("mask of unknown rank", mask)
+            return True
+
+        def rewrite(self, op, query_BHSD, key_BHkvSD, value_BHkvSDv, mask, out_BHSDv, **_):
+            node = out_BHSDv.producer()
+            full = _mask_to_scores(op, mask, query_BHSD, key_BHkvSD)
+            return op.Attention(query_BHSD, key_BHkvSD, value_BHkvSDv, full, **dict(node.attributes))
+
+    def _mask_to_scores(op, mask, query_BHSD, key_BHkvSD):
+        """A mask of rank ≤ 4 as a 4-D tensor whose last two axes are (Sq, Sk)."""
+        rank = len(mask.shape)
+        if rank < 4:
+            mask = op.Unsqueeze(mask, op.Constant(value_ints=list(range(4 - rank))))
+        m_shape = list(mask.shape) if rank == 4 else [1] * (4 - rank) + list(mask.shape)
+        sq, sk = query_BHSD.shape[2], key_BHkvSD.shape[2]
+        if not (_same_dim(m_shape[2], sq) and _same_dim(m_shape[3], sk)):
+            ones = op.Constant(value_ints=[1, 1])
+            s_q = op.Slice(op.Shape(query_BHSD), op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
+            s_k = op.Slice(op.Shape(key_BHkvSD), op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
+            mask = op.Expand(mask, op.Concat(ones, s_q, s_k, axis=0))
+        return mask
+
+    class RotaryCacheBatch(pattern.RewriteRuleClassBase):
+        """Repair: RotaryEmbedding whose cos/sin caches have batch 1 while x has a dynamic batch.
+
+        onnxscript's opset-23 rotary fusion (run inside torch.onnx.export) passes HF's (1, S, D/2)
+        caches as they are; ONNX Runtime requires them at x's batch size and fails for batch > 1.
+        pattern: RotaryEmbedding(x, cos, sin) without position ids. check: cos batch is 1, x's is not.
+        rewrite: Expand cos and sin to (B, S, D/2).
+        """
+
+        def __init__(self):
+            super().__init__("RotaryCacheBatch", remove_nodes=True)
+
+        def pattern(self, op, x, cos, sin):
+            return op.RotaryEmbedding(x, cos, sin, _allow_other_attributes=True, _outputs=["rotated"])
+
+        def check(self, context, x, cos, sin, rotated, **_):
+            fail = pattern.MatchResult().fail
+            producer = cos.producer()
+            if producer is not None and producer.op_type == "Expand":
+                return fail("caches already expanded", cos)
+            if x.shape is None or x.shape[0] == 1:
+                return fail("x has batch 1", x)
+            if cos.shape is not None and len(cos.shape) == 3 and _same_dim(cos.shape[0], x.shape[0]):
+                return fail("caches already have x's batch", cos)
+            return True
+
+        def rewrite(self, op, x, cos, sin, rotated, **_):
+            node = rotated.producer()
+            batch_1 = op.Slice(op.Shape(x), op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
+            rest = op.Slice(op.Shape(cos), op.Constant(value_ints=[1]), op.Constant(value_ints=[3]))
+            shape = op.Concat(batch_1, rest, axis=0)
+            return op.RotaryEmbedding(x, op.Expand(cos, shape), op.Expand(sin, shape), **dict(node.attributes))
+
+    return AttentionToOrt, RotaryCacheBatch, AttentionMaskRows
+
+
+def __getattr__(name):
+    if name == "AttentionToOrt":
+        return _rule_class()[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def lower_attention_to_ort(model) -> int:
+    """Rewrite every ONNX Attention node of an onnx_ir model into ORT's contrib operators; return the count."""
+    from onnxscript.rewriter import pattern
+
+    return pattern.RewriteRuleSet([_rule_class()[0].rule()]).apply_to_model(model)
+
+
+def repair_for_ort(model) -> dict[str, int]:
+    """Fix what torch.onnx emits and ONNX Runtime's CPU kernels reject; return the count per repair.
+
+    ``RotaryCacheBatch``: batch-1 rotary caches expanded to x's batch. ``AttentionMaskRows``: Attention
+    masks expanded over the query axis.
+    """
+    from onnxscript.rewriter import pattern
+
+    _, rotary, mask_rows = _rule_class()
+    return {"rotary_caches": pattern.RewriteRuleSet([rotary.rule()]).apply_to_model(model),
+            "attention_masks": pattern.RewriteRuleSet([mask_rows.rule()]).apply_to_model(model)}
+
+
+# --------------------------------------------------------------------------------------------
+# Program → onnx_ir model
+# --------------------------------------------------------------------------------------------
+
+def _ensure_fused(program: Program, log) -> tuple[Program, int, dict[str, str]]:
+    """Run ``flash`` when the program still has unfused attention; return (program, fused here, skip reasons)."""
+    pending = [r for r in find_attention(program.module) if r.site is not None and not r.site.fused]
+    if not pending:
+        return program, 0, {}
+    from rewriter.manager import PassManager
+    from rewriter.pipeline import parse_pipeline
+
+    if log:
+        log(f"ONNX target: {len(pending)} attention sites are not fused; running flash first ...")
+    fused, report = PassManager(parse_pipeline("flash")).run(program)
+    rec = report.passes[0]
+    reasons = {s["node"]: s["reason"] for s in rec.skipped}
+    if not rec.verified:
+        reasons = {r.node.name: f"flash was rolled back: {rec.failure}" for r in pending}
+    return fused, rec.rewrites if rec.verified else 0, reasons
+
+
+def _output_names(program: Program) -> list[str] | None:
+    """Readable graph output names from the program's output pytree (``logits``, ``last_hidden_state``)."""
+    with torch.no_grad():
+        out = program(program.inputs)
+    flat, _ = pytree.tree_flatten_with_path(out)
+    names = []
+    for path, leaf in flat:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        key = "".join(c if c.isalnum() or c == "_" else "_" for c in pytree.keystr(path)).strip("_")
+        names.append(key or f"output_{len(names)}")
+    return names if len(set(names)) == len(names) else None
+
+
+def _contiguous_as_clone(ep) -> None:
+    """``contiguous()`` → ``clone(contiguous_format)`` in the exported graph.
+
+    torch.onnx decomposes under ``backed_size_oblivious``, where ``contiguous()`` of a transposed
+    (B, S, H, D) attention output can be judged a no-op, and the ``reshape`` after it then fails as
+    a ``view`` (T5 after ``flash``). A clone always copies; in ONNX it is an Identity the optimizer drops.
+    """
+    for n in ep.graph.nodes:
+        if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default:
+            n.target, n.kwargs = torch.ops.aten.clone.default, {"memory_format": torch.contiguous_format}
+    ep.graph_module.recompile()
+
+
+def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[Any, dict]:
+    """Export a (fused) program to an onnx_ir Model with ``attention`` lowered; return (model, facts)."""
+    import onnx_ir as ir
+    import onnxscript.optimizer
+
+    from targets.pytorch import export_program
+
+    ep = export_program(program)
+    _contiguous_as_clone(ep)
+    user_inputs = list(ep.graph_signature.user_inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import logging
+
+        quiet = logging.getLogger("torch.onnx")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            onnx_program = torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+                                             report=False, verify=False)
+        except Exception as exc:  # noqa: BLE001 - exporter failures are the model's, say which op
+            msg = str(exc).strip().splitlines()
+            raise RewriteError(f"torch.onnx.export cannot export this program: {msg[0] if msg else type(exc).__name__}"
+                               ". Try --target pytorch, or report the operator above.") from None
+        finally:
+            quiet.setLevel(level)
+    model = onnx_program.model
+    sdpa = sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target in SDPA_OPS)
+    exported_attention = sum(1 for n in model.graph if n.op_type == "Attention" and n.domain == "")
+    lowered = 0
+    if attention == "ort":  # before the repairs: the rule reads the masks' shapes, which a repair's Expand hides
+        lowered = lower_attention_to_ort(model)
+        onnxscript.optimizer.optimize(model)  # folds Transpose∘Transpose and Reshape∘Reshape around the new ops
+    repaired = repair_for_ort(model)
+    names = _output_names(program)
+    if names and len(names) == len(model.graph.outputs):
+        taken = {v.name for v in model.graph.inputs}
+        if not taken & set(names):
+            for v, name in zip(model.graph.outputs, names):
+                v.name = name
+    model.producer_name, model.producer_version = "evo-rewrite", __import__("rewriter").__version__
+    return model, {"sdpa": sdpa, "exported_attention": exported_attention, "lowered": lowered, "repaired": repaired,
+                   "user_inputs": user_inputs, "ir": ir}
+
+
+# --------------------------------------------------------------------------------------------
+# fp16, writing, checking
+# --------------------------------------------------------------------------------------------
+
+def _to_fp16(model_proto, log) -> tuple[Any, list[str]]:
+    """fp16 with ONNX Runtime's converter; ops without a CPU fp16 kernel stay fp32 (found by trying)."""
+    import onnxruntime as ort
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    blocked: list[str] = []
+    for _ in range(64):
+        converted = convert_float_to_float16(model_proto, keep_io_types=True, op_block_list=list(blocked),
+                                             disable_shape_infer=True)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        try:
+            ort.InferenceSession(converted.SerializeToString(), opts, providers=[PROVIDER])
+            return converted, blocked
+        except Exception as exc:  # noqa: BLE001 - NOT_IMPLEMENTED names the op without an fp16 kernel
+            text = str(exc)
+            op = _missing_kernel_op(text, converted)
+            if op is None or op in blocked:
+                raise VerificationError(f"ONNX Runtime ({PROVIDER}) cannot load the fp16 model: "
+                                        f"{text.splitlines()[0][:300]}. Use dtype fp32.") from None
+            if log:
+                log(f"  fp16: {op} has no fp16 kernel on {PROVIDER}; keeping it fp32")
+            blocked.append(op)
+    raise VerificationError("fp16 conversion did not converge; use dtype fp32")
+
+
+def _missing_kernel_op(text: str, model_proto) -> str | None:
+    import re
+
+    m = re.search(r"implementation for (\w+)\(\d+\) node with name '([^']*)'", text)
+    if m:
+        return m.group(1)
+    m = re.search(r"[Nn]ode \(([^)]*)\)", text)
+    if m:
+        for n in model_proto.graph.node:
+            if n.name == m.group(1):
+                return n.op_type
+    return None
+
+
+def _initializer_bytes(model) -> int:
+    total = 0
+    for v in model.graph.initializers.values():
+        if v.const_value is not None:
+            total += v.const_value.nbytes
+    return total
+
+
+def _feeds(program: Program, inputs, user_inputs: list[str], session) -> dict[str, np.ndarray]:
+    flat = [t for t in pytree.tree_leaves((inputs.args, inputs.kwargs))]
+    wanted = {i.name for i in session.get_inputs()}
+    feeds = {}
+    for name, t in zip(user_inputs, flat):
+        if name in wanted and isinstance(t, torch.Tensor):
+            feeds[name] = t.detach().cpu().numpy()
+    missing = wanted - set(feeds)
+    if missing:
+        raise RewriteError(f"the ONNX model has inputs {sorted(missing)} that the program's inputs do not provide")
+    return feeds
+
+
+def _check(path: str, program: Program, user_inputs: list[str], dtype: str) -> tuple[list[dict], float, str]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(path, opts, providers=[PROVIDER])
+    except Exception as exc:  # noqa: BLE001
+        raise VerificationError(f"ONNX Runtime {ort.__version__} ({PROVIDER}) cannot load the exported model: "
+                                f"{str(exc).splitlines()[0][:400]}") from None
+    tol = ORT_TOLERANCE[dtype]
+    checks = []
+    for inputs in [program.inputs, program.second_inputs()]:
+        if inputs is None:
+            continue
+        with torch.no_grad():
+            ref = [t for t in pytree.tree_leaves(program(inputs)) if isinstance(t, torch.Tensor)]
+        try:
+            got = session.run(None, _feeds(program, inputs, user_inputs, session))
+        except RewriteError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise VerificationError(f"ONNX Runtime fails to run the exported model on {inputs.describe()}: "
+                                    f"{str(exc).splitlines()[0][:400]}") from None
+        got_t = [torch.from_numpy(np.asarray(g)) for g in got]
+        got_t = [g.to(r.dtype) if r.is_floating_point() else g for g, r in zip(got_t, ref)]
+        metrics, problem, _ = compare_outputs(ref, got_t)
+        if problem or metrics.get("nonfinite_mismatch") or metrics.get("max_rel_error", 0.0) > tol:
+            why = problem or ("NaN/inf differ" if metrics.get("nonfinite_mismatch") else
+                              f"max relative error {metrics['max_rel_error']:.3g} > {tol:g}")
+            raise VerificationError(f"the ONNX model ({dtype}) does not reproduce the PyTorch program in ONNX Runtime "
+                                    f"{ort.__version__} ({PROVIDER}) on {inputs.describe()}: {why}; nothing was written")
+        checks.append({"inputs": inputs.describe(), "max_abs_error": metrics.get("max_abs_error", 0.0),
+                       "max_rel_error": metrics.get("max_rel_error", 0.0)})
+    return checks, tol, ort.__version__
+
+
+def _check_path(out: Path, program: Program) -> Path:
+    if out.is_dir():
+        raise OutputError(f"{out} is a directory; give a file name ending in .onnx")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write {out}: directory {parent} is not writable; choose another path")
+    src = program.source.path
+    if src and Path(src).exists() and out.exists() and os.path.samefile(src, out):
+        raise OutputError(f"refusing to overwrite the source {src}; choose another path")
+    return parent
+
+
+def _validate(attention: str, dtype: str, external_data) -> None:
+    if attention not in ATTENTION_FORMS:
+        raise UsageError(f"unknown ONNX attention form {attention!r}; choose one of {', '.join(ATTENTION_FORMS)} "
+                         "(onnx: the standard Attention operator, ort: com.microsoft MultiHeadAttention / "
+                         "GroupQueryAttention)")
+    if dtype in ("bf16", "bfloat16"):
+        raise UsageError("dtype bf16 is not offered: ONNX Runtime's CPU execution provider has bf16 kernels for "
+                         "almost no operator, so the model would run in fp32 behind casts; use fp16 or fp32")
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown ONNX dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if external_data not in (None, True, False):
+        raise UsageError(f"external_data must be True, False or None (automatic above "
+                         f"{EXTERNAL_DATA_AUTO_BYTES // 2**20} MiB), not {external_data!r}")
+
+
+def save_onnx(program: Program, path: str | os.PathLike, *, attention: str = DEFAULT_ATTENTION, dtype: str = "fp32",
+              external_data: bool | None = None, log: Callable[[str], None] | None = None) -> OnnxReport:
+    """Write ``program`` as ONNX to ``path`` (atomically, checked in ONNX Runtime at two sizes).
+
+    ``attention``: ``"ort"`` (MultiHeadAttention / GroupQueryAttention, the default) or ``"onnx"``
+    (the opset-23 Attention operator). ``dtype``: ``"fp32"`` or ``"fp16"``. ``external_data``: weights
+    in ``<name>.data`` beside the model (True), inside it (False), or automatic (None: external above
+    1.5 GiB). Raises UsageError for bad options, OutputError for an unwritable path and
+    VerificationError when ONNX Runtime does not reproduce the program.
+    """
+    import onnx_ir as ir
+
+    t0 = time.perf_counter()
+    _validate(attention, dtype, external_data)
+    out = Path(path)
+    parent = _check_path(out, program)
+    sites_before = [r for r in find_attention(program.module) if r.site is not None]
+    program, flash_applied, reasons = _ensure_fused(program, log)
+    if log:
+        log(f"exporting to ONNX (opset {OPSET}, attention={attention}, {dtype}) ...")
+    model, facts = to_onnx(program, attention=attention)
+    notes = []
+    if facts["exported_attention"] != facts["sdpa"]:
+        notes.append(f"torch.onnx lowered {facts['exported_attention']} of {facts['sdpa']} SDPA calls to Attention")
+    if facts["repaired"]["rotary_caches"]:
+        notes.append(f"{facts['repaired']['rotary_caches']} RotaryEmbedding nodes got their batch-1 cos/sin caches "
+                     "expanded to the batch (onnxscript's opset-23 rotary fusion leaves them at batch 1, which ONNX "
+                     "Runtime rejects)")
+    if facts["repaired"]["attention_masks"] and attention == "onnx":
+        notes.append(f"{facts['repaired']['attention_masks']} Attention masks expanded over the query axis (ONNX "
+                     "Runtime's CPU Attention kernel does not broadcast them)")
+    proto_fp32_ops: list[str] = []
+    if dtype == "fp16":
+        proto, proto_fp32_ops = _to_fp16(ir.serde.serialize_model(model), log)
+        model = ir.serde.deserialize_model(proto)
+        if proto_fp32_ops:
+            notes.append(f"fp16: kept in fp32 (no fp16 kernel on {PROVIDER}): {', '.join(proto_fp32_ops)}")
+    nbytes = _initializer_bytes(model)
+    external = external_data if external_data is not None else nbytes > EXTERNAL_DATA_AUTO_BYTES
+    data_name = f"{out.name}.data" if external else None
+
+    counts = collections.Counter(_op_name(n) for n in model.graph)
+    fused_nodes = [n for n in model.graph if (_domain(n), n.op_type) in FUSED_OPS[attention]]
+    kv_heads = [_heads(n) for n in fused_nodes]
+    unfused = []
+    for r in find_attention(program.module):
+        if r.site is not None and not r.site.fused:
+            unfused.append({"module": r.module, "node": r.node.name,
+                            "reason": reasons.get(r.node.name, "left unfused by flash")})
+    left_as_attention = counts.get("Attention", 0)
+    if attention == "ort" and left_as_attention:
+        notes.append(f"{left_as_attention} Attention nodes have no ORT contrib equivalent and stay standard Attention")
+
+    tmpdir = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    try:
+        tmp_model = os.path.join(tmpdir, out.name)
+        try:
+            ir.save(model, tmp_model, external_data=data_name) if data_name else ir.save(model, tmp_model)
+        except OSError as exc:
+            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # protobuf's 2 GiB limit
+            raise OutputError(f"cannot write {out} as one file ({exc}); use external data "
+                              "(--onnx-external-data / external_data=True)") from None
+        if log:
+            log(f"checking {out.name} in ONNX Runtime ({PROVIDER}) at two sizes ...")
+        checks, tol, ort_version = _check(tmp_model, program, facts["user_inputs"], dtype)
+        size = sum(os.path.getsize(os.path.join(tmpdir, f)) for f in os.listdir(tmpdir))
+        try:
+            if data_name:
+                os.replace(os.path.join(tmpdir, data_name), parent / data_name)
+            os.replace(tmp_model, out)
+        except OSError as exc:
+            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+    fused_ops = collections.Counter(n.op_type for n in fused_nodes)
+    return OnnxReport(
+        path=str(out), attention=attention, dtype=dtype, opset=OPSET, ort_version=ort_version, provider=PROVIDER,
+        attention_sites=len(sites_before), fused=len(fused_nodes), fused_ops=dict(fused_ops), kv_heads=kv_heads,
+        unfused=unfused, flash_applied=flash_applied, op_counts=dict(counts.most_common()), checks=checks,
+        tolerance=tol, fp32_ops=proto_fp32_ops, external_data=str(parent / data_name) if data_name else None,
+        bytes=size, seconds=time.perf_counter() - t0, notes=notes)
+
+
+def _heads(node) -> dict:
+    a = node.attributes
+    if node.op_type == "Attention":
+        q, k = node.inputs[0].shape, node.inputs[1].shape
+        heads = q[1] if q is not None and len(q) == 4 else a.get_int("q_num_heads", None)
+        kv = k[1] if k is not None and len(k) == 4 else a.get_int("kv_num_heads", None)
+    else:
+        heads = a.get_int("num_heads", None)
+        kv = a.get_int("kv_num_heads", heads)
+    return {"node": node.name, "op": node.op_type, "heads": _static(heads), "kv_heads": _static(kv)}
+
+
+def _domain(node) -> str:
+    return "" if node.domain in ("", "ai.onnx") else node.domain
+
+
+def _op_name(node) -> str:
+    """``MatMul`` for standard operators, ``com.microsoft.MultiHeadAttention`` for contrib ones."""
+    return f"{_domain(node)}.{node.op_type}" if _domain(node) else node.op_type

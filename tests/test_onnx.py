@@ -1,0 +1,215 @@
+"""The ONNX target: every attention site one fused operator, checked in ONNX Runtime (CPU) at two sizes."""
+
+import json
+import os
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+import rewriter
+from hf_configs import ARCHITECTURES, EXPECTED_ATTENTION_SITES, build, main_output
+from rewriter import OutputError, UsageError, VerificationError, zoo
+from rewriter.cli import main as cli_main
+from targets import onnx as onnx_target
+from targets.onnx import save_onnx
+
+NOT_FUSABLE = {"gemma2": "soft-capped with tanh"}
+# `flash` itself is rolled back on Bloom at this commit (baddbmm meta: "SymIntArrayRef expected to contain only
+# concrete integers" at the second size), so its sites reach the ONNX target unfused. strict: an XPASS fails,
+# so this mark goes when flash is fixed.
+FLASH_BROKEN = pytest.mark.xfail(reason="flash is rolled back on Bloom (baddbmm with symbolic sizes)", strict=True)
+
+
+def _archs(archs):
+    return [pytest.param(a, marks=FLASH_BROKEN) if a == "bloom" else a for a in archs]
+OPS = {"ort": {"MultiHeadAttention", "GroupQueryAttention"}, "onnx": {"Attention"}}
+
+
+def _kv_heads(model) -> tuple[int, int]:
+    c = model.config
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None) or c.num_heads
+    if getattr(c, "multi_query", False):
+        return heads, 1
+    return heads, getattr(c, "num_key_value_heads", None) or heads
+
+
+def _graph_attention(path):
+    """(op_type, query heads, K/V heads) of every attention operator in the written graph."""
+    model = ir.load(path)
+    out = []
+    for n in model.graph:
+        if n.op_type == "Attention":
+            out.append(("Attention", n.inputs[0].shape[1], n.inputs[1].shape[1]))
+        elif n.op_type in ("MultiHeadAttention", "GroupQueryAttention") and n.domain == "com.microsoft":
+            heads = n.attributes.get_int("num_heads")
+            out.append((n.op_type, heads, n.attributes.get_int("kv_num_heads", heads)))
+    return out
+
+
+def _run_ort(path, program, inputs):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    flat = {**dict(zip(program.module.graph._codegen.pytree_info.orig_args, inputs.args)), **inputs.kwargs}
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {k: flat[k].numpy() for k in names})))
+
+
+_CACHE = {}
+
+
+def _captured(arch):
+    if arch not in _CACHE:
+        model = build(arch)
+        _CACHE[arch] = (model, rewriter.prepare(model))
+    return _CACHE[arch]
+
+
+@pytest.mark.parametrize("arch", _archs(ARCHITECTURES))
+def test_hf_no_passes_default_operator(arch, tmp_path):
+    """No pipeline: the target fuses attention itself and lowers it to ORT's contrib operators."""
+    model, program = _captured(arch)
+    path = tmp_path / f"{arch}.onnx"
+    rep = save_onnx(program, path)
+    expected = EXPECTED_ATTENTION_SITES[arch]
+    assert rep.attention == onnx_target.DEFAULT_ATTENTION == "ort"
+    assert rep.attention_sites == expected
+    found = _graph_attention(path)
+    assert rep.fused + len(rep.unfused) == expected and all(u["reason"] for u in rep.unfused)
+    if arch in NOT_FUSABLE:
+        assert rep.fused == 0 and found == [] and len(rep.unfused) == expected
+        assert all(NOT_FUSABLE[arch] in u["reason"] for u in rep.unfused)
+        assert rep.op_counts["Softmax"] == expected
+    else:
+        assert rep.fused == len(found) == expected and rep.flash_applied == expected and rep.unfused == []
+        heads, kv = _kv_heads(model)
+        want = "GroupQueryAttention" if kv < heads else "MultiHeadAttention"
+        assert found == [(want, heads, kv)] * expected
+        assert "Softmax" not in rep.op_counts and "Attention" not in rep.op_counts
+    assert len(rep.checks) == 2 and rep.max_rel_error <= 1e-4
+    assert rep.ort_version == ort.__version__ and rep.provider == "CPUExecutionProvider"
+    # independently: the written file against the original eager model at the second size
+    inputs = program.second_inputs()
+    got = _run_ort(path, program, inputs)
+    with torch.no_grad():
+        ref = main_output(model(*inputs.args, **inputs.kwargs))
+    key = next(k for k in got if k in ("logits", "last_hidden_state"))
+    torch.testing.assert_close(torch.from_numpy(got[key]), ref, rtol=1e-4, atol=1e-4)
+
+
+# the standard-Attention form on the layouts that differ: GQA (2 and 1 K/V heads), multi-query, encoder,
+# encoder-decoder with cross-attention, 3-D (B·H, S, D) scores, soft-capped (not fusable)
+ONNX_FORM_ARCHS = ["llama", "mistral", "falcon", "bert", "bart", "bloom", "gemma2"]
+
+
+@pytest.mark.parametrize("arch", _archs(ONNX_FORM_ARCHS))
+def test_hf_flash_onnx_attention(arch, tmp_path):
+    """After `flash`: the standard opset-23 Attention operator, with K/V at their grouped head count."""
+    model, program = _captured(arch)
+    result = rewriter.rewrite(program, "flash")
+    path = tmp_path / f"{arch}.onnx"
+    rep = result.save_onnx(path, attention="onnx")
+    assert result.report.onnx["path"] == str(path) and str(path) in result.report.outputs
+    expected = 0 if arch in NOT_FUSABLE else EXPECTED_ATTENTION_SITES[arch]
+    heads, kv = _kv_heads(model)
+    assert rep.flash_applied == 0 and rep.fused == expected
+    assert _graph_attention(path) == [("Attention", heads, kv)] * expected
+    assert [c["max_rel_error"] <= 1e-4 for c in rep.checks] == [True, True]
+
+
+def test_onnx_attention_fully_masked_rows_refused(tmp_path):
+    """ORT's CPU Attention returns 0 for a query row whose keys are all masked; PyTorch does not.
+
+    DeBERTa masks padded query rows entirely, so the standard-Attention form does not reproduce it
+    at the padded second size: the target refuses to write it (the default ORT form does reproduce it).
+    """
+    _, program = _captured("deberta-v2")
+    with pytest.raises(VerificationError, match=r"does not reproduce the PyTorch program .*\[3, 11\].*max relative error"):
+        save_onnx(program, tmp_path / "d.onnx", attention="onnx")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("attention", ["ort", "onnx"])
+@pytest.mark.parametrize("which", ["gpt", "encoder"])
+def test_zoo_models(which, attention, tmp_path):
+    model, inputs = getattr(zoo, which)()
+    result = rewriter.rewrite(model, "flash", example_inputs=inputs)
+    path = tmp_path / "m.onnx"
+    rep = save_onnx(result.program, path, attention=attention)
+    sites = result.report.passes[0].rewrites
+    assert sites > 0 and rep.fused == rep.attention_sites == sites
+    assert sum(rep.fused_ops.values()) == sites and set(rep.fused_ops) <= OPS[attention]
+    assert rep.op_counts.get("Softmax", 0) == 0 and rep.max_rel_error <= 1e-4
+    text = json.dumps(rep.to_dict())
+    assert '"opset": 23' in text and "CPUExecutionProvider" in text
+    # dynamic batch and sequence axes in the written graph
+    dims = [d for v in ir.load(path).graph.inputs for d in v.shape if not isinstance(d, int)]
+    assert len(dims) >= 2
+
+
+def test_fp16_variant(tmp_path):
+    model, inputs = zoo.gpt()
+    program = rewriter.rewrite(model, "flash", example_inputs=inputs).program
+    path = tmp_path / "gpt16.onnx"
+    rep = save_onnx(program, path, dtype="fp16")
+    assert rep.dtype == "fp16" and rep.fused == 4 and rep.tolerance == onnx_target.ORT_TOLERANCE["fp16"]
+    m = ir.load(path)
+    dtypes = {v.dtype for v in m.graph.initializers.values() if v.dtype and v.dtype.is_floating_point()}
+    assert ir.DataType.FLOAT16 in dtypes
+    assert all(isinstance(op, str) for op in rep.fp32_ops)
+    assert 0 < rep.max_rel_error <= onnx_target.ORT_TOLERANCE["fp16"]
+
+
+def test_external_data_and_atomic_write(tmp_path):
+    model, inputs = zoo.gpt()
+    program = rewriter.prepare(model, inputs)
+    path = tmp_path / "gpt.onnx"
+    rep = save_onnx(program, path, external_data=True)
+    data = tmp_path / "gpt.onnx.data"
+    assert rep.external_data == str(data) and data.stat().st_size > 800_000 > path.stat().st_size
+    assert sorted(os.listdir(tmp_path)) == ["gpt.onnx", "gpt.onnx.data"]  # no temporary left behind
+    out = next(iter(_run_ort(path, program, program.inputs).values()))
+    torch.testing.assert_close(torch.from_numpy(out), program(program.inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_verification_failure_writes_nothing(tmp_path, monkeypatch):
+    model, inputs = zoo.gpt()
+    program = rewriter.rewrite(model, "flash", example_inputs=inputs).program
+    monkeypatch.setitem(onnx_target.ORT_TOLERANCE, "fp32", 0.0)
+    with pytest.raises(VerificationError, match=r"does not reproduce the PyTorch program in ONNX Runtime .*nothing was written"):
+        save_onnx(program, tmp_path / "gpt.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_options_and_paths(tmp_path, gpt_program, monkeypatch):
+    with pytest.raises(UsageError, match=r"unknown ONNX attention form 'fast'; choose one of onnx, ort"):
+        save_onnx(gpt_program, tmp_path / "a.onnx", attention="fast")
+    with pytest.raises(UsageError, match=r"bf16 is not offered: .*use fp16 or fp32"):
+        save_onnx(gpt_program, tmp_path / "a.onnx", dtype="bf16")
+    with pytest.raises(UsageError, match=r"unknown ONNX dtype 'int8'"):
+        save_onnx(gpt_program, tmp_path / "a.onnx", dtype="int8")
+    with pytest.raises(UsageError, match=r"external_data must be True, False or None"):
+        save_onnx(gpt_program, tmp_path / "a.onnx", external_data="yes")
+    with pytest.raises(OutputError, match=r"directory .*missing does not exist"):
+        save_onnx(gpt_program, tmp_path / "missing" / "a.onnx")
+    with pytest.raises(OutputError, match=r"is a directory; give a file name ending in .onnx"):
+        save_onnx(gpt_program, tmp_path)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    with pytest.raises(OutputError, match=r"is not writable; choose another path"):
+        save_onnx(gpt_program, tmp_path / "a.onnx")
+
+
+def test_cli_target_onnx(tmp_path, capsys):
+    out, js = tmp_path / "gpt.onnx", tmp_path / "r.json"
+    code = cli_main(["rewriter.zoo:gpt", "--passes", "flash", "--target", "onnx", "--onnx-attention", "onnx",
+                     "-o", str(out), "--report-json", str(js), "-q"])
+    assert code == 0 and out.exists()
+    printed = capsys.readouterr().out
+    assert "fused attention operators / attention sites: 4 / 4 (Attention 4)" in printed
+    assert "ORT vs PyTorch on arg0:int64[3, 11]" in printed
+    report = json.loads(js.read_text())
+    assert report["onnx"]["fused"] == 4 and report["onnx"]["attention"] == "onnx" and str(out) in report["outputs"]
+    assert cli_main(["rewriter.zoo:gpt", "--onnx-dtype", "fp16", "-o", str(tmp_path / "g.pt2"), "-q"]) == 2
+    assert "apply only with --target onnx" in capsys.readouterr().err
