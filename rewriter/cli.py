@@ -147,6 +147,9 @@ def run(argv: list[str] | None = None) -> int:
     _check_output_path(out, args.source)
     if args.report_json:
         _check_output_path(Path(args.report_json), args.source)
+    hf_out = Path(args.hf_output) if args.hf_output else (out.with_name(out.stem + "-hf") if Path(args.source).is_dir() else None)
+    if hf_out is not None and hf_out.exists():
+        raise OutputError(f"{hf_out} already exists; remove it or choose another --hf-output")
     if args.device == "cuda":
         import torch
 

@@ -112,7 +112,7 @@ class Report:
             "inputs": self.inputs, "verify_inputs": self.verify_inputs, "passes": passes,
             "end_to_end": {k: _finite(v) for k, v in self.end_to_end.items()},
             "model_before": self.model_before, "model_after": self.model_after,
-            "outputs": self.outputs, "onnx": self.onnx or None, "ok": self.ok,
+            "outputs": self.outputs, "onnx": self.onnx or None, "notes": self.notes, "ok": self.ok,
         }
 
     def to_json(self) -> str:

@@ -49,6 +49,7 @@ def hf_expressible(program: Program) -> str | None:
 def save_hf(program: Program, out_dir: str | os.PathLike) -> str:
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     reason = hf_expressible(program)
     if reason:
         raise UsageError(f"cannot write a Hugging Face checkpoint: {reason}")

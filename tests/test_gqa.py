@@ -138,3 +138,20 @@ def test_hf_checkpoint_refused_when_not_expressible(tmp_path):
     with pytest.raises(rewriter.UsageError, match="BertForMaskedLM's config has no num_key_value_heads"):
         result.save_hf(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_writes_hf_checkpoint_for_hf_source(tmp_path, capsys):
+    import transformers
+
+    from rewriter.cli import main
+
+    build("llama").save_pretrained(tmp_path / "src")
+    out = tmp_path / "m.pt2"
+    code = main([str(tmp_path / "src"), "--passes", "gqa(kv_heads=1)", "-o", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert f"wrote    {tmp_path / 'm-hf'}" in capsys.readouterr().out
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "m-hf").num_key_value_heads == 1
+    # a second run refuses before doing any work, and writes nothing
+    out.unlink()
+    code = main([str(tmp_path / "src"), "--passes", "gqa(kv_heads=1)", "-o", str(out), "-q"])
+    assert code == 5 and "m-hf already exists" in capsys.readouterr().err and not out.exists()
