@@ -78,7 +78,8 @@ def _inputs(sig: Signature, batch: int, seq: int, device):
     return q, k, v, mask
 
 
-def _time_ms(fn, iters: int = 10) -> float:
+def time_ms(fn, iters: int = 10) -> float:
+    """Mean milliseconds of ``iters`` calls after 3 warm-ups, timed with CUDA events."""
     for _ in range(3):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -133,7 +134,7 @@ def choose(sig: Signature, device, batch: int, seqs=(509, 1024, 2048), regime: s
                 err = float((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
                 if not torch.isfinite(out).all() or err > _TOL.get(sig.dtype, 1e-4):
                     raise RuntimeError(f"numerics off at S={seq}: max rel error {err:.3g}")
-                steady = _time_ms(fn)
+                steady = time_ms(fn)
                 total += steady + (max(first_ms - steady, 0.0) if regime == "varying" else 0.0)
             ms[name] = total / len(seqs)
         except Exception as exc:  # noqa: BLE001 - an unusable backend is a rejected candidate

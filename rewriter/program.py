@@ -151,7 +151,7 @@ class Program:
         if leaf in mod._buffers:
             del mod._buffers[leaf]
         if parameter and value.is_floating_point():
-            mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=value.requires_grad or True))
+            mod.register_parameter(leaf, torch.nn.Parameter(value))
         else:
             mod.register_buffer(leaf, value)
 
