@@ -10,8 +10,8 @@ import torch
 
 from .graph_capture import capture
 from .errors import UsageError, VerificationError
-from .inputs import Inputs
-from .sources import Loaded, load
+from .inputs import Inputs, make_inputs, parse_input_spec
+from .sources import Loaded, hf_example_inputs, is_hf_model, load
 from .manager import PassManager
 from .pass_infra import Pass
 from .pipeline import parse_pipeline
@@ -106,20 +106,16 @@ def prepare(source, example_inputs=None, *, allow_pickle: bool = False, device: 
         return source
     inputs = to_inputs(example_inputs) if not isinstance(example_inputs, str) else example_inputs
     if isinstance(source, torch.nn.Module):
-        if inputs is None or isinstance(inputs, str):
-            from .sources import _is_hf_model, hf_example_inputs, parse_input_spec, make_inputs
-
-            if isinstance(inputs, str):
-                inputs = make_inputs(parse_input_spec(inputs))
-            elif _is_hf_model(source):
-                inputs = hf_example_inputs(source)
-            else:
-                raise UsageError("rewrite(module, ...) needs example_inputs (a tuple of positional or a dict of "
-                                 "keyword tensors)")
+        hf = is_hf_model(source)
+        if isinstance(inputs, str):
+            inputs = make_inputs(parse_input_spec(inputs))
+        elif inputs is None and hf:
+            inputs = hf_example_inputs(source)
+        elif inputs is None:
+            raise UsageError("rewrite(module, ...) needs example_inputs (a tuple of positional or a dict of "
+                             "keyword tensors)")
         info = SourceInfo(kind="module", model_class=type(source).__qualname__)
-        from .sources import _is_hf_model
-
-        if _is_hf_model(source):
+        if hf:
             info.hf_config, info.hf_class = source.config.to_dict(), type(source).__name__
         loaded = Loaded(source=info, model=source.to(device), inputs=inputs.to(device))
     else:

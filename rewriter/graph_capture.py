@@ -21,6 +21,7 @@ from torch.export import Dim
 from .errors import CaptureError
 from .inputs import Inputs
 from .program import Program, SourceInfo
+from .sources import is_hf_model
 
 __all__ = ["capture", "program_from_exported", "default_dynamic_dims"]
 
@@ -55,10 +56,6 @@ def _dynamic_shapes(model, inputs: Inputs, dims_of=default_dynamic_dims):
         else:
             out[name] = pytree.tree_map(spec, value)
     return out
-
-
-def _is_hf(model) -> bool:
-    return hasattr(model, "config") and type(model).__module__.startswith("transformers")
 
 
 def _prepare_hf(model) -> list:
@@ -163,7 +160,7 @@ def capture(model: torch.nn.Module, inputs: Inputs, *, source: SourceInfo | None
     source = source or SourceInfo(kind="module", model_class=type(model).__qualname__)
     was_training = model.training
     model.eval()
-    restore = _prepare_hf(model) if _is_hf(model) else []
+    restore = _prepare_hf(model) if is_hf_model(model) else []
     try:
         return _capture(model, inputs, source, dims_of, log)
     finally:  # the user's model leaves capture as it came (training flag, use_cache)

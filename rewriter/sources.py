@@ -225,7 +225,7 @@ def _load_factory(src: str) -> Loaded:
         raise SourceError(f"{src}: the factory returned {type(model).__name__}; it must return an nn.Module or "
                           "(module, example_inputs).")
     info = SourceInfo(kind="factory", path=src, model_class=type(model).__qualname__)
-    if _is_hf_model(model):
+    if is_hf_model(model):
         info.hf_config = model.config.to_dict()
         info.hf_class = type(model).__name__
         if inputs is None:
@@ -235,7 +235,7 @@ def _load_factory(src: str) -> Loaded:
 
 # ---- Hugging Face ------------------------------------------------------------------------------
 
-def _is_hf_model(model) -> bool:
+def is_hf_model(model) -> bool:
     return hasattr(model, "config") and type(model).__module__.startswith("transformers")
 
 
