@@ -155,3 +155,18 @@ def test_cli_writes_hf_checkpoint_for_hf_source(tmp_path, capsys):
     out.unlink()
     code = main([str(tmp_path / "src"), "--passes", "gqa(kv_heads=1)", "-o", str(out), "-q"])
     assert code == 5 and "m-hf already exists" in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_calibration_file(tmp_path, capsys):
+    from rewriter.cli import main
+
+    calib = tmp_path / "calib.pt"
+    torch.save([{"input_ids": torch.randint(0, 256, (4, 16)), "attention_mask": torch.ones(4, 16, dtype=torch.long)}], calib)
+    code = main(["rewriter.zoo:encoder", "--passes", "gqa(kv_heads=2,method=fit)", "--calibration", str(calib),
+                 "-o", str(tmp_path / "e.pt2"), "-q"])
+    out = capsys.readouterr().out
+    assert code == 0 and "calibration: 1 calibration batch(es): input_ids:int64[4, 16]" in out
+    (tmp_path / "bad.pt").write_text("not a tensor file")
+    code = main(["rewriter.zoo:encoder", "--passes", "gqa(kv_heads=2,method=fit)", "--calibration", str(tmp_path / "bad.pt"),
+                 "-o", str(tmp_path / "f.pt2"), "-q"])
+    assert code == 2 and "--calibration" in capsys.readouterr().err and not (tmp_path / "f.pt2").exists()
