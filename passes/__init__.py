@@ -1,3 +1,5 @@
 """Built-in passes, one module each. Importing this package registers them."""
 from . import flash  # noqa: F401
 from . import gqa  # noqa: F401
+from . import share_layers  # noqa: F401
+from . import factorize_embeddings  # noqa: F401

@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 from .api import RewriteResult, prepare, rewrite
 from .attention import AttentionSite, find_attention
+from .blocks import repeated_blocks
 from .graph_capture import capture
 from .errors import (CaptureError, OutputError, PassNotApplicable, PipelineError, RewriteError, SourceError,
                      UsageError, VerificationError)
@@ -30,4 +31,5 @@ __all__ = [
     "module_path", "parse_pipeline", "format_pipeline", "PassManager", "Thresholds", "Report", "PassRecord",
     "Figures", "figures", "AttentionSite", "find_attention", "RewriteError", "UsageError", "PipelineError",
     "PassNotApplicable", "SourceError", "CaptureError", "VerificationError", "OutputError",
+    "repeated_blocks",
 ]
