@@ -14,10 +14,14 @@ How a Program becomes ONNX:
    contrib operator: ``com.microsoft.MultiHeadAttention`` where K/V have as many heads as Q,
    ``com.microsoft.GroupQueryAttention`` (``kv_num_heads`` = the grouped count) where they have
    fewer. The rewrite is an onnxscript rule (pattern / check / rewrite, :class:`AttentionToOrt`);
-   onnxscript's optimizer then folds the layout transposes it leaves next to the model's own.
+   onnxscript's optimizer then folds the layout transposes it leaves next to the model's own, and
+   onnxscript's ``optimize_for_ort`` fuses norms and activations (SkipLayerNormalization, BiasGelu).
+   ``attention="onnx"`` stays standard ONNX throughout.
 4. ``dtype="fp16"`` converts with ONNX Runtime's own ``float16`` tool (inputs and outputs stay
-   fp32); every operator the CPU execution provider has no fp16 kernel for stays fp32 behind casts,
-   and the report lists them.
+   fp32). ONNX Runtime's CPU execution provider has no fp16 kernel for most operators (MatMul,
+   Add, LayerNormalization, the attention operators) and runs them in fp32 behind casts it
+   inserts at load time; the report lists them (``fp32_ops``): on CPU fp16 halves the file, not
+   the arithmetic. bf16 is refused (almost no CPU kernels).
 5. The model is written to a temporary directory beside the output (weights as external data when
    asked, or automatically above :data:`EXTERNAL_DATA_AUTO_BYTES`), loaded in ONNX Runtime
    (CPUExecutionProvider), run at the example size and at another size against the PyTorch
@@ -82,7 +86,7 @@ class OnnxReport:
     op_counts: dict[str, int]
     checks: list[dict]  # per input set: inputs, max_abs_error, max_rel_error
     tolerance: float
-    fp32_ops: list[str] = dataclasses.field(default_factory=list)  # fp16: ops kept fp32 (no kernel on the EP)
+    fp32_ops: list[str] = dataclasses.field(default_factory=list)  # fp16: "op count" the EP runs in fp32 (no kernel)
     external_data: str | None = None
     bytes: int = 0
     seconds: float = 0.0
@@ -391,10 +395,16 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
     model = onnx_program.model
     sdpa = sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target in SDPA_OPS)
     exported_attention = sum(1 for n in model.graph if n.op_type == "Attention" and n.domain == "")
-    lowered = 0
+    lowered, ort_fusions = 0, {}
     if attention == "ort":  # before the repairs: the rule reads the masks' shapes, which a repair's Expand hides
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
         lowered = lower_attention_to_ort(model)
         onnxscript.optimizer.optimize(model)  # folds Transpose∘Transpose and Reshape∘Reshape around the new ops
+        # onnxscript's ORT fusions for the rest (SkipLayerNormalization, BiasGelu, ...); its attention
+        # fusions find nothing left to fuse
+        model, counts = optimize_for_ort(model)
+        ort_fusions = {k: v for k, v in counts.items() if v}
     repaired = repair_for_ort(model)
     names = _output_names(program)
     if names and len(names) == len(model.graph.outputs):
@@ -404,6 +414,7 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
                 v.name = name
     model.producer_name, model.producer_version = "evo-rewrite", __import__("rewriter").__version__
     return model, {"sdpa": sdpa, "exported_attention": exported_attention, "lowered": lowered, "repaired": repaired,
+                   "ort_fusions": ort_fusions,
                    "user_inputs": user_inputs, "ir": ir}
 
 
@@ -411,44 +422,34 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
 # fp16, writing, checking
 # --------------------------------------------------------------------------------------------
 
-def _to_fp16(model_proto, log) -> tuple[Any, list[str]]:
-    """fp16 with ONNX Runtime's converter; ops without a CPU fp16 kernel stay fp32 (found by trying)."""
-    import onnxruntime as ort
+def _to_fp16(model_proto):
+    """fp16 weights and activations with ONNX Runtime's own converter; inputs and outputs stay fp32."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    blocked: list[str] = []
-    for _ in range(64):
-        converted = convert_float_to_float16(model_proto, keep_io_types=True, op_block_list=list(blocked),
-                                             disable_shape_infer=True)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 4
-        try:
-            ort.InferenceSession(converted.SerializeToString(), opts, providers=[PROVIDER])
-            return converted, blocked
-        except Exception as exc:  # noqa: BLE001 - NOT_IMPLEMENTED names the op without an fp16 kernel
-            text = str(exc)
-            op = _missing_kernel_op(text, converted)
-            if op is None or op in blocked:
-                raise VerificationError(f"ONNX Runtime ({PROVIDER}) cannot load the fp16 model: "
-                                        f"{text.splitlines()[0][:300]}. Use dtype fp32.") from None
-            if log:
-                log(f"  fp16: {op} has no fp16 kernel on {PROVIDER}; keeping it fp32")
-            blocked.append(op)
-    raise VerificationError("fp16 conversion did not converge; use dtype fp32")
+    return convert_float_to_float16(model_proto, keep_io_types=True, disable_shape_infer=True)
 
 
-def _missing_kernel_op(text: str, model_proto) -> str | None:
-    import re
+def _fp32_on_ep(path: str, tmpdir: str) -> list[str]:
+    """Operators the execution provider runs in fp32 behind casts it inserts (no fp16 kernel), e.g. MatMul.
 
-    m = re.search(r"implementation for (\w+)\(\d+\) node with name '([^']*)'", text)
-    if m:
-        return m.group(1)
-    m = re.search(r"[Nn]ode \(([^)]*)\)", text)
-    if m:
-        for n in model_proto.graph.node:
-            if n.name == m.group(1):
-                return n.op_type
-    return None
+    ORT's InsertCastTransformer does this silently at session creation; the optimized model it saves
+    shows the casts (``InsertedPrecisionFreeCast_*``) and so which operators lack an fp16 kernel.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = os.path.join(tmpdir, "ort_optimized.onnx")
+    ort.InferenceSession(path, opts, providers=[PROVIDER])
+    model = onnx.load(opts.optimized_model_filepath, load_external_data=False)
+    os.unlink(opts.optimized_model_filepath)
+    inserted = {o for n in model.graph.node if n.op_type == "Cast" and n.name.startswith("InsertedPrecisionFreeCast")
+                for o in n.output}
+    kept = collections.Counter(n.op_type for n in model.graph.node
+                               if n.op_type != "Cast" and any(i in inserted for i in n.input))
+    return [f"{op} {n}" for op, n in kept.most_common()]
 
 
 def _initializer_bytes(model) -> int:
@@ -562,6 +563,8 @@ def save_onnx(program: Program, path: str | os.PathLike, *, attention: str = DEF
     notes = []
     if facts["exported_attention"] != facts["sdpa"]:
         notes.append(f"torch.onnx lowered {facts['exported_attention']} of {facts['sdpa']} SDPA calls to Attention")
+    if facts["ort_fusions"]:
+        notes.append("onnxscript optimize_for_ort: " + ", ".join(f"{k} {v}" for k, v in facts["ort_fusions"].items()))
     if facts["repaired"]["rotary_caches"]:
         notes.append(f"{facts['repaired']['rotary_caches']} RotaryEmbedding nodes got their batch-1 cos/sin caches "
                      "expanded to the batch (onnxscript's opset-23 rotary fusion leaves them at batch 1, which ONNX "
@@ -569,12 +572,9 @@ def save_onnx(program: Program, path: str | os.PathLike, *, attention: str = DEF
     if facts["repaired"]["attention_masks"] and attention == "onnx":
         notes.append(f"{facts['repaired']['attention_masks']} Attention masks expanded over the query axis (ONNX "
                      "Runtime's CPU Attention kernel does not broadcast them)")
-    proto_fp32_ops: list[str] = []
+    fp32_ops: list[str] = []
     if dtype == "fp16":
-        proto, proto_fp32_ops = _to_fp16(ir.serde.serialize_model(model), log)
-        model = ir.serde.deserialize_model(proto)
-        if proto_fp32_ops:
-            notes.append(f"fp16: kept in fp32 (no fp16 kernel on {PROVIDER}): {', '.join(proto_fp32_ops)}")
+        model = ir.serde.deserialize_model(_to_fp16(ir.serde.serialize_model(model)))
     nbytes = _initializer_bytes(model)
     external = external_data if external_data is not None else nbytes > EXTERNAL_DATA_AUTO_BYTES
     data_name = f"{out.name}.data" if external else None
@@ -604,6 +604,11 @@ def save_onnx(program: Program, path: str | os.PathLike, *, attention: str = DEF
         if log:
             log(f"checking {out.name} in ONNX Runtime ({PROVIDER}) at two sizes ...")
         checks, tol, ort_version = _check(tmp_model, program, facts["user_inputs"], dtype)
+        if dtype == "fp16":
+            fp32_ops = _fp32_on_ep(tmp_model, tmpdir)
+            if fp32_ops:
+                notes.append(f"fp16 on {PROVIDER}: weights are stored in fp16, but ONNX Runtime has no fp16 kernel "
+                             f"for these operators and runs them in fp32 behind casts it inserts: {', '.join(fp32_ops)}")
         size = sum(os.path.getsize(os.path.join(tmpdir, f)) for f in os.listdir(tmpdir))
         try:
             if data_name:
@@ -619,7 +624,7 @@ def save_onnx(program: Program, path: str | os.PathLike, *, attention: str = DEF
         path=str(out), attention=attention, dtype=dtype, opset=OPSET, ort_version=ort_version, provider=PROVIDER,
         attention_sites=len(sites_before), fused=len(fused_nodes), fused_ops=dict(fused_ops), kv_heads=kv_heads,
         unfused=unfused, flash_applied=flash_applied, op_counts=dict(counts.most_common()), checks=checks,
-        tolerance=tol, fp32_ops=proto_fp32_ops, external_data=str(parent / data_name) if data_name else None,
+        tolerance=tol, fp32_ops=fp32_ops, external_data=str(parent / data_name) if data_name else None,
         bytes=size, seconds=time.perf_counter() - t0, notes=notes)
 
 

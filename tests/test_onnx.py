@@ -98,9 +98,9 @@ def test_hf_no_passes_default_operator(arch, tmp_path):
     torch.testing.assert_close(torch.from_numpy(got[key]), ref, rtol=1e-4, atol=1e-4)
 
 
-# the standard-Attention form on the layouts that differ: GQA (2 and 1 K/V heads), multi-query, encoder,
-# encoder-decoder with cross-attention, 3-D (B·H, S, D) scores, soft-capped (not fusable)
-ONNX_FORM_ARCHS = ["llama", "mistral", "falcon", "bert", "bart", "bloom", "gemma2"]
+# the standard-Attention form on the layouts that differ: GQA, multi-query (1 K/V head),
+# encoder-decoder with cross-attention, 3-D (B·H, S, D) scores (the zoo encoder covers encoders)
+ONNX_FORM_ARCHS = ["llama", "falcon", "bart", "bloom"]
 
 
 @pytest.mark.parametrize("arch", _archs(ONNX_FORM_ARCHS))
@@ -157,7 +157,8 @@ def test_fp16_variant(tmp_path):
     m = ir.load(path)
     dtypes = {v.dtype for v in m.graph.initializers.values() if v.dtype and v.dtype.is_floating_point()}
     assert ir.DataType.FLOAT16 in dtypes
-    assert all(isinstance(op, str) for op in rep.fp32_ops)
+    # ORT's CPU EP has no fp16 MatMul: it runs it in fp32 behind inserted casts, and the report says so
+    assert any(op.startswith("MatMul ") for op in rep.fp32_ops) and any("no fp16 kernel" in n for n in rep.notes)
     assert 0 < rep.max_rel_error <= onnx_target.ORT_TOLERANCE["fp16"]
 
 
