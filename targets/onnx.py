@@ -48,7 +48,7 @@ import torch.utils._pytree as pytree
 from rewriter.attention import SDPA_OPS, find_attention
 from rewriter.errors import OutputError, RewriteError, UsageError, VerificationError
 from rewriter.program import Program
-from rewriter.verify import TOLERANCE, compare_outputs
+from rewriter.verify import compare_outputs
 
 __all__ = ["save_onnx", "to_onnx", "OnnxReport", "AttentionToOrt", "ATTENTION_FORMS", "DEFAULT_ATTENTION",
            "DTYPES", "EXTERNAL_DATA_AUTO_BYTES", "OPSET"]
@@ -368,7 +368,6 @@ def _contiguous_as_clone(ep) -> None:
 
 def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[Any, dict]:
     """Export a (fused) program to an onnx_ir Model with ``attention`` lowered; return (model, facts)."""
-    import onnx_ir as ir
     import onnxscript.optimizer
 
     from targets.pytorch import export_program
@@ -415,7 +414,7 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
     model.producer_name, model.producer_version = "evo-rewrite", __import__("rewriter").__version__
     return model, {"sdpa": sdpa, "exported_attention": exported_attention, "lowered": lowered, "repaired": repaired,
                    "ort_fusions": ort_fusions,
-                   "user_inputs": user_inputs, "ir": ir}
+                   "user_inputs": user_inputs}
 
 
 # --------------------------------------------------------------------------------------------
