@@ -214,3 +214,16 @@ def test_cli_target_onnx(tmp_path, capsys):
     assert report["onnx"]["fused"] == 4 and report["onnx"]["attention"] == "onnx" and str(out) in report["outputs"]
     assert cli_main(["rewriter.zoo:gpt", "--onnx-dtype", "fp16", "-o", str(tmp_path / "g.pt2"), "-q"]) == 2
     assert "apply only with --target onnx" in capsys.readouterr().err
+
+
+def test_gqa_then_flash_keeps_grouped_heads(tmp_path):
+    """`gqa,flash` on the zoo GPT (4 heads): GroupQueryAttention with kv_num_heads 2 in the graph, matching ORT."""
+    model, inputs = zoo.gpt()
+    result = rewriter.rewrite(model, "gqa(kv_heads=2),flash", example_inputs=inputs)
+    assert result.report.ok
+    path = tmp_path / "gpt_gqa.onnx"
+    rep = result.save_onnx(path)
+    assert rep.fused_ops == {"GroupQueryAttention": 4} and rep.flash_applied == 0
+    assert _graph_attention(path) == [("GroupQueryAttention", 4, 2)] * 4
+    assert {(h["heads"], h["kv_heads"]) for h in rep.kv_heads} == {(4, 2)}
+    assert rep.max_rel_error <= 1e-4
