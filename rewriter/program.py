@@ -63,7 +63,7 @@ class Program:
             dynamic_dims=[dict(d) for d in self.dynamic_dims],
         )
 
-    def refresh_meta(self) -> None:
+    def refresh_meta(self) -> bool:
         """Recompute every node's ``meta["val"]`` (shapes and dtypes) with the captured symbolic sizes.
 
         Passes that change shapes (fewer K/V heads) or insert nodes leave stale or missing metadata;
@@ -75,8 +75,12 @@ class Program:
         vals = [n.meta.get("val") for n in self.placeholders()]
         mode = detect_fake_mode([v for v in vals if v is not None])
         if mode is None or any(v is None for v in vals):
-            return
-        FakeTensorProp(self.module, mode).propagate_dont_convert_inputs(*vals)
+            return False
+        try:
+            FakeTensorProp(self.module, mode).propagate_dont_convert_inputs(*vals)
+        except Exception:  # noqa: BLE001 - some meta kernels reject symbolic sizes (Bloom's baddbmm): keep old meta
+            return False
+        return True
 
     def placeholders(self) -> list[fx.Node]:
         return [n for n in self.graph.nodes if n.op == "placeholder"]

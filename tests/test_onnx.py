@@ -17,14 +17,11 @@ from targets import onnx as onnx_target
 from targets.onnx import save_onnx
 
 NOT_FUSABLE = {"gemma2": "soft-capped with tanh"}
-# `flash` itself is rolled back on Bloom at this commit (baddbmm meta: "SymIntArrayRef expected to contain only
-# concrete integers" at the second size), so its sites reach the ONNX target unfused. strict: an XPASS fails,
-# so this mark goes when flash is fixed.
-FLASH_BROKEN = pytest.mark.xfail(reason="flash is rolled back on Bloom (baddbmm with symbolic sizes)", strict=True)
 
 
 def _archs(archs):
-    return [pytest.param(a, marks=FLASH_BROKEN) if a == "bloom" else a for a in archs]
+    return list(archs)
+
 OPS = {"ort": {"MultiHeadAttention", "GroupQueryAttention"}, "onnx": {"Attention"}}
 
 
