@@ -236,7 +236,7 @@ class Flash(Pass):
                 q, k, v = (g.call_function(aten.reshape.default, (t, sh)) for t, sh in zip((q, k, v), shapes))
                 for t in (q, k, v):
                     t.meta["val"] = None
-            vk, vv = val(k), val(v)
+            vk = val(k)
             if vq is not None and vk is not None and vq.dim() == 4 and vk.dim() == 4 and not gqa:
                 hq, hk = vq.shape[1], vk.shape[1]
                 if str(hq) != str(hk):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -84,16 +83,9 @@ def _default_output(source: str, target: str) -> Path:
 
 
 def _check_output_path(out: Path, source: str) -> None:
-    parent = out.parent if str(out.parent) else Path(".")
-    if out.is_dir():
-        raise OutputError(f"-o {out} is a directory; give a file name such as {out / 'model.pt2'}")
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {out}: directory {parent} is not writable; choose another -o")
-    src = Path(source)
-    if src.exists() and out.exists() and os.path.samefile(src, out):
-        raise OutputError(f"refusing to overwrite the source {source}; choose another -o")
+    from targets.paths import check_output_file
+
+    check_output_file(out, source, suffix=out.suffix or ".pt2", what="another -o")
 
 
 def _write_json_atomic(path: str, text: str) -> None:

@@ -65,7 +65,7 @@ def _tensor_metrics(ref: torch.Tensor, new: torch.Tensor, is_logits: bool) -> di
         r, n = ref.detach().float().reshape(-1, ref.shape[-1]), new.detach().float().reshape(-1, ref.shape[-1])
         m["top1_agreement"] = float((r.argmax(-1) == n.argmax(-1)).float().mean())
         lp, lq = torch.log_softmax(r, -1), torch.log_softmax(n, -1)
-        m["kl"] = float((lp.exp() * (lp - lq)).sum(-1).mean())
+        m["kl"] = max(0.0, float((lp.exp() * (lp - lq)).sum(-1).mean()))  # >= 0 up to rounding
     return m
 
 

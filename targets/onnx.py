@@ -50,6 +50,8 @@ from rewriter.errors import OutputError, RewriteError, UsageError, VerificationE
 from rewriter.program import Program
 from rewriter.verify import compare_outputs
 
+from .paths import check_output_file
+
 __all__ = ["save_onnx", "to_onnx", "OnnxReport", "AttentionToOrt", "ATTENTION_FORMS", "DEFAULT_ATTENTION",
            "DTYPES", "EXTERNAL_DATA_AUTO_BYTES", "OPSET"]
 
@@ -510,17 +512,7 @@ def _check(path: str, program: Program, user_inputs: list[str], dtype: str) -> t
 
 
 def _check_path(out: Path, program: Program) -> Path:
-    if out.is_dir():
-        raise OutputError(f"{out} is a directory; give a file name ending in .onnx")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {out}: directory {parent} is not writable; choose another path")
-    src = program.source.path
-    if src and Path(src).exists() and out.exists() and os.path.samefile(src, out):
-        raise OutputError(f"refusing to overwrite the source {src}; choose another path")
-    return parent
+    return check_output_file(out, program.source.path, suffix=".onnx")
 
 
 def _validate(attention: str, dtype: str, external_data) -> None:

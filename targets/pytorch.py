@@ -22,6 +22,8 @@ from rewriter.errors import OutputError, VerificationError
 from rewriter.program import Program
 from rewriter.verify import TOLERANCE, compare_outputs
 
+from .paths import check_output_file
+
 __all__ = ["save_pt2", "export_program"]
 
 
@@ -82,16 +84,7 @@ def save_pt2(program: Program, path: str | os.PathLike, *, check: bool = True) -
     from rewriter.sources import METADATA_FILE
 
     out = Path(path)
-    if out.is_dir():
-        raise OutputError(f"{out} is a directory; give a file name ending in .pt2 with -o")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {out}: directory {parent} is not writable; choose another -o")
-    src = program.source.path
-    if src and Path(src).exists() and out.exists() and os.path.samefile(src, out):
-        raise OutputError(f"refusing to overwrite the source {src}; choose another -o")
+    parent = check_output_file(out, program.source.path, suffix=".pt2", what="another -o")
     ep = export_program(program)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.pt2", dir=parent)
     os.close(fd)
