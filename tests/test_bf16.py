@@ -181,3 +181,31 @@ def test_bad_options():
         rewriter.parse_pipeline("bf16(keep_io=maybe)")
     with pytest.raises(PipelineError, match=r"pass 'bf16' has no option 'keepio'"):
         rewriter.parse_pipeline("bf16(keepio=true)")
+
+
+class _RMSNormMLP(torch.nn.Module):
+    """linear -> hand-written RMSNorm (pow, mean, rsqrt) -> linear: the norm's input arrives in bf16."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+        self.scale = torch.nn.Parameter(torch.ones(32))
+
+    def forward(self, x):
+        h = self.up(x)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.scale
+        return self.down(h)
+
+
+def test_hand_written_rms_norm_runs_in_fp32():
+    torch.manual_seed(0)
+    result = rewriter.rewrite(_RMSNormMLP().eval(), "bf16", example_inputs=(torch.randn(2, 5, 16),))
+    assert result.report.ok
+    _, interp = _graph_input_dtypes(result.program)
+    kinds = {aten.pow.Tensor_Scalar, aten.mean.dim, aten.rsqrt.default}
+    found = [n for n in result.program.graph.nodes if n.op == "call_function" and n.target in kinds]
+    assert len(found) == 3
+    for n in found:
+        assert interp.dtype[n.args[0]] is FP32 and interp.dtype[n] is FP32
+    assert result.program.get_tensor("scale").dtype is FP32  # feeds an fp32 multiply
+    assert result.program.get_tensor("up.weight").dtype is BF16
