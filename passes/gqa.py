@@ -165,8 +165,8 @@ class GQA(Pass):
                 b = program.get_tensor(proj.bias).detach()[proj.start:proj.stop] if proj.bias else None
                 if fitted is not None and (plan.site.module, role) in fitted:
                     new_rows, new_b = fitted[(plan.site.module, role)]
-                    new_rows = new_rows.to(rows.dtype)
-                    new_b = new_b.to(rows.dtype) if new_b is not None else None
+                    new_rows = new_rows.to(rows.device, rows.dtype)
+                    new_b = new_b.to(rows.device, rows.dtype) if new_b is not None else None
                 else:
                     new_rows = merge_mean(rows, self.kv_heads, hd)
                     new_b = merge_mean(b, self.kv_heads, hd) if b is not None else None
@@ -186,7 +186,7 @@ class GQA(Pass):
                 bias_edits.setdefault(qproj.bias, []).append((qproj, qproj.start, qproj.stop, new_q[:, -1]))
             oproj, new_o = fitted[(plan.site.module, "o")]
             old_o = program.get_tensor(oproj.weight)
-            new_o = (new_o if oproj.layout == "out_in" else new_o.t()).to(old_o.dtype).contiguous()
+            new_o = (new_o if oproj.layout == "out_in" else new_o.t()).to(old_o.device, old_o.dtype).contiguous()
             program.set_tensor(oproj.weight, new_o.requires_grad_(old_o.requires_grad))
         for target, segs in edits.items():
             self._apply(program, target, segs, is_bias=False)
@@ -205,7 +205,7 @@ class GQA(Pass):
         parts, cursor = [], 0
         for _, start, stop, new in sorted(segs, key=lambda x: x[1]):
             parts.append(feat[cursor:start])
-            parts.append(new.to(feat.dtype))
+            parts.append(new.to(feat.device, feat.dtype))
             cursor = stop
         parts.append(feat[cursor:])
         new_feat = torch.cat([p for p in parts if p.numel() or p.shape[0]], 0)

@@ -33,9 +33,9 @@ def _x_node(proj: Projection):
 
 def _rows(program, proj: Projection) -> torch.Tensor:
     """(features, in + 1) augmented weight rows of a projection slice (bias as the last column)."""
-    w = program.get_tensor(proj.weight).detach().double()
+    w = program.get_tensor(proj.weight).detach().double().cpu()
     rows = w[proj.start:proj.stop] if proj.layout == "out_in" else w[:, proj.start:proj.stop].t()
-    b = program.get_tensor(proj.bias).detach().double()[proj.start:proj.stop] if proj.bias else torch.zeros(rows.shape[0], dtype=torch.float64)
+    b = program.get_tensor(proj.bias).detach().double().cpu()[proj.start:proj.stop] if proj.bias else torch.zeros(rows.shape[0], dtype=torch.float64)
     return torch.cat([rows, b[:, None]], 1)
 
 
@@ -105,7 +105,7 @@ def fit_merges(program, plans, kv_heads: int, calibration: list[Inputs] | None =
     for inputs in calibration:
         vals = record(program.module, inputs, set(want))
         for k, v in vals.items():
-            acts[k].append(v.detach().double().reshape(-1, v.shape[-1]))
+            acts[k].append(v.detach().double().cpu().reshape(-1, v.shape[-1]))  # the fit runs on the CPU in float64
     x = {k: torch.cat([v, torch.ones(v.shape[0], 1, dtype=v.dtype)], 1) for k, v in ((k, torch.cat(v)) for k, v in acts.items() if v)}
     out = {}
     uses: dict[str, int] = {}
@@ -140,7 +140,7 @@ def _fit_site(program, plan, n_new: int, x) -> dict | None:
     if xk is None or xv is None or xq is None:
         return None
     wk, wv, wq = _rows(program, plan.k_path.projection), _rows(program, plan.v_path.projection), _rows(program, qpath.projection)
-    wo_full = program.get_tensor(oproj.weight).detach().double()
+    wo_full = program.get_tensor(oproj.weight).detach().double().cpu()
     wo = wo_full if oproj.layout == "out_in" else wo_full.t()  # (hidden, H·dv): block h = columns
     keys = (xk @ wk.t()).reshape(-1, hkv, d)  # T × Hkv × d (before rotary)
     vals = (xv @ wv.t()).reshape(-1, hkv, dv)

@@ -28,7 +28,9 @@ def test_auto_backend_is_measured_pinned_and_reported():
     chosen = [b for b in per_site.values() if b != "default"]
     assert sorted(pinned) == sorted(chosen)
     m = next(iter(rec.notes["backend_measurements"].values()))
-    assert m["chosen"] in m["ms"] and m["ms"][m["chosen"]] == min(m["ms"].values())
+    # the fastest candidate, or PyTorch's dispatcher when no pinned backend beats it by 3%
+    best = min(m["ms"], key=m["ms"].get)
+    assert m["chosen"] == best or (m["chosen"] == "default" and m["ms"][best] > 0.97 * m["ms"]["default"])
     x = torch.randint(0, 256, (3, 45), device="cuda")
     with torch.no_grad():
         ref, got = model(x).float(), result.module(x).float()
