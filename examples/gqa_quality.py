@@ -212,6 +212,19 @@ def runs(model_name: str, kv_list: list[int], args) -> list[tuple[str, str, str]
     return out
 
 
+def _rewritten(model, run_list, cal, lines, log):
+    """Yield (label, result, rewrite seconds, status, rewrites) per run; a failing run becomes an ERROR line."""
+    for label, pipeline, standin in run_list:
+        try:
+            src = standin_model(model, standin) if standin else model
+            result, t_rw = _rewrite(src, pipeline, cal)
+        except (rewriter.RewriteError, ValueError) as e:
+            lines.append(f"{label:<34} ERROR: {type(e).__name__}: {e}")
+            log(lines[-1])
+            continue
+        yield (label, result, t_rw, *_status(result))
+
+
 def study_minilm(args, log) -> list[str]:
     t = time.perf_counter()
     model, _ = rm.minilm()
@@ -226,15 +239,7 @@ def study_minilm(args, log) -> list[str]:
              f"per paragraph); original model eval {t_ref:.1f} s",
              f"{'run':<34} {'status':<12} {'rewrites':>8} {'cos mean':>10} {'cos min':>10} {'KV B/token':>14} "
              f"{'rewrite s':>9} {'eval s':>7}"]
-    for label, pipeline, standin in runs("minilm", args.minilm_kv, args):
-        try:
-            src = standin_model(model, standin) if standin else model
-            result, t_rw = _rewrite(src, pipeline, cal)
-        except (rewriter.RewriteError, ValueError) as e:
-            lines.append(f"{label:<34} ERROR: {type(e).__name__}: {e}")
-            log(lines[-1])
-            continue
-        status, rewrites = _status(result)
+    for label, result, t_rw, status, rewrites in _rewritten(model, runs("minilm", args.minilm_kv, args), cal, lines, log):
         t = time.perf_counter()
         m = embedding_cosine(ref, embeddings(result.module, ev))
         t_ev = time.perf_counter() - t
@@ -260,15 +265,7 @@ def study_smollm2(args, log) -> list[str]:
              f"original perplexity {base['ppl_ref']:.4f} (eval {t_ref:.1f} s)",
              f"{'run':<34} {'status':<12} {'rewrites':>8} {'ppl orig':>9} {'ppl new':>9} {'KL/token':>10} "
              f"{'top-1':>7} {'KV B/token':>14} {'rewrite s':>9} {'eval s':>7}"]
-    for label, pipeline, standin in runs("smollm2", args.smollm2_kv, args):
-        try:
-            src = standin_model(model, standin) if standin else model
-            result, t_rw = _rewrite(src, pipeline, cal)
-        except (rewriter.RewriteError, ValueError) as e:
-            lines.append(f"{label:<34} ERROR: {type(e).__name__}: {e}")
-            log(lines[-1])
-            continue
-        status, rewrites = _status(result)
+    for label, result, t_rw, status, rewrites in _rewritten(model, runs("smollm2", args.smollm2_kv, args), cal, lines, log):
         t = time.perf_counter()
         m = lm_eval(ref, result.module, ev)
         t_ev = time.perf_counter() - t

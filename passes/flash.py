@@ -309,7 +309,8 @@ class Flash(Pass):
         """Replace masks that are exactly causal at two sizes (and depend on no input) by is_causal."""
         if not candidates:
             return 0
-        checks = [program.inputs] + ([program.second_inputs()] if program.second_inputs() is not None else [])
+        second = program.second_inputs()
+        checks = [program.inputs] + ([second] if second is not None else [])
         names = {b.name for _, b in candidates}
         try:
             values = [record(program.module, i, names) for i in checks]

@@ -23,7 +23,7 @@ from rewriter.attention import AttentionSite, attention_sites, untranspose, val
 from rewriter.errors import PassNotApplicable
 from rewriter.pass_infra import Pass, PassResult, Skip, register_pass
 from rewriter.program import Program
-from rewriter.projections import HeadPath, output_projection, trace_projection
+from rewriter.projections import HeadPath, trace_projection
 
 aten = torch.ops.aten
 
@@ -300,4 +300,4 @@ def _fused_consumers(proj_node: fx.Node) -> list[fx.Node]:
     return out
 
 
-__all__ = ["GQA", "merge_mean", "output_projection"]
+__all__ = ["GQA", "merge_mean"]

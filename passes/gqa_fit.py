@@ -94,11 +94,13 @@ def fit_merges(program, plans, kv_heads: int, calibration: list[Inputs] | None =
     Returns {(module, "k"|"v"): (rows (N·d × in), bias or None), (module, "q"): ..., (module, "o"): ...}.
     """
     calibration = calibration or [program.inputs]
+    # the query and output projections of each site, traced once
+    qo = {id(plan): (trace_projection(plan.site.q), output_projection(plan.site)) for plan in plans}
     want = {}
     for plan in plans:
         for path in (plan.k_path, plan.v_path):
             want[_x_node(path.projection).name] = None
-        qp = trace_projection(plan.site.q)
+        qp = qo[id(plan)][0]
         if not isinstance(qp, str):
             want[_x_node(qp.projection).name] = None
     acts: dict[str, list[torch.Tensor]] = {k: [] for k in want}
@@ -110,29 +112,26 @@ def fit_merges(program, plans, kv_heads: int, calibration: list[Inputs] | None =
     out = {}
     uses: dict[str, int] = {}
     for plan in plans:  # a weight shared by several sites (ALBERT) cannot take per-site fits
-        qp = trace_projection(plan.site.q)
-        op = output_projection(plan.site)
+        qp, op = qo[id(plan)]
         targets = {plan.k_path.projection.weight, plan.v_path.projection.weight}
         targets |= {qp.projection.weight} if not isinstance(qp, str) else set()
         targets |= {op.weight} if op is not None else set()
         for t in targets:
             uses[t] = uses.get(t, 0) + 1
     for plan in plans:
-        qp, op = trace_projection(plan.site.q), output_projection(plan.site)
+        qp, op = qo[id(plan)]
         if isinstance(qp, str) or op is None or any(uses.get(t, 0) > 1 for t in
                                                      (plan.k_path.projection.weight, qp.projection.weight, op.weight)):
             continue
-        res = _fit_site(program, plan, kv_heads, x)
+        res = _fit_site(program, plan, kv_heads, x, qp, op)
         if res is not None:
             out.update(res)
     return out
 
 
-def _fit_site(program, plan, n_new: int, x) -> dict | None:
+def _fit_site(program, plan, n_new: int, x, qpath, oproj) -> dict | None:
     s = plan.site
-    qpath = trace_projection(s.q)
-    oproj = output_projection(s)
-    if isinstance(qpath, str) or oproj is None or qpath.head_split is None:
+    if qpath.head_split is None:
         return None
     d, dv, hq, hkv = plan.head_dim, plan.v_head_dim, plan.heads, plan.kv_heads
     g, q_per_kv = hkv // n_new, hq // hkv

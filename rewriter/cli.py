@@ -89,10 +89,9 @@ def _check_output_path(out: Path, source: str) -> None:
 
 
 def _write_json_atomic(path: str, text: str) -> None:
+    """Write the report (its path was checked with -o's before any work)."""
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write --report-json {path}: directory {parent} is missing or not writable")
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)

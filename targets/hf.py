@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.utils._pytree as pytree
 
 from rewriter.attention import attention_sites
 from rewriter.errors import OutputError, UsageError, VerificationError
@@ -89,10 +88,8 @@ def save_hf(program: Program, out_dir: str | os.PathLike) -> str:
         with torch.no_grad():
             ref = program(inputs)
             got = reloaded(*inputs.args, **inputs.kwargs, use_cache=False)
-        ref_leaves = dict(pytree.tree_flatten_with_path(ref)[0][:1])
-        key = next(iter(ref)) if isinstance(ref, dict) else None
-        got_t = got[key] if key is not None else got[0]
-        ref_t = ref[key] if key is not None else next(iter(ref_leaves.values()))
+        key = next(iter(ref)) if isinstance(ref, dict) else 0  # the first output (logits / last_hidden_state)
+        ref_t, got_t = ref[key], got[key]
         metrics, problem, dtype = compare_outputs(ref_t, got_t)
         if problem or metrics.get("max_rel_error", 0) > TOLERANCE.get(dtype, 1e-4):
             raise VerificationError(f"the Hugging Face checkpoint does not reproduce the rewritten program: "
