@@ -4,3 +4,4 @@ from . import gqa  # noqa: F401
 from . import share_layers  # noqa: F401
 from . import factorize_embeddings  # noqa: F401
 from . import bf16  # noqa: F401
+from . import checkpoint  # noqa: F401

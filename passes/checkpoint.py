@@ -1,0 +1,172 @@
+"""`checkpoint`: run chosen blocks under non-reentrant activation checkpointing (Chen et al. 2016).
+
+pattern  the blocks of the program's layer stacks (``rewriter.blocks.repeated_blocks``: same structure,
+         same weight shapes), or the modules whose paths match ``modules`` globs (outermost match)
+check    the chosen regions do not interleave; for ``budget``, the activation bytes a training step
+         would hold (``checkpoint_memory.profile``, fake tensors at ``batch`` x ``seq``) fall to the budget
+rewrite  the graph stays flat; its code generator runs each region through
+         ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` (``checkpoint_regions``), so every
+         later pass still sees every node and ``forward`` recomputes the region during backward
+
+Selection (one of):
+
+* ``every=k``: blocks 0, k, 2k, ... of the layer stacks, in execution order (``every=1``, the default
+  when nothing is given, wraps every block);
+* ``modules=[glob, ...]``: module paths (``model.layers.*.mlp``, ``h.1``) matched with fnmatch;
+* ``budget=SIZE`` (``3e9``, ``12GB``, ``1.5GiB``): the fewest blocks whose recomputation brings the
+  estimated activation memory at ``batch`` x ``seq`` (default: the example inputs) to the budget;
+  blocks are taken largest saving first, which is the fewest for savings that add up.
+
+The regions and their estimated savings go to the report and to ``program.meta["checkpoint"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import ClassVar
+
+from rewriter.blocks import repeated_blocks
+from rewriter.errors import PassNotApplicable
+from rewriter.pass_infra import Pass, PassResult, Skip, module_paths, register_pass
+from rewriter.program import Program
+
+from .checkpoint_memory import format_bytes, inputs_at, parse_bytes, profile
+from .checkpoint_regions import find_regions, install, regions_of
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class Checkpoint(Pass):
+    """Recompute chosen blocks in backward instead of keeping their activations."""
+
+    name: ClassVar[str] = "checkpoint"
+    exact: ClassVar[bool] = True
+    summary: ClassVar[str] = ("non-reentrant activation checkpointing of chosen blocks: every k-th block, "
+                              "by module-path glob, or the fewest blocks that meet an activation-memory budget")
+    every: int | None = None  # wrap blocks 0, k, 2k, ... (default 1 when no other selection is given)
+    modules: tuple[str, ...] = ()  # fnmatch globs over module paths, e.g. [model.layers.*.mlp]
+    budget: str | None = None  # activation memory to reach: bytes or a size with a unit (12GB, 1.5GiB)
+    batch: int | None = None  # input size the budget and the estimates are for (default: example inputs)
+    seq: int | None = None
+
+    def __post_init__(self):
+        chosen = [k for k, v in (("every", self.every), ("modules", self.modules), ("budget", self.budget)) if v]
+        if len(chosen) > 1:
+            raise ValueError(f"give one of every, modules and budget, not {' and '.join(chosen)}")
+        if self.every is not None and self.every < 1:
+            raise ValueError(f"every must be >= 1 (wrap every k-th block), got {self.every}")
+        for opt in ("batch", "seq"):
+            v = getattr(self, opt)
+            if v is not None and v < 1:
+                raise ValueError(f"{opt} must be >= 1, got {v}")
+        if self.budget is not None:
+            try:
+                parse_bytes(self.budget)
+            except ValueError as e:
+                raise ValueError(f"budget={self.budget!r} is not a memory size ({e}); give bytes (3e9) or a size "
+                                 "with a unit: 512MB, 12GB, 1.5GiB") from None
+
+    def run(self, program: Program) -> PassResult:
+        existing = regions_of(program.module)
+        skipped: list[Skip] = []
+        if self.modules:
+            candidates = self._matching_modules(program)
+        else:
+            candidates = [b.path for g in repeated_blocks(program) for b in g.blocks]
+            if not candidates:
+                return PassResult(program, 0, message="no repeated blocks (a layer stack) to checkpoint; choose "
+                                                      "regions by module path with modules=[...]")
+        for p in candidates:
+            if p in existing or any(p.startswith(e + ".") or e.startswith(p + ".") for e in existing):
+                skipped.append(Skip("already inside a checkpoint region", p))
+        candidates = [p for p in candidates if not any(s.module == p for s in skipped)]
+        try:
+            regions = find_regions(program.graph, list(existing) + candidates)
+        except ValueError as e:
+            raise PassNotApplicable(f"checkpoint: cannot wrap {', '.join(candidates)}: {e}") from None
+        kept = [r for r in regions if r.path in existing]
+        wanted = [r for r in regions if r.path not in existing]  # execution order
+        try:
+            inputs = inputs_at(program, self.batch, self.seq)
+        except ValueError as e:
+            raise PassNotApplicable(f"checkpoint: {e}") from None
+        try:
+            prof = profile(program, inputs)
+        except Exception as e:  # noqa: BLE001 - fake tensors reject some data-dependent ops: no estimate then
+            if self.budget:
+                raise PassNotApplicable(f"checkpoint(budget=...): cannot estimate activation memory on "
+                                        f"{inputs.describe()} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                                        "choose blocks with every= or modules= instead") from None
+            prof = None
+
+        if self.budget:
+            chosen, budget = self._meet_budget(prof, kept, wanted, inputs.describe())
+        elif self.modules:
+            chosen, budget = wanted, None
+        else:
+            chosen, budget = wanted[::self.every or 1], None
+        if not chosen:
+            msg = (f"the estimated activation memory {format_bytes(prof.bytes(kept))} on {inputs.describe()} is already "
+                   f"within the budget {format_bytes(budget)}" if budget else "every chosen block is already checkpointed")
+            return PassResult(program, 0, skipped, message=msg)
+
+        wrap = {r.path for r in kept + chosen}
+        paths = tuple(r.path for r in regions if r.path in wrap)
+        install(program.module, paths)
+        notes, meta = self._describe(prof, kept, chosen, len(wanted), budget, inputs.describe())
+        program.meta["checkpoint"] = {"regions": list(paths), **meta}
+        return PassResult(program, len(chosen), skipped, notes=notes)
+
+    def _matching_modules(self, program: Program) -> list[str]:
+        seen: dict[str, None] = {}
+        for n in program.graph.nodes:
+            if n.op not in ("placeholder", "get_attr", "output"):
+                for p in module_paths(n):
+                    if p and not p.startswith("_"):
+                        seen.setdefault(p)
+        matched: list[str] = []
+        for p in seen:  # outermost first: a module's path appears before its children's
+            if any(fnmatch.fnmatchcase(p, g) for g in self.modules) and not any(p.startswith(m + ".") for m in matched):
+                matched.append(p)
+        if not matched:
+            sample = ", ".join(list(seen)[:6])
+            raise PassNotApplicable(f"checkpoint: modules={list(self.modules)} matches no module of the program; "
+                                    f"module paths look like: {sample}")
+        return matched
+
+    def _meet_budget(self, prof, kept, candidates, at: str):
+        budget = parse_bytes(self.budget)
+        base = prof.bytes(kept)
+        saving = {r.path: base - prof.bytes(kept + [r]) for r in candidates}
+        order = sorted(candidates, key=lambda r: -saving[r.path])  # stable: execution order among equals
+        chosen = []
+        while prof.bytes(kept + chosen) > budget and len(chosen) < len(order):
+            chosen.append(order[len(chosen)])
+        least = prof.bytes(kept + chosen)
+        if least > budget:
+            raise PassNotApplicable(
+                f"checkpoint(budget={self.budget}): the budget {format_bytes(budget)} cannot be met on {at}: with all "
+                f"{len(order)} blocks checkpointed the estimated activation memory is {format_bytes(least)} (what stays "
+                "is the blocks' inputs and the activations outside them: embeddings, final norm, output head). "
+                "Raise the budget or lower batch/seq.")
+        return chosen, budget
+
+    def _describe(self, prof, kept, chosen, n_candidates: int, budget, at: str):
+        label = "blocks" if not self.modules else "matching modules"
+        notes = {"regions": f"{', '.join(r.path for r in chosen)} ({len(chosen)} of {n_candidates} {label})"}
+        meta: dict = {}
+        if prof is None:
+            notes["activation memory"] = "no estimate (fake-tensor run failed)"
+            return notes, meta
+        before, after = prof.bytes(kept), prof.bytes(kept + chosen)
+        per = {r.path: before - prof.bytes(kept + [r]) for r in chosen}
+        notes[f"activation memory (estimate, {at})"] = (f"{format_bytes(before)} -> {format_bytes(after)} "
+                                                        f"({(after - before) / max(before, 1):+.0%})")
+        notes["saved per region (estimate)"] = ", ".join(f"{p} {format_bytes(b)}" for p, b in per.items())
+        if budget is not None:
+            notes["budget"] = f"{format_bytes(budget)} requested, {format_bytes(after)} estimated"
+        meta = {"at": at, "estimate_bytes_before": before, "estimate_bytes_after": after,
+                "saved_bytes_per_region": per, "budget_bytes": budget}
+        return notes, meta
+

@@ -1,0 +1,211 @@
+"""Checkpoint regions: run chosen blocks of a flat program under non-reentrant activation checkpointing.
+
+The program's graph stays flat, so every pass after ``checkpoint`` still sees every ATen node with its
+``nn_module_stack``; the regions live in the graph's code generator. A region is a module path (a
+block: ``h.3``, ``model.layers.7``). Its members are the graph nodes from the first to the last one
+traced inside that module, in graph order, including anything a later pass inserted between them
+(casts, a fused attention call); weights (``get_attr``) are never members, they are passed in.
+
+When the graph module is recompiled, :class:`CheckpointCodeGen` outlines each region into a small
+pure GraphModule (inputs: the activations, sizes and weights it reads; outputs: the values used after
+it) and the generated ``forward`` calls it through ``torch.utils.checkpoint.checkpoint(...,
+use_reentrant=False)``::
+
+    checkpoint_h_3 = checkpoint_h_3(add_11, sym_size_int_4, h_3_ln_1_weight, ...)
+    getitem_3 = checkpoint_h_3[0]
+
+so the module trains with recomputation. ``torch.export`` interprets a GraphModule's flat graph node
+by node, so export (``.pt2``, ONNX) sees the program without regions, as it would inline any
+non-reentrant checkpoint. ``targets/source.py`` writes the outlined form as Python source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch.fx.graph import _PyTreeCodeGen
+
+from rewriter.pass_infra import module_paths
+
+__all__ = ["Region", "find_regions", "outline", "region_graph", "CheckpointCodeGen", "install", "inline",
+           "regions_of", "region_modules"]
+
+_OUTSIDE = ("placeholder", "get_attr", "output")
+
+
+@dataclasses.dataclass
+class Region:
+    path: str  # "h.3"
+    members: list[fx.Node]  # graph order
+    inputs: list[fx.Node]  # non-members read by members, first use first (weights included)
+    outputs: list[fx.Node]  # members read after the region
+
+    @property
+    def random(self) -> bool:
+        """Whether a member draws random numbers (dropout in training): then RNG state is replayed."""
+        return any(n.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())
+                   for n in self.members)
+
+
+def _traced_in(n: fx.Node, path: str) -> bool:
+    return n.op not in _OUTSIDE and path in module_paths(n)
+
+
+def find_regions(graph: fx.Graph, paths: list[str] | tuple[str, ...]) -> list[Region]:
+    """The regions of ``paths`` in graph order. Raises ValueError for a path with no node or overlapping regions."""
+    nodes = list(graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    spans = []
+    for path in paths:
+        idx = [i for i, n in enumerate(nodes) if _traced_in(n, path)]
+        if not idx:
+            raise ValueError(f"no graph node was traced in module '{path}'")
+        spans.append((idx[0], idx[-1], path))
+    spans.sort()
+    for (_, hi, a), (lo, _, b) in zip(spans, spans[1:]):
+        if lo <= hi:
+            raise ValueError(f"regions '{a}' and '{b}' overlap: their nodes interleave in the graph")
+    regions = []
+    for lo, hi, path in spans:
+        members = [n for n in nodes[lo:hi + 1] if n.op not in _OUTSIDE]
+        inside = set(members)
+        inputs: list[fx.Node] = []
+        for m in members:
+            for a in m.all_input_nodes:
+                if a not in inside and a not in inputs:
+                    if a.op != "get_attr" and pos[a] > lo:
+                        raise ValueError(f"region '{path}' reads {a.name}, which is defined inside its span")
+                    inputs.append(a)
+        outputs = [m for m in members if any(u not in inside for u in m.users)]
+        regions.append(Region(path, members, inputs, outputs))
+    return regions
+
+
+def outline(graph: fx.Graph, regions: list[Region],
+            make_call: Callable[[fx.Graph, Region, list[fx.Node]], fx.Node]) -> fx.Graph:
+    """A new graph with each region's members replaced by one call returning the tuple of its outputs.
+
+    ``make_call(new_graph, region, inputs_in_new_graph)`` creates that call. Weights a region reads
+    are emitted before its call (a ``get_attr`` has no inputs, so it may move up).
+    """
+    first = {r.members[0]: r for r in regions}
+    member_of = {m: r for r in regions for m in r.members}
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+
+    def copy(n: fx.Node) -> None:
+        env[n] = new.node_copy(n, lambda a: env[a])
+
+    for n in graph.nodes:
+        region = first.get(n)
+        if region is not None:
+            for a in region.inputs:
+                if a not in env:  # a get_attr that sits inside the span
+                    copy(a)
+            call = make_call(new, region, [env[a] for a in region.inputs])
+            for i, out in enumerate(region.outputs):
+                env[out] = new.call_function(operator.getitem, (call, i))
+                env[out].meta = dict(out.meta)
+        elif n in member_of or n in env:
+            continue
+        else:
+            copy(n)
+    return new
+
+
+def region_graph(region: Region, *, weights_under: str | None = None) -> fx.Graph:
+    """The region as a graph of its own: placeholders for its inputs, its members, a tuple output.
+
+    With ``weights_under`` (the region's path), weights below that path become ``get_attr`` nodes
+    relative to it (``attn.c_attn.weight``), for a region module that holds its block's weights;
+    otherwise every input, weights included, is a placeholder (a pure function).
+    """
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    prefix = f"{weights_under}." if weights_under else None
+    for a in region.inputs:
+        if prefix and a.op == "get_attr" and a.target.startswith(prefix):
+            env[a] = g.get_attr(a.target[len(prefix):])
+        else:
+            env[a] = g.placeholder(a.name)
+        env[a].meta = dict(a.meta)
+    for m in region.members:
+        env[m] = g.node_copy(m, lambda a: env[a])
+    g.output(tuple(env[o] for o in region.outputs))
+    return g
+
+
+def slug(path: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in path)
+
+
+def _runner(region: Region) -> Callable:
+    """A function that runs the region's pure GraphModule under non-reentrant checkpointing."""
+    gm = fx.GraphModule(torch.nn.Module(), region_graph(region), class_name=f"Region_{slug(region.path)}")
+    preserve_rng = region.random
+
+    def run(*args):
+        return torch.utils.checkpoint.checkpoint(gm, *args, use_reentrant=False, preserve_rng_state=preserve_rng)
+
+    run.__name__ = run.__qualname__ = f"checkpoint_{slug(region.path)}"
+    run.__module__ = __name__
+    run.region = gm  # type: ignore[attr-defined]
+    run.path = region.path  # type: ignore[attr-defined]
+    return run
+
+
+class CheckpointCodeGen(_PyTreeCodeGen):
+    """The program's code generator with checkpoint regions: ``forward`` calls each region through checkpoint."""
+
+    def __init__(self, pytree_info, regions: tuple[str, ...]):
+        super().__init__(pytree_info)
+        self.regions = tuple(regions)
+        self.runners: dict[str, Callable] = {}  # path -> runner, rebuilt at every code generation
+
+    def __getstate__(self):  # copies of the graph rebuild the runners when they recompile
+        state = dict(self.__dict__)
+        state["runners"] = {}
+        return state
+
+    def _gen_python_code(self, nodes, root_module, namespace, **kwargs):
+        graph = nodes.graph
+        regions = find_regions(graph, self.regions)
+        runners = {r.path: _runner(r) for r in regions}
+
+        def call(new: fx.Graph, region: Region, inputs: list[fx.Node]) -> fx.Node:
+            return new.call_function(runners[region.path], tuple(inputs))  # named after the runner
+
+        outlined = outline(graph, regions, call)
+        for n in outlined.nodes:  # name locals in the caller's namespace, as Graph.python_code does
+            n._repr_fn = lambda n, ns=namespace: ns.create_name(n.name, n)
+        self.runners = runners
+        return super()._gen_python_code(outlined.nodes, root_module, namespace, **kwargs)
+
+
+def install(gm: fx.GraphModule, paths: tuple[str, ...]) -> None:
+    """Run ``paths`` as checkpoint regions (replacing any regions the module had). Validates them first."""
+    find_regions(gm.graph, paths)
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    gm.graph.set_codegen(CheckpointCodeGen(info, paths) if paths else _PyTreeCodeGen(info))
+    gm.recompile()
+
+
+def inline(gm: fx.GraphModule) -> None:
+    """Drop the regions: the module runs its flat graph again."""
+    if regions_of(gm):
+        install(gm, ())
+
+
+def regions_of(gm: fx.GraphModule) -> tuple[str, ...]:
+    cg = gm.graph._codegen
+    return cg.regions if isinstance(cg, CheckpointCodeGen) else ()
+
+
+def region_modules(gm: fx.GraphModule) -> dict[str, fx.GraphModule]:
+    """The pure GraphModule each region runs (as of the last recompile), by path: hook them to watch recomputation."""
+    cg = gm.graph._codegen
+    return {p: r.region for p, r in cg.runners.items()} if isinstance(cg, CheckpointCodeGen) else {}
