@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from .graph_capture import capture
+from .heal_data import attach_heal_data
 from .errors import UsageError, VerificationError
 from .inputs import Inputs, make_inputs, parse_input_spec
 from .sources import Loaded, hf_example_inputs, is_hf_model, load
@@ -20,6 +21,16 @@ from .report import Report
 from .verify import Thresholds
 
 __all__ = ["RewriteResult", "rewrite", "to_inputs", "prepare", "set_calibration", "load_calibration"]
+
+
+def check_heal_data(passes: list[Pass], given: bool, flag: str = "heal_data") -> None:
+    """heal needs data, and data without heal is a mistake: say so before any loading."""
+    heals = any(p.name == "heal" for p in passes)
+    if heals and not given:
+        raise UsageError(f"the pipeline has heal, which distils on unlabeled data: give {flag} (text or token files)")
+    if given and not heals:
+        raise UsageError(f"{flag} is given but the pipeline has no heal step; add heal after the lossy passes, "
+                         "e.g. 'gqa(kv_heads=1),heal(steps=300)'")
 
 
 def set_calibration(program: Program, calibration, device="cpu") -> None:
@@ -129,7 +140,8 @@ def prepare(source, example_inputs=None, *, allow_pickle: bool = False, device: 
 
 def rewrite(source, pipeline: str | list[Pass] = "", example_inputs=None, *, allow_pickle: bool = False,
             device: str = "cpu", thresholds: Thresholds | None = None, strict: bool = False,
-            calibration=None, log: Callable[[str], None] | None = None) -> RewriteResult:
+            calibration=None, heal_data=None, tokenizer=None,
+            log: Callable[[str], None] | None = None) -> RewriteResult:
     """Capture SOURCE, run PIPELINE with verification after every pass, return the result and report.
 
     ``source``: an ``nn.Module`` (with ``example_inputs``), a Program, or any CLI SOURCE string.
@@ -137,10 +149,15 @@ def rewrite(source, pipeline: str | list[Pass] = "", example_inputs=None, *, all
     ``strict``: raise VerificationError when a pass is rolled back (otherwise see ``report.ok``).
     ``calibration``: inputs for calibrated passes (``gqa(method=fit)``): a list of example-input
     tuples/dicts (or one); default: the example inputs.
+    ``heal_data``: unlabeled data for ``heal``: text or token files (paths), a list of strings, or a
+    tensor of token ids; text is tokenized with ``tokenizer`` (a directory or a tokenizer object),
+    by default the Hugging Face source's own.
     """
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+    check_heal_data(passes, heal_data is not None)
     program = prepare(source, example_inputs, allow_pickle=allow_pickle, device=device, log=log)
     set_calibration(program, calibration, device)
+    attach_heal_data(program, heal_data, tokenizer)
     manager = PassManager(passes, thresholds or Thresholds(), log=log)
     program, report = manager.run(program)
     report.source = program.source.path or program.source.model_class or ""

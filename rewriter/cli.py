@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-output", metavar="DIR", help="also write a Hugging Face checkpoint directory (default for a Hugging "
                    "Face source whose rewrite fits its config, e.g. gqa: OUT without .pt2 + '-hf')")
     p.add_argument("--calibration", metavar="FILE.pt", help="calibration inputs for calibrated passes: a torch.save'd dict of input tensors (or a list of dicts)")
+    p.add_argument("--heal-data", nargs="+", metavar="PATH", help="unlabeled data for the heal step: text files "
+                   "(.txt .md .rst .jsonl) or directories of them, or token ids (.npy, .pt)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer for --heal-data text (default: the Hugging Face source's own)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled .pt module (runs code in the file)")
     p.add_argument("--min-sqnr", type=float, metavar="DB", help="roll back a lossy pass whose output SQNR falls below DB")
     p.add_argument("--min-cosine", type=float, metavar="X", help="roll back a lossy pass whose output cosine falls below X")
@@ -128,6 +131,11 @@ def run(argv: list[str] | None = None) -> int:
     from .verify import Thresholds
 
     passes = parse_pipeline(args.passes)  # bad pipelines fail before any loading
+    from .api import check_heal_data
+    from .heal_data import attach_heal_data, read_heal_data
+
+    check_heal_data(passes, bool(args.heal_data), "--heal-data")
+    heal_data = read_heal_data(args.heal_data) if args.heal_data else None
     try:
         thresholds = Thresholds(args.min_sqnr, args.min_cosine, args.max_kl)
     except ValueError as e:
@@ -152,6 +160,7 @@ def run(argv: list[str] | None = None) -> int:
     calibration = load_calibration(args.calibration) if args.calibration else None
     program = prepare(args.source, args.inputs, allow_pickle=args.allow_pickle, device=args.device, log=log)
     set_calibration(program, calibration, args.device)
+    attach_heal_data(program, heal_data, args.tokenizer)
     if args.explain:
         print(explain(program))
         print()

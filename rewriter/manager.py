@@ -49,7 +49,10 @@ class PassManager:
                                "Give example inputs that the model accepts with --inputs.") from None
         report.baseline_seconds = time.perf_counter() - t0
         original, original_out = program, ref
+        program.context["log"] = self.log
         for i, p in enumerate(self.passes, 1):
+            if not p.exact and not p.uses_reference:
+                program.context.setdefault("reference", program)  # heal's teacher: before the first lossy pass
             self._say(f"[{i}/{len(self.passes)}] {p.spec()} ...")
             rec = PassRecord(name=p.name, spec=p.spec(), exact=p.exact)
             t0 = time.perf_counter()

@@ -46,6 +46,8 @@ class Pass:
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
     summary: ClassVar[str] = ""
+    # True for passes that learn from the program before the lossy passes (heal) rather than being one
+    uses_reference: ClassVar[bool] = False
 
     def run(self, program: Program) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -41,6 +41,9 @@ class Program:
     symbol_ranges: dict[str, tuple[int, int | None]] = dataclasses.field(default_factory=dict)
     applied: list[str] = dataclasses.field(default_factory=list)  # pipeline text of applied passes
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # pass-specific notes
+    # run-wide objects shared by every clone, never copied: the pass manager's "reference" (the
+    # program before the first lossy pass, heal's teacher) and "log"; the user's "heal_data"
+    context: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def graph(self) -> fx.Graph:
