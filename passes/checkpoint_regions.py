@@ -46,9 +46,18 @@ class Region:
 
     @property
     def random(self) -> bool:
-        """Whether a member draws random numbers (dropout in training): then RNG state is replayed."""
-        return any(n.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())
-                   for n in self.members)
+        """Whether a member draws random numbers (dropout in training): then checkpoint replays the RNG state."""
+        return any(_draws_random(n) for n in self.members)
+
+
+def _draws_random(n: fx.Node) -> bool:
+    if n.op != "call_function" or torch.Tag.nondeterministic_seeded not in getattr(n.target, "tags", ()):
+        return False
+    if "dropout" in getattr(n.target, "__name__", ""):  # dropout(x, p, train): p = 0 or eval mode draws nothing
+        p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)
+        train = n.args[2] if len(n.args) > 2 else n.kwargs.get("train", True)
+        return train is not False and p != 0
+    return True
 
 
 def _traced_in(n: fx.Node, path: str) -> bool:

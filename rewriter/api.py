@@ -72,9 +72,13 @@ class RewriteResult:
         return self.program.module
 
     def save(self, path: str | os.PathLike) -> str:
+        """Write a checked ``.pt2``; a program with checkpoint regions is written as a directory of generated
+        source and safetensors weights instead (``targets/source.py``: a ``.pt2`` would drop the regions)."""
+        from passes.checkpoint_regions import regions_of
         from targets.pytorch import save_pt2
+        from targets.source import save_source
 
-        written = save_pt2(self.program, path)
+        written = (save_source if regions_of(self.program.module) else save_pt2)(self.program, path)
         self.report.outputs.append(written)
         return written
 

@@ -176,11 +176,20 @@ def run(argv: list[str] | None = None) -> int:
         report.onnx = onnx_report.to_dict()
         report.outputs += [onnx_report.path] + ([onnx_report.external_data] if onnx_report.external_data else [])
     elif report.ok:
+        from passes.checkpoint_regions import regions_of
         from targets.pytorch import save_pt2
+        from targets.source import save_source
 
-        if log:
-            log(f"writing {out} (re-export, reload and check at two sizes) ...")
-        report.outputs.append(save_pt2(program, out))
+        if regions_of(program.module):  # a .pt2 would drop checkpoint regions: generated source + safetensors
+            src_dir = out.with_suffix("") if args.output is None else out  # default: <name>.rewritten/
+            if log:
+                log(f"writing {src_dir}/ (generated source + safetensors: the program has checkpoint regions; "
+                    "reload and check at two sizes) ...")
+            report.outputs.append(save_source(program, src_dir))
+        else:
+            if log:
+                log(f"writing {out} (re-export, reload and check at two sizes) ...")
+            report.outputs.append(save_pt2(program, out))
         _write_hf(program, args, out, report, log)
     print(report.table())
     if args.report_json:

@@ -5,6 +5,9 @@ SOURCE is one of
   * ``path/to/hf_dir``             a Hugging Face model directory (config.json + weights), read offline
   * ``file.py:factory`` or ``pkg.module:factory``  a callable returning a module, or (module, inputs)
   * ``model.pt``                   a pickled nn.Module; loads only with ``allow_pickle=True``
+  * ``path/to/out_dir``            a program with checkpoint regions as evo-rewrite wrote it (generated
+                                   ``model.py`` + safetensors + evo_rewrite.json): loading runs that generated
+                                   code (evo-rewrite wrote it at the user's request; nothing is unpickled)
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ def load(source: str | os.PathLike, *, inputs: str | Inputs | None = None, allow
     """Load SOURCE and its example inputs. Raises SourceError with what to do on any bad source."""
     src = str(source)
     path = Path(src)
-    if path.is_dir():
+    if path.is_dir() and (path / METADATA_FILE).is_file() and (path / "model.py").is_file():
+        loaded = _load_generated(path)
+    elif path.is_dir():
         loaded = _load_hf(path)
     elif path.is_file() and path.suffix == ".pt2":
         loaded = _load_pt2(path)
@@ -146,6 +151,15 @@ def _inputs_from_placeholders(ep) -> Inputs:
         flat.append(torch.zeros(shape, dtype=v.dtype) if not v.is_floating_point() else torch.randn(shape, dtype=v.dtype))
     args, kwargs = pytree.tree_unflatten(flat, ep.call_spec.in_spec)
     return Inputs(tuple(args), dict(kwargs))
+
+
+# ---- generated source (a program with checkpoint regions; targets/source.py) ------------------
+
+def _load_generated(path: Path) -> Loaded:
+    from targets.source import load_source
+
+    program, _ = load_source(path)
+    return Loaded(source=program.source, inputs=program.inputs, program=program)
 
 
 # ---- pickle ----------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """PyTorch target: a ``.pt2`` ExportedProgram that ``torch.export.load`` runs without the original class.
 
+A program with activation-checkpoint regions is not written here (export would inline them): it is
+written as generated source with safetensors weights by ``targets/source.py``.
+
 The program is re-exported with the same symbolic batch/sequence dimensions, saved with an
 ``evo_rewrite.json`` entry (source, applied pipeline) so the file is again a source, reloaded and run
 at the example size and at another size against the in-memory program, and only then moved into
@@ -83,7 +86,14 @@ def save_pt2(program: Program, path: str | os.PathLike, *, check: bool = True) -
     """Write ``program`` to ``path`` atomically; return the path written."""
     from rewriter.sources import METADATA_FILE
 
+    from passes.checkpoint_regions import regions_of
+
     out = Path(path)
+    if regions_of(program.module):
+        raise OutputError(f"cannot write {out}: the program has activation-checkpoint regions, which a .pt2 would "
+                          "silently drop (torch.export inlines them); write it as generated source with "
+                          "targets.source.save_source(program, DIRECTORY) (RewriteResult.save and the CLI do so "
+                          "for a path without .pt2)")
     parent = check_output_file(out, program.source.path, suffix=".pt2", what="another -o")
     ep = export_program(program)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.pt2", dir=parent)
