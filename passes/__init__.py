@@ -6,3 +6,4 @@ from . import factorize_embeddings  # noqa: F401
 from . import bf16  # noqa: F401
 from . import heal  # noqa: F401
 from . import checkpoint  # noqa: F401
+from . import tensor_parallel  # noqa: F401

@@ -64,7 +64,8 @@ def _metadata(program: Program) -> str:
     s = program.source
     return json.dumps({"tool": "evo-rewrite", "source_kind": s.kind, "source": s.path, "model_class": s.model_class,
                        "hf_class": s.hf_class, "hf_config": s.hf_config, "applied": program.applied,
-                       "dynamic_dims": program.dynamic_dims, "sdpa_backends": pinned}, default=str)
+                       "dynamic_dims": program.dynamic_dims, "sdpa_backends": pinned,
+                       "tensor_parallel": program.meta.get("tensor_parallel")}, default=str)
 
 
 def _check_loaded(path: str, program: Program) -> None:

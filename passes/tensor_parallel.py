@@ -1,0 +1,412 @@
+"""`tensor-parallel`: derive and check a Megatron-style tensor-parallel plan for N GPUs.
+
+pattern  the attention sites (``rewriter.attention``) with their q/k/v projections
+         (``rewriter.projections``, separate or fused qkv), the FFN pairs of every block (a linear
+         whose output reaches another linear through elementwise ops only: up/gate -> down), token
+         embeddings (tables indexed by a model input) and the LM head (a linear onto the vocabulary)
+check    before anything runs: query heads and K/V heads of every site (after any ``gqa``), FFN
+         widths and fused-projection parts divisible by the degree, else an error naming the site
+         and the valid degrees; then the graph of one rank is built (passes/tensor_parallel_shard.py),
+         which fails on any op the sharding cannot pass through, and the N ranks are simulated in
+         one process (threads, collectives in memory) against the unsharded program
+rewrite  nothing in the single-process program: the plan — every linear layer once, as column-
+         (``Shard(0)`` of an (out, in) weight), row- (``Shard(1)``, bias added after the all-reduce),
+         vocabulary-parallel or replicated; every sharded tensor's DTensor placement; heads per rank
+         of every site — goes into ``program.meta["tensor_parallel"]``, the report and the ``.pt2``,
+         and ``torchrun --nproc-per-node N -m targets.parallel MODEL.pt2`` applies it on each rank
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+import warnings
+from typing import ClassVar
+
+import torch
+import torch.fx as fx
+
+from rewriter.attention import attention_sites, untranspose
+from rewriter.blocks import repeated_blocks
+from rewriter.errors import PassNotApplicable
+from rewriter.pass_infra import Pass, PassResult, Skip, module_path, register_pass
+from rewriter.program import Program
+from rewriter.projections import Projection, output_projection, trace_projection
+from rewriter.verify import TOLERANCE, compare_outputs
+
+from .tensor_parallel_shard import COLLECTIVES, LinearRole, bind, is_pointwise, local_shard, localize
+
+__all__ = ["TensorParallel", "plan_rank", "simulate"]
+
+aten = torch.ops.aten
+
+
+def _linear_input(n: fx.Node) -> fx.Node:
+    return n.args[1] if n.target is aten.addmm.default else n.args[0]
+
+
+def _linears(graph: fx.Graph) -> dict[fx.Node, Projection]:
+    """Every linear-like op whose weight is a model tensor, in graph order."""
+    out = {}
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in (aten.linear.default, aten.addmm.default, aten.mm.default,
+                                                    aten.matmul.default):
+            p = trace_projection(n, max_depth=1)
+            if not isinstance(p, str) and p.projection.node is n:
+                out[n] = p.projection
+    return out
+
+
+def _block_of(program: Program):
+    """node -> the repeated block (``model.layers.3``) it runs in, else its parent module."""
+    paths = sorted((b.path for grp in repeated_blocks(program) for b in grp.blocks), key=len, reverse=True)
+
+    def block(n: fx.Node) -> str:
+        mp = module_path(n)
+        return next((p for p in paths if mp == p or mp.startswith(p + ".")), mp.rpartition(".")[0])
+
+    return block
+
+
+def _reached(n: fx.Node, linears, block, depth: int = 8) -> set[fx.Node]:
+    """Linear layers of n's block whose input is made from n's output by elementwise ops only (up/gate -> down)."""
+    found, frontier = set(), [n]
+    for _ in range(depth):
+        nxt = []
+        for m in frontier:
+            for u in m.users:
+                if u in linears and _linear_input(u) is m:
+                    if block(u) == block(n):
+                        found.add(u)
+                elif u.op == "call_function" and is_pointwise(u):
+                    nxt.append(u)
+        frontier = nxt
+    return found
+
+
+def _kv_paths(site):
+    k = site.kv_repeat[0] if site.kv_repeat else (site.k if site.fused or not site.k_transposed else untranspose(site.k))
+    v = site.kv_repeat[1] if site.kv_repeat else site.v
+    return k, v
+
+
+def _valid_degrees(sizes: list[int]) -> list[int]:
+    top = min(sizes) if sizes else 1
+    return [d for d in range(1, top + 1) if all(s % d == 0 for s in sizes)]
+
+
+@dataclasses.dataclass
+class _Analysis:
+    roles: dict[fx.Node, LinearRole]  # column- and vocabulary-parallel layers (row-parallel ones are found by propagation)
+    linears: dict[fx.Node, Projection]
+    embeddings: dict[fx.Node, str]  # embedding op -> "vocab" | "replicate"
+    attention: list[dict]
+    out_projections: set[fx.Node]
+    sizes: list[tuple[str, int]]  # (what, size) every degree must divide
+
+
+def _analyse(gm: fx.GraphModule, degree: int, block) -> _Analysis:
+    g = gm.graph
+    linears = _linears(g)
+    roles: dict[fx.Node, LinearRole] = {}
+    attention, sizes, outs = [], [], set()
+    parts: dict[fx.Node, list] = {}
+    for s in attention_sites(gm):
+        if s.layout != "BHSD" or s.heads is None or s.kv_heads is None:
+            raise PassNotApplicable(f"tensor-parallel: attention site {s.module} has a {s.layout} layout whose head "
+                                    "count is unknown; tensor-parallel shards (batch, heads, seq, dim) attention")
+        k, v = _kv_paths(s)
+        for role, t in (("q", s.q), ("k", k), ("v", v)):
+            path = trace_projection(t) if t is not None else "no K before its transpose"
+            if isinstance(path, str):
+                raise PassNotApplicable(f"tensor-parallel: attention site {s.module}: the {role} projection was not "
+                                        f"found ({path})")
+            p = path.projection
+            parts.setdefault(p.node, []).append((role, p.start, p.stop, p, s.module))
+        o = output_projection(s)
+        if o is not None:
+            outs.add(o.node)
+        attention.append({"module": s.module, "heads": s.heads, "kv_heads": s.kv_heads,
+                          "heads_per_rank": s.heads // degree if s.heads % degree == 0 else None,
+                          "kv_heads_per_rank": s.kv_heads // degree if s.kv_heads % degree == 0 else None,
+                          "fused": s.fused})
+        sizes += [(f"attention site {s.module}: {s.heads} query heads", s.heads),
+                  (f"attention site {s.module}: {s.kv_heads} K/V heads", s.kv_heads)]
+    for node, ps in parts.items():
+        proj = ps[0][3]
+        segs = sorted({(a, b) for _, a, b, _, _ in ps})
+        role = "".join(r for r, *_ in sorted(ps, key=lambda x: x[1]))
+        if len(segs) > 1 or segs[0] != (0, proj.out_features):
+            bounds = [0] + [b for _, b in segs]
+            if [a for a, _ in segs] != bounds[:-1] or bounds[-1] != proj.out_features:
+                raise PassNotApplicable(f"tensor-parallel: fused projection {module_path(node)} has output features "
+                                        "that are not q, k or v of one site")
+            sizes += [(f"part {a}:{b} of fused projection {module_path(node)}", b - a) for a, b in segs]
+        else:
+            segs = None
+        roles[node] = LinearRole(proj, role, "colwise", segs, ps[0][4])
+    attn_linears = set(roles) | outs
+    free = {n: p for n, p in linears.items() if n not in attn_linears}
+    reach = {n: _reached(n, free, block) for n in free}
+    downs = set().union(*reach.values()) if reach else set()
+    for n, hit in reach.items():
+        if hit and n not in downs:
+            roles[n] = LinearRole(linears[n], "ffn-in", "colwise", site=module_path(n))
+            sizes.append((f"FFN projection {module_path(n)} ({linears[n].out_features} features)", linears[n].out_features))
+    # token embeddings (indexed by a model input) and the LM head (a linear onto the vocabulary)
+    embeddings, vocab_tables = {}, {}
+    for n in g.nodes:
+        if n.op == "call_function" and n.target is aten.embedding.default and n.args[0].op == "get_attr":
+            ids = n.args[1]
+            rows = int(n.args[0].meta["val"].shape[0]) if "val" in n.args[0].meta else 0
+            token = isinstance(ids, fx.Node) and ids.op == "placeholder"
+            embeddings[n] = "vocab" if token and rows % degree == 0 else "replicate"
+            if token:
+                vocab_tables[n.args[0].target] = rows
+    for n, p in linears.items():
+        if n in roles or n in outs or n in downs:
+            continue
+        if p.weight in vocab_tables or p.out_features in vocab_tables.values():
+            roles[n] = LinearRole(p, "lm-head", "vocab" if p.out_features % degree == 0 else "replicate",
+                                  site=module_path(n))
+    return _Analysis(roles, linears, embeddings, attention, outs, sizes)
+
+
+def _check_sizes(sizes: list[tuple[str, int]], degree: int) -> None:
+    bad = [(what, size) for what, size in sizes if size % degree]
+    if bad:
+        what, size = bad[0]
+        valid = _valid_degrees([s for _, s in sizes])
+        trap = " (a degree above the K/V head count would leave ranks without K/V heads)" if "K/V" in what and degree > size else ""
+        raise PassNotApplicable(f"tensor-parallel(degree={degree}): {what}, which {degree} does not divide{trap}; "
+                                f"valid degrees for this model: {', '.join(map(str, valid))}")
+
+
+def _placement(p: Projection, style: str) -> int:
+    """The dim of the stored weight that is sharded: output features (column) or input features (row)."""
+    out_dim = 0 if p.layout == "out_in" else 1
+    return out_dim if style in ("colwise", "vocab") else 1 - out_dim
+
+
+def plan_rank(program: Program, degree: int, sequence_parallel: bool = False, rank: int = 0,
+              group: str = "tp") -> tuple[dict, fx.GraphModule]:
+    """The plan (data) and rank ``rank``'s graph, whose collectives run on process group ``group``.
+
+    The returned GraphModule shares the program's (full) tensors; ``plan["tensors"]`` says how each
+    sharded one is cut (``local_shard``, or DTensor placements in ``targets/parallel.py``).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deepcopy of pytree specs warns in torch 2.13
+        gm = fx.GraphModule(program.module, copy.deepcopy(program.graph))
+    for k in ("_in_spec", "_out_spec"):
+        if hasattr(program.module, k):
+            setattr(gm, k, getattr(program.module, k))
+    a = _analyse(gm, degree, _block_of(program))
+    _check_sizes(a.sizes, degree)
+    sharded = {n: r for n, r in a.roles.items() if r.style != "replicate"}
+    result = localize(gm, sharded, a.embeddings, degree, rank, group, sequence_parallel)
+    for n in result["rowwise"]:
+        if n not in a.linears:
+            raise PassNotApplicable(f"tensor-parallel(degree={degree}): {module_path(n)} (node {n.name}) multiplies a "
+                                    "sharded activation by a weight that is not a model tensor")
+        a.roles[n] = LinearRole(a.linears[n], "o" if n in a.out_projections else "ffn-out", "rowwise", site=module_path(n))
+    tensors: dict[str, dict] = {}
+    users: dict[str, str] = {}
+
+    def place(target, entry, who):
+        if target in tensors and tensors[target] != entry:
+            raise PassNotApplicable(f"tensor-parallel(degree={degree}): tensor {target} is sharded as "
+                                    f"{tensors[target]['placement']} for {users[target]} and as {entry['placement']} for {who}")
+        tensors[target], users[target] = entry, who
+
+    linears = []
+    for n, p in a.linears.items():
+        r = a.roles.get(n) or LinearRole(p, "other", "replicate", site=module_path(n))
+        linears.append({"module": module_path(n), "node": n.name, "weight": p.weight, "bias": p.bias, "role": r.role,
+                        "style": r.style, "segments": [list(s) for s in r.segments] if r.segments else None})
+        if r.style == "replicate":
+            continue
+        dim = _placement(p, r.style)
+        place(p.weight, {"placement": f"Shard({dim})", "dim": dim, "segments": linears[-1]["segments"]}, module_path(n))
+        if p.bias and r.style != "rowwise":
+            place(p.bias, {"placement": "Shard(0)", "dim": 0, "segments": linears[-1]["segments"]}, module_path(n))
+    embeddings = []
+    for n, style in a.embeddings.items():
+        embeddings.append({"module": module_path(n), "weight": n.args[0].target, "style": style})
+        if style == "vocab":
+            place(n.args[0].target, {"placement": "Shard(0)", "dim": 0, "segments": None}, module_path(n))
+    _check_readers(gm.graph, tensors, degree)
+    total = per_rank = 0
+    for target, t in program.named_tensors().items():
+        total += t.numel() * t.element_size()
+        per_rank += t.numel() * t.element_size() // (degree if target in tensors else 1)
+    plan = {"degree": degree, "sequence_parallel": sequence_parallel, "linears": linears, "tensors": tensors,
+            "embeddings": embeddings, "attention": a.attention, "collectives": result["collectives"],
+            "weight_bytes": total, "weight_bytes_per_rank": per_rank}
+    return plan, gm
+
+
+def _check_readers(graph: fx.Graph, tensors: dict, degree: int) -> None:
+    """A sharded tensor must be read only by the layers the plan shards it for (through transposes and casts)."""
+    planned = (aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default, aten.embedding.default)
+    for n in graph.nodes:
+        if n.op != "get_attr" or n.target not in tensors:
+            continue
+        stack = list(n.users)
+        while stack:
+            u = stack.pop()
+            if u.op == "call_function" and u.target in planned or u.target in COLLECTIVES:
+                continue
+            if u.op == "call_function" and u.target in (aten.t.default, aten.transpose.int, aten.permute.default) \
+                    or u.op == "call_function" and is_pointwise(u) and len(u.all_input_nodes) == 1:
+                stack.extend(u.users)
+                continue
+            raise PassNotApplicable(f"tensor-parallel(degree={degree}): tensor {n.target} is sharded "
+                                    f"({tensors[n.target]['placement']}) but also read by {getattr(u.target, '__name__', u.target)} "
+                                    f"in {module_path(u) or 'the top level'}")
+
+
+# -- single-process simulation of the N ranks --------------------------------------------------------
+
+class _SimGroup:
+    """N threads, one per rank, exchanging tensors at each collective."""
+
+    def __init__(self, n: int):
+        self.n, self.slots = n, [None] * n
+        self.barrier = threading.Barrier(n, timeout=600)
+
+    def exchange(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.slots[_local.rank] = x
+        self.barrier.wait()
+        xs = list(self.slots)
+        self.barrier.wait()
+        return xs
+
+
+_local = threading.local()
+_GROUPS: dict[str, _SimGroup] = {}
+
+
+def _sim_all_reduce(x, op, group):
+    return torch.stack(_GROUPS[group].exchange(x)).sum(0)
+
+
+def _sim_all_gather(x, size, group):
+    return torch.cat(_GROUPS[group].exchange(x), 0)
+
+
+def _sim_reduce_scatter(x, op, size, group):
+    return torch.stack(_GROUPS[group].exchange(x)).sum(0).chunk(size, 0)[_local.rank].clone()
+
+
+def _sim_wait(x):
+    return x
+
+
+_SIM = {torch.ops._c10d_functional.all_reduce.default: _sim_all_reduce,
+        torch.ops._c10d_functional.all_gather_into_tensor.default: _sim_all_gather,
+        torch.ops._c10d_functional.reduce_scatter_tensor.default: _sim_reduce_scatter,
+        torch.ops._c10d_functional.wait_tensor.default: _sim_wait}
+
+
+def simulate(program: Program, degree: int, sequence_parallel: bool, inputs) -> list:
+    """Run the N ranks' graphs in one process (one thread each, collectives in memory); their outputs."""
+    group = f"tp-sim-{id(program)}"
+    _GROUPS[group] = _SimGroup(degree)
+    modules = []
+    for r in range(degree):
+        plan, gm = plan_rank(program, degree, sequence_parallel, r, group)
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target in _SIM:
+                n.target = _SIM[n.target]
+        tensors = {n.target: local_shard(program.get_tensor(n.target), plan["tensors"].get(n.target), degree, r)
+                   for n in gm.graph.nodes if n.op == "get_attr"}
+        modules.append(bind(gm.graph, tensors, program.module))
+    outs, errors = [None] * degree, []
+
+    def work(r):
+        _local.rank = r
+        try:
+            with torch.no_grad():
+                outs[r] = modules[r](*inputs.args, **inputs.kwargs)
+        except threading.BrokenBarrierError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - re-raised in the caller
+            errors.append(exc)
+            _GROUPS[group].barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(degree)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        del _GROUPS[group]
+    if errors:
+        raise errors[0]
+    return outs
+
+
+def _divisible(program: Program, inputs, degree: int) -> bool:
+    """Whether every symbolic non-batch dimension of the inputs is a multiple of degree (sequence parallel)."""
+    import torch.utils._pytree as pytree
+
+    flat = pytree.tree_leaves((inputs.args, inputs.kwargs))
+    return all(t.shape[d] % degree == 0 for t, dims in zip(flat, program.dynamic_dims) for d in dims if d > 0)
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class TensorParallel(Pass):
+    """Plan tensor parallelism over ``degree`` GPUs; checked here, applied by ``targets.parallel`` under torchrun."""
+
+    name: ClassVar[str] = "tensor-parallel"
+    exact: ClassVar[bool] = True
+    summary: ClassVar[str] = ("plan Megatron-style tensor parallelism (column/row/vocabulary-parallel, heads per rank) "
+                              "for torchrun; simulated against the unsharded program")
+    degree: int = 0
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        if self.degree < 1:
+            raise ValueError(f"degree must be given and >= 1 (e.g. tensor-parallel(degree=2)), got {self.degree}")
+
+    def run(self, program: Program) -> PassResult:
+        if self.degree == 1:
+            return PassResult(program, 0, message="degree 1: nothing to shard")
+        plan, _ = plan_rank(program, self.degree, self.sequence_parallel)
+        styles = [lin["style"] for lin in plan["linears"]]
+        sharded = sum(s != "replicate" for s in styles)
+        skipped = [Skip("replicated: not part of an attention or FFN pair, nor the LM head"
+                        if lin["role"] == "other" else "replicated: the vocabulary does not divide by the degree",
+                        lin["module"], lin["node"]) for lin in plan["linears"] if lin["style"] == "replicate"]
+        if not sharded:
+            return PassResult(program, 0, skipped, message="no linear layer to shard")
+        worst, checked = 0.0, []
+        for inputs in (program.inputs, program.second_inputs()):
+            if inputs is None or self.sequence_parallel and not _divisible(program, inputs, self.degree):
+                continue
+            ref = program(inputs)
+            for out in simulate(program, self.degree, self.sequence_parallel, inputs):
+                metrics, problem, dtype = compare_outputs(ref, out)
+                rel = metrics.get("max_rel_error", 0.0)
+                if problem or rel > TOLERANCE.get(dtype, 1e-4):
+                    raise RuntimeError(f"the simulated {self.degree}-rank program differs from the unsharded one on "
+                                       f"{inputs.describe()}: {problem or f'max relative error {rel:.3g}'}")
+                worst = max(worst, rel)
+            checked.append(inputs.describe())
+        program.meta["tensor_parallel"] = plan
+        count = {s: styles.count(s) for s in ("colwise", "rowwise", "vocab", "replicate")}
+        notes = {"degree": self.degree, "sequence parallel": str(self.sequence_parallel).lower(),
+                 "linear layers": f"{count['colwise']} column-, {count['rowwise']} row-, {count['vocab']} vocabulary-"
+                                  f"parallel, {count['replicate']} replicated",
+                 "heads per rank": ", ".join(sorted({f"{a['heads_per_rank']}/{a['kv_heads_per_rank']} (q/kv)"
+                                                     for a in plan["attention"]})) or "-",
+                 "collectives per forward": ", ".join(f"{k} {v}" for k, v in plan["collectives"].items() if v),
+                 "weight bytes per rank": plan["weight_bytes_per_rank"],
+                 "simulated ranks vs unsharded": f"max rel error {worst:.2g} on {'; '.join(checked) or 'no input'}",
+                 "run": f"torchrun --nproc-per-node {self.degree} -m targets.parallel OUT.pt2",
+                 "plan": plan}
+        return PassResult(program, sharded, skipped, notes)

@@ -1,0 +1,195 @@
+"""Run a rewritten model with tensor parallelism over N processes (torchrun; NCCL on GPUs, gloo on CPUs).
+
+    evo-rewrite model/ --passes "flash,tensor-parallel(degree=2)" -o model.pt2
+    torchrun --nproc-per-node 2 -m targets.parallel model.pt2 [--inputs SPEC] [--device cuda] [--check]
+
+The ``.pt2`` carries the plan the ``tensor-parallel`` pass derived and checked (its
+``evo_rewrite.json``). On every rank this module loads the program, derives the plan again from
+the loaded graph and refuses to run if it differs from the stored one (a pass ran after
+``tensor-parallel``, or the degree is not the number of processes), places every tensor with
+DTensor — ``distribute_tensor(weight, mesh, [Shard(0)])`` for column-parallel and
+vocabulary-parallel weights, ``[Shard(1)]`` for row-parallel ones, ``[Replicate()]`` for the rest,
+scattered from rank 0 — and runs the rank's graph (``passes/tensor_parallel_shard.py``) on the
+local shards (``DTensor.to_local()``), with ``torch.ops._c10d_functional`` collectives on the
+mesh's process group. ``--check`` also runs the unsharded program on each rank and compares.
+
+Why local graphs and not DTensor activations: the captured graph names concrete head counts in
+its reshapes and has no ``nn.Linear`` modules for ``parallelize_module`` to wrap, and dispatching
+every op of a forward pass through DTensor costs tens of microseconds of CPU per op. The rank's
+graph is plain ATen plus functional collectives, so eager runs at single-GPU speed per op and
+``torch.compile`` traces it; DTensor still owns the weights' placement (``ShardedProgram.dtensors``
+are ordinary DTensors, e.g. for ``torch.distributed.checkpoint``).
+
+Python::
+
+    mesh = targets.parallel.init_mesh("cuda")
+    sharded = targets.parallel.shard(program, mesh, plan=program.meta["tensor_parallel"])
+    logits = sharded.module(input_ids=ids)["logits"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import zipfile
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from passes.tensor_parallel import plan_rank
+from passes.tensor_parallel_shard import bind, shard_dim_tensor
+from rewriter.errors import RewriteError, UsageError
+from rewriter.inputs import Inputs
+from rewriter.program import Program
+
+__all__ = ["ShardedProgram", "init_mesh", "shard", "read_plan", "main"]
+
+
+@dataclasses.dataclass
+class ShardedProgram:
+    module: fx.GraphModule  # this rank's program: call it like the original model
+    plan: dict
+    dtensors: dict[str, DTensor]  # every tensor the program reads, with its placement on the mesh
+
+    def __call__(self, inputs: Inputs):
+        with torch.no_grad():
+            return self.module(*inputs.args, **inputs.kwargs)
+
+    def local_bytes(self) -> int:
+        return sum(t.to_local().numel() * t.element_size() for t in self.dtensors.values())
+
+
+def init_mesh(device: str = "cuda") -> DeviceMesh:
+    """A 1-D DeviceMesh over torchrun's processes (NCCL for cuda, gloo for cpu)."""
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return init_device_mesh(device, (world,), mesh_dim_names=("tp",))
+
+
+def read_plan(path: str | os.PathLike) -> dict | None:
+    """The tensor-parallel plan stored in a ``.pt2`` written by evo-rewrite, or None."""
+    from rewriter.sources import METADATA_FILE
+
+    with zipfile.ZipFile(path) as z:
+        name = next((n for n in z.namelist() if n.endswith("/" + METADATA_FILE)), None)
+        return json.loads(z.read(name)).get("tensor_parallel") if name else None
+
+
+def _signature(plan: dict) -> tuple:
+    return (plan["degree"], plan["sequence_parallel"],
+            tuple((x["module"], x["weight"], x["style"], str(x["segments"])) for x in plan["linears"]),
+            tuple(sorted((k, v["placement"], str(v["segments"])) for k, v in plan["tensors"].items())))
+
+
+def shard(program: Program, mesh: DeviceMesh, plan: dict | None = None,
+          sequence_parallel: bool = False) -> ShardedProgram:
+    """This rank's program and its tensors placed on ``mesh`` (degree = mesh size).
+
+    ``plan``: the stored plan to hold the program to (its ``sequence_parallel`` is used); the plan
+    is always derived again from the program, and a difference is an error.
+    """
+    degree, rank = mesh.size(), mesh.get_local_rank()
+    if plan is not None:
+        if plan["degree"] != degree:
+            raise UsageError(f"the plan is for tensor-parallel degree {plan['degree']}, but {degree} processes run; "
+                             f"launch with torchrun --nproc-per-node {plan['degree']}")
+        sequence_parallel = plan["sequence_parallel"]
+    new_plan, gm = plan_rank(program, degree, sequence_parallel, rank, mesh.get_group().group_name)
+    if plan is not None and _signature(plan) != _signature(new_plan):
+        raise UsageError("the stored tensor-parallel plan does not match the program's graph (did a pass run after "
+                         "tensor-parallel?); put tensor-parallel last in the pipeline and rewrite again")
+    tensors, dtensors = {}, {}
+    for n in gm.graph.nodes:
+        if n.op != "get_attr" or n.target in tensors:
+            continue
+        full = program.get_tensor(n.target).detach()
+        entry = new_plan["tensors"].get(n.target)
+        placement = Shard(entry["dim"]) if entry else Replicate()
+        src = shard_dim_tensor(full, entry, degree) if entry else full
+        # weights come from rank 0 (every rank read the same file; this makes it so regardless)
+        dt = distribute_tensor(src, mesh, [placement], src_data_rank=0 if full.is_floating_point() else None)
+        dtensors[n.target], tensors[n.target] = dt, dt.to_local()
+    return ShardedProgram(bind(gm.graph, tensors, program.module), new_plan, dtensors)
+
+
+def broadcast_inputs(inputs: Inputs, device) -> Inputs:
+    """Rank 0's inputs on every rank (on ``device``)."""
+    flat, spec = pytree.tree_flatten((inputs.args, inputs.kwargs))
+    out = []
+    for t in flat:
+        if isinstance(t, torch.Tensor):
+            t = t.to(device).contiguous()
+            dist.broadcast(t, src=0)
+        out.append(t)
+    args, kwargs = pytree.tree_unflatten(out, spec)
+    return Inputs(tuple(args), dict(kwargs))
+
+
+def _first_tensor(out) -> torch.Tensor:
+    return next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m targets.parallel", description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="a .pt2 written by evo-rewrite with tensor-parallel(degree=N) in its pipeline")
+    ap.add_argument("--inputs", help="input spec as for evo-rewrite --inputs (default: the .pt2's example inputs)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--check", action="store_true", help="also run the unsharded program and compare outputs")
+    ap.add_argument("--repeat", type=int, default=0, help="time this many forward passes after one warm-up")
+    args = ap.parse_args(argv)
+    mesh = init_mesh(args.device)
+    rank = dist.get_rank()
+    try:
+        from rewriter.sources import load
+        from rewriter.verify import TOLERANCE, compare_outputs
+
+        plan = read_plan(args.model) if zipfile.is_zipfile(args.model) else None
+        if plan is None:
+            raise UsageError(f"{args.model} holds no tensor-parallel plan: rewrite it with tensor-parallel(degree=N) "
+                             "last in --passes and save it as .pt2")
+        program = load(args.model, inputs=args.inputs).program
+        device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+        sharded = shard(program, mesh, plan)
+        inputs = broadcast_inputs(program.inputs, device)
+        out = sharded(inputs)
+        lines = [f"rank {rank}/{mesh.size()}: {sharded.local_bytes():,} weight bytes here "
+                 f"(unsharded {plan['weight_bytes']:,}); output {tuple(_first_tensor(out).shape)}"]
+        code = 0
+        if args.repeat:
+            sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+            sharded(inputs)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.repeat):
+                sharded(inputs)
+            sync()
+            lines.append(f"rank {rank}: {(time.perf_counter() - t0) / args.repeat * 1e3:.2f} ms per forward")
+        if args.check:
+            program.module.to(device)
+            metrics, problem, dtype = compare_outputs(program(inputs), out)
+            tol = TOLERANCE.get(dtype, 1e-4)
+            rel = metrics.get("max_rel_error", 0.0)
+            ok = not problem and rel <= tol
+            lines.append(f"rank {rank}: sharded vs unsharded on {inputs.describe()}: "
+                         f"{problem or f'max rel error {rel:.3g}'} (tolerance {tol:g}) {'ok' if ok else 'FAILED'}")
+            code = 0 if ok else 4
+        print("\n".join(lines), flush=True)
+    except RewriteError as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
