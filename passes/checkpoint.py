@@ -77,8 +77,11 @@ class Checkpoint(Pass):
             if not candidates:
                 return PassResult(program, 0, message="no repeated blocks (a layer stack) to checkpoint; choose "
                                                       "regions by module path with modules=[...]")
+        # a region inside a chosen block gives way to the block; a block inside a region stays as it is
+        replaced = [e for e in existing if any(e.startswith(p + ".") for p in candidates)]
+        existing = tuple(e for e in existing if e not in replaced)
         for p in candidates:
-            if p in existing or any(p.startswith(e + ".") or e.startswith(p + ".") for e in existing):
+            if p in existing or any(p.startswith(e + ".") for e in existing):
                 skipped.append(Skip("already inside a checkpoint region", p))
         candidates = [p for p in candidates if not any(s.module == p for s in skipped)]
         try:
@@ -115,6 +118,8 @@ class Checkpoint(Pass):
         paths = tuple(r.path for r in regions if r.path in wrap)
         install(program.module, paths)
         notes, meta = self._describe(prof, kept, chosen, len(wanted), budget, inputs.describe())
+        if replaced:
+            notes["replaced regions"] = f"{', '.join(replaced)} (inside blocks now checkpointed whole)"
         program.meta["checkpoint"] = {"regions": list(paths), **meta}
         return PassResult(program, len(chosen), skipped, notes=notes)
 
