@@ -120,7 +120,7 @@ def _analyse(gm: fx.GraphModule, degree: int, block) -> _Analysis:
         for role, t in (("q", s.q), ("k", k), ("v", v)):
             path = trace_projection(t) if t is not None else "no K before its transpose"
             if isinstance(path, str):
-                raise PassNotApplicable(f"tensor-parallel: attention site {s.module}: the {role} projection was not "
+                raise PassNotApplicable(f"tensor-parallel: attention site {s.module or '(top level)'}: the {role} projection was not "
                                         f"found ({path})")
             p = path.projection
             parts.setdefault(p.node, []).append((role, p.start, p.stop, p, s.module))

@@ -1,7 +1,8 @@
 """Run a rewritten model with tensor parallelism over N processes (torchrun; NCCL on GPUs, gloo on CPUs).
 
     evo-rewrite model/ --passes "flash,tensor-parallel(degree=2)" -o model.pt2
-    torchrun --nproc-per-node 2 -m targets.parallel model.pt2 [--inputs SPEC] [--device cuda] [--check]
+    torchrun --nproc-per-node 2 -m targets.parallel model.pt2 [more.pt2 ...] [--inputs SPEC] [--device cuda]
+             [--check] [--repeat K]
 
 The ``.pt2`` carries the plan the ``tensor-parallel`` pass derived and checked (its
 ``evo_rewrite.json``). On every rank this module loads the program, derives the plan again from
@@ -50,7 +51,7 @@ from rewriter.errors import RewriteError, UsageError
 from rewriter.inputs import Inputs
 from rewriter.program import Program
 
-__all__ = ["ShardedProgram", "init_mesh", "shard", "read_plan", "main"]
+__all__ = ["ShardedProgram", "init_mesh", "shard", "read_plan", "broadcast_inputs", "main"]
 
 
 @dataclasses.dataclass
@@ -138,54 +139,64 @@ def _first_tensor(out) -> torch.Tensor:
     return next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
+def run_one(path: str, mesh: DeviceMesh, args) -> tuple[list[str], int]:
+    """Load, shard and run one .pt2 on this rank; the lines to print and the exit code."""
+    from rewriter.sources import load
+    from rewriter.verify import TOLERANCE, compare_outputs
+
+    rank = mesh.get_local_rank()
+    plan = read_plan(path) if zipfile.is_zipfile(path) else None
+    if plan is None:
+        raise UsageError(f"{path} holds no tensor-parallel plan: rewrite it with tensor-parallel(degree=N) last in "
+                         "--passes and save it as .pt2")
+    program = load(path, inputs=args.inputs).program
+    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    sharded = shard(program, mesh, plan)
+    inputs = broadcast_inputs(program.inputs, device)
+    out = sharded(inputs)
+    lines = [f"{path} rank {rank}/{mesh.size()}: {sharded.local_bytes():,} weight bytes here "
+             f"(unsharded {plan['weight_bytes']:,}); output {tuple(_first_tensor(out).shape)}"]
+    if args.repeat:
+        sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+        sharded(inputs)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.repeat):
+            sharded(inputs)
+        sync()
+        lines.append(f"{path} rank {rank}: {(time.perf_counter() - t0) / args.repeat * 1e3:.2f} ms per forward")
+    if not args.check:
+        return lines, 0
+    program.module.to(device)
+    metrics, problem, dtype = compare_outputs(program(inputs), out)
+    tol = TOLERANCE.get(dtype, 1e-4)
+    rel = metrics.get("max_rel_error", 0.0)
+    ok = not problem and rel <= tol
+    lines.append(f"{path} rank {rank}: sharded vs unsharded on {inputs.describe()}: "
+                 f"{problem or f'max rel error {rel:.3g}'} (tolerance {tol:g}) {'ok' if ok else 'FAILED'}")
+    return lines, 0 if ok else 4
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m targets.parallel", description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", help="a .pt2 written by evo-rewrite with tensor-parallel(degree=N) in its pipeline")
-    ap.add_argument("--inputs", help="input spec as for evo-rewrite --inputs (default: the .pt2's example inputs)")
+    ap = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m targets.parallel",
+                                 description="Run .pt2 files rewritten with tensor-parallel(degree=N) on N processes.")
+    ap.add_argument("models", nargs="+", help=".pt2 files written by evo-rewrite with tensor-parallel(degree=N) last "
+                    "in their pipeline (run one after another)")
+    ap.add_argument("--inputs", help="input spec as for evo-rewrite --inputs (default: each .pt2's example inputs)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--check", action="store_true", help="also run the unsharded program and compare outputs")
     ap.add_argument("--repeat", type=int, default=0, help="time this many forward passes after one warm-up")
     args = ap.parse_args(argv)
     mesh = init_mesh(args.device)
-    rank = dist.get_rank()
+    code = 0
     try:
-        from rewriter.sources import load
-        from rewriter.verify import TOLERANCE, compare_outputs
-
-        plan = read_plan(args.model) if zipfile.is_zipfile(args.model) else None
-        if plan is None:
-            raise UsageError(f"{args.model} holds no tensor-parallel plan: rewrite it with tensor-parallel(degree=N) "
-                             "last in --passes and save it as .pt2")
-        program = load(args.model, inputs=args.inputs).program
-        device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-        sharded = shard(program, mesh, plan)
-        inputs = broadcast_inputs(program.inputs, device)
-        out = sharded(inputs)
-        lines = [f"rank {rank}/{mesh.size()}: {sharded.local_bytes():,} weight bytes here "
-                 f"(unsharded {plan['weight_bytes']:,}); output {tuple(_first_tensor(out).shape)}"]
-        code = 0
-        if args.repeat:
-            sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-            sharded(inputs)
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(args.repeat):
-                sharded(inputs)
-            sync()
-            lines.append(f"rank {rank}: {(time.perf_counter() - t0) / args.repeat * 1e3:.2f} ms per forward")
-        if args.check:
-            program.module.to(device)
-            metrics, problem, dtype = compare_outputs(program(inputs), out)
-            tol = TOLERANCE.get(dtype, 1e-4)
-            rel = metrics.get("max_rel_error", 0.0)
-            ok = not problem and rel <= tol
-            lines.append(f"rank {rank}: sharded vs unsharded on {inputs.describe()}: "
-                         f"{problem or f'max rel error {rel:.3g}'} (tolerance {tol:g}) {'ok' if ok else 'FAILED'}")
-            code = 0 if ok else 4
-        print("\n".join(lines), flush=True)
+        for path in args.models:
+            lines, rc = run_one(path, mesh, args)
+            print("\n".join(lines), flush=True)
+            code = code or rc
     except RewriteError as exc:
-        if rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
+        if dist.get_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
         code = exc.exit_code
     dist.destroy_process_group()
     return code
