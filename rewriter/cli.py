@@ -135,6 +135,8 @@ def run(argv: list[str] | None = None) -> int:
     from .heal_data import attach_heal_data, read_heal_data
 
     check_heal_data(passes, bool(args.heal_data), "--heal-data")
+    if args.tokenizer and not args.heal_data:
+        raise UsageError("--tokenizer applies only with --heal-data (it reads heal's text)")
     heal_data = read_heal_data(args.heal_data) if args.heal_data else None
     try:
         thresholds = Thresholds(args.min_sqnr, args.min_cosine, args.max_kl)

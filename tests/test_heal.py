@@ -172,6 +172,9 @@ def test_cli_heal_errors(capsys, tmp_path):
                  "-o", str(tmp_path / "a.pt2")])
     _, err = capsys.readouterr()
     assert code == 2 and "missing.txt: no such file or directory" in err
+    code = main(["rewriter.zoo:gpt", "--passes", "gqa(kv_heads=2)", "--tokenizer", str(tmp_path), "-o", str(tmp_path / "a.pt2")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "--tokenizer applies only with --heal-data" in err
     assert not list(tmp_path.iterdir())  # nothing written
 
 
