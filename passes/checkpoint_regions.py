@@ -31,7 +31,7 @@ from torch.fx.graph import _PyTreeCodeGen
 
 from rewriter.pass_infra import module_paths
 
-__all__ = ["Region", "find_regions", "outline", "region_graph", "CheckpointCodeGen", "install", "inline",
+__all__ = ["Region", "find_regions", "outline", "region_graph", "CheckpointCodeGen", "install", "slug",
            "regions_of", "region_modules"]
 
 _OUTSIDE = ("placeholder", "get_attr", "output")
@@ -181,7 +181,7 @@ class CheckpointCodeGen(_PyTreeCodeGen):
         return state
 
     def _gen_python_code(self, nodes, root_module, namespace, **kwargs):
-        graph = nodes.graph
+        graph = getattr(nodes, "graph", None) or next(iter(nodes)).graph  # Graph.nodes (a _node_list) knows its graph
         regions = find_regions(graph, self.regions)
         runners = {r.path: _runner(r) for r in regions}
 
@@ -201,12 +201,6 @@ def install(gm: fx.GraphModule, paths: tuple[str, ...]) -> None:
     info = getattr(gm.graph._codegen, "pytree_info", None)
     gm.graph.set_codegen(CheckpointCodeGen(info, paths) if paths else _PyTreeCodeGen(info))
     gm.recompile()
-
-
-def inline(gm: fx.GraphModule) -> None:
-    """Drop the regions: the module runs its flat graph again."""
-    if regions_of(gm):
-        install(gm, ())
 
 
 def regions_of(gm: fx.GraphModule) -> tuple[str, ...]:

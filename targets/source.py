@@ -227,6 +227,13 @@ def save_source(program: Program, path: str | os.PathLike, *, check: bool = True
                           f"them); give a directory path, e.g. {out.with_suffix('')}")
     if out.exists():
         raise OutputError(f"{out} already exists; remove it or choose another output directory")
+    from passes.checkpoint_regions import regions_of
+
+    recorded = tuple(program.meta.get("checkpoint", {}).get("regions", ()))
+    if recorded and recorded != regions_of(program.module):
+        raise OutputError(f"the program's checkpoint regions {list(recorded)} are no longer in its module "
+                          f"({list(regions_of(program.module))}): a pass after checkpoint rebuilt the graph module; "
+                          "put checkpoint later in the pipeline")
     parent = check_output_file(out, program.source.path, what="another output directory")
     st = _safetensors()
     meta = json.loads(_metadata(program))  # records the flash pass's backend choice; the source calls portable SDPA
