@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 import threading
 import warnings
 from typing import ClassVar
@@ -27,7 +28,7 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from rewriter.attention import attention_sites, untranspose
+from rewriter.attention import CASTS, RESHAPES, attention_sites, untranspose, val
 from rewriter.blocks import repeated_blocks
 from rewriter.errors import PassNotApplicable
 from rewriter.pass_infra import Pass, PassResult, Skip, module_path, register_pass
@@ -35,7 +36,7 @@ from rewriter.program import Program
 from rewriter.projections import Projection, output_projection, trace_projection
 from rewriter.verify import TOLERANCE, compare_outputs
 
-from .tensor_parallel_shard import COLLECTIVES, LinearRole, bind, is_pointwise, local_shard, localize
+from .tensor_parallel_shard import COLLECTIVES, SPLITS, LinearRole, bind, is_pointwise, local_shard, localize
 
 __all__ = ["TensorParallel", "plan_rank", "simulate"]
 
@@ -69,9 +70,28 @@ def _block_of(program: Program):
     return block
 
 
-def _reached(n: fx.Node, linears, block, depth: int = 8) -> set[fx.Node]:
-    """Linear layers of n's block whose input is made from n's output by elementwise ops only (up/gate -> down)."""
-    found, frontier = set(), [n]
+def _last_dim_split(u: fx.Node) -> list[int] | None:
+    """Boundaries [0, …, total] of a split/chunk of the last (feature) dim, else None."""
+    src = val(u.args[0]) if u.target in SPLITS else None
+    if src is None:
+        return None
+    dim = u.args[2] if len(u.args) > 2 else u.kwargs.get("dim", 0)
+    total = int(src.shape[-1])
+    if dim % src.dim() != src.dim() - 1:
+        return None
+    if u.target is aten.split_with_sizes.default:
+        sizes = list(u.args[1])
+    else:
+        size = int(u.args[1]) if u.target is aten.split.Tensor else -(-total // int(u.args[1]))
+        sizes = [size] * (total // size) + ([total % size] if total % size else [])
+    return [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+
+
+def _ffn_reach(n: fx.Node, linears, block, depth: int = 8) -> tuple[set[fx.Node], list[int] | None]:
+    """Linear layers of n's block whose input is made from n's output by elementwise ops, feature-keeping
+    reshapes and splits of the features only (up/gate -> down), and the boundaries of such a split
+    (a fused gate_up projection)."""
+    found, bounds, frontier = set(), None, [n]
     for _ in range(depth):
         nxt = []
         for m in frontier:
@@ -79,10 +99,66 @@ def _reached(n: fx.Node, linears, block, depth: int = 8) -> set[fx.Node]:
                 if u in linears and _linear_input(u) is m:
                     if block(u) == block(n):
                         found.add(u)
-                elif u.op == "call_function" and is_pointwise(u):
+                elif u.op != "call_function":
+                    continue
+                elif is_pointwise(u) or u.target is operator.getitem:
+                    nxt.append(u)
+                elif u.target in RESHAPES and val(u) is not None and val(m) is not None \
+                        and str(val(u).shape[-1]) == str(val(m).shape[-1]):
+                    nxt.append(u)
+                elif _last_dim_split(u) is not None:
+                    bounds = bounds or _last_dim_split(u)
                     nxt.append(u)
         frontier = nxt
-    return found
+    return found, bounds
+
+
+def _reaches_output(n: fx.Node, depth: int = 8) -> bool:
+    """Whether n's output is a model output, through elementwise ops and reshapes only (logits)."""
+    frontier = [n]
+    for _ in range(depth):
+        nxt = []
+        for m in frontier:
+            for u in m.users:
+                if u.op == "output":
+                    return True
+                if u.op == "call_function" and (is_pointwise(u) or u.target in RESHAPES):
+                    nxt.append(u)
+        frontier = nxt
+    return False
+
+
+def _model_input(n) -> bool:
+    """Whether n is a model input, or one reshaped or cast (GPT-2 views its input_ids)."""
+    while isinstance(n, fx.Node) and n.op == "call_function" and (n.target in RESHAPES or n.target in CASTS):
+        n = n.args[0]
+    return isinstance(n, fx.Node) and n.op == "placeholder"
+
+
+def _only_linear_behind(t: fx.Node | None, linears, depth: int = 24) -> Projection | None:
+    """The one linear layer t is computed from (per-head norms, interleaved fused qkv), else None.
+
+    The whole projection is then sharded by output features; the propagation checks that its
+    heads are its outermost output dimension (a split across a sharded dim that is not a part
+    boundary is refused) and the simulation checks the numbers.
+    """
+    found, seen, frontier = set(), set(), [t] if t is not None else []
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if n in seen or n.op != "call_function":
+                continue
+            seen.add(n)
+            if n in linears:
+                found.add(n)
+            else:
+                nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    if len(found) != 1:
+        return None
+    p = copy.copy(linears[found.pop()])
+    p.start, p.stop = 0, p.out_features
+    return p
 
 
 def _kv_paths(site):
@@ -112,27 +188,30 @@ def _analyse(gm: fx.GraphModule, degree: int, block) -> _Analysis:
     roles: dict[fx.Node, LinearRole] = {}
     attention, sizes, outs = [], [], set()
     parts: dict[fx.Node, list] = {}
-    for s in attention_sites(gm):
+    sites = attention_sites(gm)
+    for s in sites:
         if s.layout != "BHSD" or s.heads is None or s.kv_heads is None:
             raise PassNotApplicable(f"tensor-parallel: attention site {s.module} has a {s.layout} layout whose head "
                                     "count is unknown; tensor-parallel shards (batch, heads, seq, dim) attention")
-        k, v = _kv_paths(s)
-        for role, t in (("q", s.q), ("k", k), ("v", v)):
-            path = trace_projection(t) if t is not None else "no K before its transpose"
-            if isinstance(path, str):
-                raise PassNotApplicable(f"tensor-parallel: attention site {s.module or '(top level)'}: the {role} projection was not "
-                                        f"found ({path})")
-            p = path.projection
-            parts.setdefault(p.node, []).append((role, p.start, p.stop, p, s.module))
-        o = output_projection(s)
-        if o is not None:
-            outs.add(o.node)
         attention.append({"module": s.module, "heads": s.heads, "kv_heads": s.kv_heads,
                           "heads_per_rank": s.heads // degree if s.heads % degree == 0 else None,
                           "kv_heads_per_rank": s.kv_heads // degree if s.kv_heads % degree == 0 else None,
                           "fused": s.fused})
         sizes += [(f"attention site {s.module}: {s.heads} query heads", s.heads),
                   (f"attention site {s.module}: {s.kv_heads} K/V heads", s.kv_heads)]
+    _check_sizes(sizes, degree)  # head counts first: the trap users hit, and the clearest message
+    for s in sites:
+        k, v = _kv_paths(s)
+        for role, t in (("q", s.q), ("k", k), ("v", v)):
+            path = trace_projection(t) if t is not None else "no K before its transpose"
+            p = path.projection if not isinstance(path, str) else _only_linear_behind(t, linears)
+            if p is None:
+                raise PassNotApplicable(f"tensor-parallel: attention site {s.module or '(top level)'}: the {role} "
+                                        f"projection was not found ({path})")
+            parts.setdefault(p.node, []).append((role, p.start, p.stop, p, s.module))
+        o = output_projection(s)
+        if o is not None:
+            outs.add(o.node)
     for node, ps in parts.items():
         proj = ps[0][3]
         segs = sorted({(a, b) for _, a, b, _, _ in ps})
@@ -148,26 +227,28 @@ def _analyse(gm: fx.GraphModule, degree: int, block) -> _Analysis:
         roles[node] = LinearRole(proj, role, "colwise", segs, ps[0][4])
     attn_linears = set(roles) | outs
     free = {n: p for n, p in linears.items() if n not in attn_linears}
-    reach = {n: _reached(n, free, block) for n in free}
-    downs = set().union(*reach.values()) if reach else set()
-    for n, hit in reach.items():
+    reach = {n: _ffn_reach(n, free, block) for n in free}
+    downs = set().union(*(hit for hit, _ in reach.values())) if reach else set()
+    for n, (hit, bounds) in reach.items():
         if hit and n not in downs:
-            roles[n] = LinearRole(linears[n], "ffn-in", "colwise", site=module_path(n))
-            sizes.append((f"FFN projection {module_path(n)} ({linears[n].out_features} features)", linears[n].out_features))
+            segs = list(zip(bounds[:-1], bounds[1:])) if bounds and len(bounds) > 2 else None
+            roles[n] = LinearRole(linears[n], "ffn-in", "colwise", segs, site=module_path(n))
+            for a, b in segs or [(0, linears[n].out_features)]:
+                sizes.append((f"FFN projection {module_path(n)} ({b - a} features)", b - a))
     # token embeddings (indexed by a model input) and the LM head (a linear onto the vocabulary)
     embeddings, vocab_tables = {}, {}
     for n in g.nodes:
         if n.op == "call_function" and n.target is aten.embedding.default and n.args[0].op == "get_attr":
             ids = n.args[1]
             rows = int(n.args[0].meta["val"].shape[0]) if "val" in n.args[0].meta else 0
-            token = isinstance(ids, fx.Node) and ids.op == "placeholder"
+            token = _model_input(ids)
             embeddings[n] = "vocab" if token and rows % degree == 0 else "replicate"
             if token:
                 vocab_tables[n.args[0].target] = rows
     for n, p in linears.items():
         if n in roles or n in outs or n in downs:
             continue
-        if p.weight in vocab_tables or p.out_features in vocab_tables.values():
+        if p.weight in vocab_tables or p.out_features in vocab_tables.values() and _reaches_output(n):
             roles[n] = LinearRole(p, "lm-head", "vocab" if p.out_features % degree == 0 else "replicate",
                                   site=module_path(n))
     return _Analysis(roles, linears, embeddings, attention, outs, sizes)

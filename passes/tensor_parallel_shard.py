@@ -33,7 +33,7 @@ from rewriter.errors import PassNotApplicable
 from rewriter.pass_infra import module_path
 from rewriter.projections import Projection
 
-__all__ = ["LinearRole", "localize", "COLLECTIVES", "is_pointwise", "shard_dim_tensor", "local_shard", "bind"]
+__all__ = ["LinearRole", "localize", "COLLECTIVES", "SPLITS", "is_pointwise", "shard_dim_tensor", "local_shard", "bind"]
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
@@ -44,7 +44,7 @@ _ASSERT = aten._assert_tensor_metadata.default
 _KEEP = CASTS | DROPOUT | {aten.detach.default}  # same values, same layout
 _NORMS = {aten.layer_norm.default, aten.rms_norm.default}
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
-_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
+SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
 
 
 @dataclasses.dataclass
@@ -301,11 +301,11 @@ class _Localizer:
             return self.pointwise(n, self.spec)
         handler = {aten.expand.default: self.expand, aten.transpose.int: self.transpose, aten.permute.default: self.permute,
                    aten.t.default: self.transpose, aten.unsqueeze.default: self.unsqueeze, aten.slice.Tensor: self.slice,
-                   aten.cat.default: self.cat, aten.repeat_interleave.self_int: self.keep,
+                   aten.cat.default: self.cat, aten.stack.default: self.stack, aten.repeat_interleave.self_int: self.keep,
                    aten.flatten.using_ints: self.flatten}.get(t)
         if handler is not None:
             return handler(n, x, d)
-        if t in _SPLITS:
+        if t in SPLITS:
             return self.split(n, x, d)
         if t in SOFTMAX_OPS or t is aten.log_softmax.int:
             if n.args[1] % len(self.shape(x)) == d:
@@ -364,7 +364,7 @@ class _Localizer:
 
     def flatten(self, n, x, d):
         r = len(self.shape(x))
-        a, b = n.args[1] % r, n.args[2] % r
+        a, b = (n.args[1] if len(n.args) > 1 else 0) % r, (n.args[2] if len(n.args) > 2 else -1) % r
         if a < d <= b:
             self.fail(n, "a flatten merges the sharded dim behind another")
         self.spec[n] = d - (b - a) if d > b else d
@@ -413,6 +413,12 @@ class _Localizer:
             self.fail(n, "concatenates along a sharded dimension or joins sharded and unsharded tensors")
         self.spec[n] = d
 
+    def stack(self, n, x, d):
+        parts, dim = n.args[0], (n.args[1] if len(n.args) > 1 else 0) % (len(self.shape(x)) + 1)
+        if any(p not in self.spec or self.spec[p] != d for p in parts):
+            self.fail(n, "stacks sharded and unsharded tensors")
+        self.spec[n] = d + 1 if dim <= d else d
+
     def reduction(self, n, x, d):
         r = len(self.shape(x))
         if n.target in _NORMS:
@@ -438,7 +444,7 @@ class _Localizer:
         e = dims.pop()
         if n.target is not aten.type_as.default:
             for a in n.all_input_nodes:
-                if a in spec or val(a) is None or val(a).dim() == 0:
+                if a in spec or not self.shape(a):
                     continue
                 j = e - (ro - len(self.shape(a)))
                 if j < 0 or _same(self.shape(a)[j], 1):

@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for path in args.models:
             lines, rc = run_one(path, mesh, args)
-            print("\n".join(lines), flush=True)
+            sys.stdout.write("\n".join(lines) + "\n")  # one write: ranks share the terminal
+            sys.stdout.flush()
             code = code or rc
     except RewriteError as exc:
         if dist.get_rank() == 0:
