@@ -177,12 +177,31 @@ def main():
     def graph_call(m):
         return m(input_ids=ids)["logits"]
 
+    errors = {}
+
+    def attempt(label, fn):
+        """Run one part; a failure (an OOM, say) is logged and recorded, and the run goes on."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            errors[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            log(f"  {label} FAILED: {errors[label]}")
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
+    def variant(name, module, call, est=None):
+        rec = attempt(name, lambda: train(name, module, call, ids, dev, steps, warmup, est, log))
+        if rec is not None:
+            records.append(rec)
+        return rec
+
     # ---- fp32 original
     for tf32 in (False, True):
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
-        records.append(train(f"fp32 original (TF32 {'on' if tf32 else 'off'})", model, hf_call, ids, dev, steps,
-                             warmup, log=log))
+        variant(f"fp32 original (TF32 {'on' if tf32 else 'off'})", model, hf_call)
     # TF32 stays on from here
 
     # ---- rewrites: capture once, passes on the captured program (weights shared with the model)
@@ -202,10 +221,10 @@ def main():
         return r
 
     bf16 = rewrite(captured, "bf16")
-    records.append(train("bf16", bf16.module, graph_call, ids, dev, steps, warmup, estimate(bf16.program, B, S), log))
-    ck = rewrite(bf16.program, "checkpoint")
-    records.append(train("bf16,checkpoint", ck.module, graph_call, ids, dev, steps, warmup,
-                         estimate(ck.program, B, S), log))
+    variant("bf16", bf16.module, graph_call, estimate(bf16.program, B, S))
+    ck = attempt("rewrite bf16,checkpoint", lambda: rewrite(bf16.program, "checkpoint"))
+    if ck is not None:
+        variant("bf16,checkpoint", ck.module, graph_call, estimate(ck.program, B, S))
     del ck
 
     # ---- budget: a fraction of what bf16 would hold
@@ -213,35 +232,39 @@ def main():
 
     unbounded = profile(bf16.program, inputs_at(bf16.program, B, S)).bytes()
     budget = int(args.budget_fraction * unbounded)
-    bud = rewrite(bf16.program, f"checkpoint(budget={budget}, batch={B}, seq={S})")
-    meta = bud.program.meta["checkpoint"]
-    rec = train(f"bf16,checkpoint(budget={budget / GB:.3g}GB)", bud.module, graph_call, ids, dev, steps, warmup,
-                meta["estimate_bytes_after"], log)
-    rec.update(budget_bytes=budget, regions=meta["regions"], unbounded_estimate_bytes=unbounded)
-    records.append(rec)
+    bud = attempt("rewrite budget", lambda: rewrite(bf16.program, f"checkpoint(budget={budget}, batch={B}, seq={S})"))
+    if bud is not None:
+        meta = bud.program.meta["checkpoint"]
+        rec = variant(f"bf16,checkpoint(budget={budget / GB:.3g}GB)", bud.module, graph_call,
+                      meta["estimate_bytes_after"])
+        if rec is not None:
+            rec.update(budget_bytes=budget, regions=meta["regions"], unbounded_estimate_bytes=unbounded)
     del bud, bf16
     gc.collect()
 
-    fl = rewrite(captured, "flash(backend=default),bf16,checkpoint")
-    records.append(train("flash,bf16,checkpoint", fl.module, graph_call, ids, dev, steps, warmup,
-                         estimate(fl.program, B, S), log))
+    fl = attempt("rewrite flash,bf16,checkpoint", lambda: rewrite(captured, "flash(backend=default),bf16,checkpoint"))
+    if fl is not None:
+        variant("flash,bf16,checkpoint", fl.module, graph_call, estimate(fl.program, B, S))
     del fl, captured
     gc.collect()
 
     # ---- transformers' own gradient checkpointing, bf16 weights
     hf_bf16.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    records.append(train("transformers bf16 eager + gradient_checkpointing", hf_bf16, hf_call, ids, dev, steps,
-                         warmup, log=log))
-    if hasattr(hf_bf16, "set_attn_implementation"):
-        hf_bf16.set_attn_implementation("sdpa")
-    else:
-        hf_bf16.config._attn_implementation = "sdpa"
-    records.append(train("transformers bf16 sdpa + gradient_checkpointing", hf_bf16, hf_call, ids, dev, steps,
-                         warmup, log=log))
+    variant("transformers bf16 eager + gradient_checkpointing", hf_bf16, hf_call)
+
+    def to_sdpa():
+        if hasattr(hf_bf16, "set_attn_implementation"):
+            hf_bf16.set_attn_implementation("sdpa")
+        else:
+            hf_bf16.config._attn_implementation = "sdpa"
+        return True
+
+    if attempt("switch to sdpa", to_sdpa):
+        variant("transformers bf16 sdpa + gradient_checkpointing", hf_bf16, hf_call)
 
     # ---- table and goals
     by = {r["variant"]: r for r in records}
-    base = by["fp32 original (TF32 on)"]
+    base = by.get("fp32 original (TF32 on)")
 
     def gb(v):
         return f"{v / GB:.2f}" if isinstance(v, (int, float)) else "n/a"
@@ -252,23 +275,30 @@ def main():
     log(hdr)
     log("-" * len(hdr))
     for r in records:
-        log(f"{r['variant']:<50} {r['step_s'] * 1e3:>8.1f} {r['tokens_per_s']:>9,.0f} "
-            f"{r['tokens_per_s'] / base['tokens_per_s']:>6.2f}x {gb(r['activation_bytes']):>7} "
-            f"{gb(r['activation_estimate_bytes']):>7} {gb(r['peak_minus_static_bytes']):>11} {gb(r['peak_bytes']):>8} "
-            f"{r['first_loss']:>7.3f}")
-    b, c = by["bf16"], by["bf16,checkpoint"]
-    bud_rec = next(r for r in records if "budget_bytes" in r)
-    goals = {"bf16 step vs fp32 TF32 (goal >= 1.8x)": b["tokens_per_s"] / base["tokens_per_s"],
-             "checkpoint throughput cost vs bf16 (goal <= 25%)": 1 - c["tokens_per_s"] / b["tokens_per_s"]}
-    if b["activation_bytes"]:
-        goals["checkpoint activation cut vs bf16 (goal >= 75%)"] = 1 - c["activation_bytes"] / b["activation_bytes"]
-        goals["checkpoint peak-static cut vs bf16"] = 1 - c["peak_minus_static_bytes"] / b["peak_minus_static_bytes"]
-        goals["budget: measured vs requested (goal within +-10%)"] = bud_rec["activation_bytes"] / budget - 1
-        goals["budget: measured vs estimated"] = bud_rec["activation_bytes"] / bud_rec["activation_estimate_bytes"] - 1
+        rel = f"{r['tokens_per_s'] / base['tokens_per_s']:>6.2f}x" if base else "    n/a"
+        log(f"{r['variant']:<50} {r['step_s'] * 1e3:>8.1f} {r['tokens_per_s']:>9,.0f} {rel} "
+            f"{gb(r['activation_bytes']):>7} {gb(r['activation_estimate_bytes']):>7} "
+            f"{gb(r['peak_minus_static_bytes']):>11} {gb(r['peak_bytes']):>8} {r['first_loss']:>7.3f}")
+    for label, err in errors.items():
+        log(f"{label}: FAILED ({err})")
+    b, c = by.get("bf16"), by.get("bf16,checkpoint")
+    bud_rec = next((r for r in records if "budget_bytes" in r), None)
+    goals = {}
+    if b and base:
+        goals["bf16 step vs fp32 TF32 (goal >= 1.8x)"] = b["tokens_per_s"] / base["tokens_per_s"]
+    if b and c:
+        goals["checkpoint throughput cost vs bf16 (goal <= 25%)"] = 1 - c["tokens_per_s"] / b["tokens_per_s"]
+        if b["activation_bytes"]:
+            goals["checkpoint activation cut vs bf16 (goal >= 75%)"] = 1 - c["activation_bytes"] / b["activation_bytes"]
+            goals["checkpoint peak-static cut vs bf16"] = 1 - c["peak_minus_static_bytes"] / b["peak_minus_static_bytes"]
     log("")
-    log(f"budget run: requested {gb(budget)} GB ({args.budget_fraction:g} x bf16's estimate {gb(unbounded)} GB), "
-        f"{len(bud_rec['regions'])} regions ({', '.join(bud_rec['regions'])}), estimated "
-        f"{gb(bud_rec['activation_estimate_bytes'])} GB, measured {gb(bud_rec['activation_bytes'])} GB")
+    if bud_rec:
+        if bud_rec["activation_bytes"]:
+            goals["budget: measured vs requested (goal within +-10%)"] = bud_rec["activation_bytes"] / budget - 1
+            goals["budget: measured vs estimated"] = bud_rec["activation_bytes"] / bud_rec["activation_estimate_bytes"] - 1
+        log(f"budget run: requested {gb(budget)} GB ({args.budget_fraction:g} x bf16's estimate {gb(unbounded)} GB), "
+            f"{len(bud_rec['regions'])} regions ({', '.join(bud_rec['regions'])}), estimated "
+            f"{gb(bud_rec['activation_estimate_bytes'])} GB, measured {gb(bud_rec['activation_bytes'])} GB")
     for k, v in goals.items():
         log(f"{k}: {v:.2f}x" if k.startswith("bf16 step") else f"{k}: {v:+.1%}")
     log(f"total {time.perf_counter() - t_start:.0f}s")
@@ -278,7 +308,8 @@ def main():
             json.dump({"device": gpu, "torch": torch.__version__, "transformers": T.__version__, "config": cfg,
                        "params": params, "batch": B, "seq": S, "steps": steps, "warmup": warmup,
                        "tf32": "fp32 original measured with TF32 off and on; TF32 on for everything after",
-                       "records": records, "goals": goals, "reports": reports}, f, indent=1, default=str)
+                       "records": records, "goals": goals, "errors": errors, "reports": reports}, f, indent=1,
+                      default=str)
         with open(args.out + ".txt", "w") as f:
             f.write("\n".join(lines) + "\n")
         print(f"wrote {args.out}.json and {args.out}.txt")
