@@ -51,7 +51,7 @@ from rewriter.errors import RewriteError, UsageError
 from rewriter.inputs import Inputs
 from rewriter.program import Program
 
-__all__ = ["ShardedProgram", "init_mesh", "shard", "read_plan", "broadcast_inputs", "main"]
+__all__ = ["ShardedProgram", "init_mesh", "shard", "read_plan", "broadcast_inputs", "retarget", "main"]
 
 
 @dataclasses.dataclass
@@ -85,6 +85,24 @@ def read_plan(path: str | os.PathLike) -> dict | None:
         return json.loads(z.read(name)).get("tensor_parallel") if name else None
 
 
+def retarget(graph: fx.Graph, device: torch.device) -> None:
+    """Point every device the graph names (``arange(..., device=cpu)``, ``to(device)``) at ``device``.
+
+    A program captured or saved on one device creates tensors there; on another it must create them
+    where its weights are.
+    """
+    def swap(a):
+        return device if isinstance(a, torch.device) else a
+
+    for n in graph.nodes:
+        if n.op == "call_function":
+            n.args, n.kwargs = fx.node.map_aggregate(n.args, swap), fx.node.map_aggregate(n.kwargs, swap)
+
+
+def mesh_device(mesh: DeviceMesh) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+
+
 def _signature(plan: dict) -> tuple:
     return (plan["degree"], plan["sequence_parallel"],
             tuple((x["module"], x["weight"], x["style"], str(x["segments"])) for x in plan["linears"]),
@@ -108,6 +126,7 @@ def shard(program: Program, mesh: DeviceMesh, plan: dict | None = None,
     if plan is not None and _signature(plan) != _signature(new_plan):
         raise UsageError("the stored tensor-parallel plan does not match the program's graph (did a pass run after "
                          "tensor-parallel?); put tensor-parallel last in the pipeline and rewrite again")
+    retarget(gm.graph, mesh_device(mesh))
     tensors, dtensors = {}, {}
     for n in gm.graph.nodes:
         if n.op != "get_attr" or n.target in tensors:
@@ -150,7 +169,7 @@ def run_one(path: str, mesh: DeviceMesh, args) -> tuple[list[str], int]:
         raise UsageError(f"{path} holds no tensor-parallel plan: rewrite it with tensor-parallel(degree=N) last in "
                          "--passes and save it as .pt2")
     program = load(path, inputs=args.inputs).program
-    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    device = mesh_device(mesh)
     sharded = shard(program, mesh, plan)
     inputs = broadcast_inputs(program.inputs, device)
     out = sharded(inputs)
@@ -168,6 +187,8 @@ def run_one(path: str, mesh: DeviceMesh, args) -> tuple[list[str], int]:
     if not args.check:
         return lines, 0
     program.module.to(device)
+    retarget(program.graph, device)
+    program.module.recompile()
     metrics, problem, dtype = compare_outputs(program(inputs), out)
     tol = TOLERANCE.get(dtype, 1e-4)
     rel = metrics.get("max_rel_error", 0.0)
