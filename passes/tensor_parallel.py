@@ -2,13 +2,15 @@
 
 pattern  the attention sites (``rewriter.attention``) with their q/k/v projections
          (``rewriter.projections``, separate or fused qkv), the FFN pairs of every block (a linear
-         whose output reaches another linear through elementwise ops only: up/gate -> down), token
+         whose output reaches another linear of its block through elementwise ops, feature-keeping
+         reshapes and feature splits only: up/gate -> down, fused gate_up -> down), token
          embeddings (tables indexed by a model input) and the LM head (a linear onto the vocabulary)
 check    before anything runs: query heads and K/V heads of every site (after any ``gqa``), FFN
          widths and fused-projection parts divisible by the degree, else an error naming the site
          and the valid degrees; then the graph of one rank is built (passes/tensor_parallel_shard.py),
          which fails on any op the sharding cannot pass through, and the N ranks are simulated in
-         one process (threads, collectives in memory) against the unsharded program
+         one process (passes/tensor_parallel_ranks.py: a thread per rank, collectives in memory)
+         against the unsharded program
 rewrite  nothing in the single-process program: the plan — every linear layer once, as column-
          (``Shard(0)`` of an (out, in) weight), row- (``Shard(1)``, bias added after the all-reduce),
          vocabulary-parallel or replicated; every sharded tensor's DTensor placement; heads per rank
@@ -21,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
-import threading
 import warnings
 from typing import ClassVar
 
@@ -36,9 +37,10 @@ from rewriter.program import Program
 from rewriter.projections import Projection, output_projection, trace_projection
 from rewriter.verify import TOLERANCE, compare_outputs
 
-from .tensor_parallel_shard import COLLECTIVES, SPLITS, LinearRole, bind, is_pointwise, local_shard, localize
+from .tensor_parallel_ranks import simulate
+from .tensor_parallel_shard import COLLECTIVES, SPLITS, LinearRole, is_pointwise, localize
 
-__all__ = ["TensorParallel", "plan_rank", "simulate"]
+__all__ = ["TensorParallel", "plan_rank"]
 
 aten = torch.ops.aten
 
@@ -346,88 +348,6 @@ def _check_readers(graph: fx.Graph, tensors: dict, degree: int) -> None:
             raise PassNotApplicable(f"tensor-parallel(degree={degree}): tensor {n.target} is sharded "
                                     f"({tensors[n.target]['placement']}) but also read by {getattr(u.target, '__name__', u.target)} "
                                     f"in {module_path(u) or 'the top level'}")
-
-
-# -- single-process simulation of the N ranks --------------------------------------------------------
-
-class _SimGroup:
-    """N threads, one per rank, exchanging tensors at each collective."""
-
-    def __init__(self, n: int):
-        self.n, self.slots = n, [None] * n
-        self.barrier = threading.Barrier(n, timeout=600)
-
-    def exchange(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self.slots[_local.rank] = x
-        self.barrier.wait()
-        xs = list(self.slots)
-        self.barrier.wait()
-        return xs
-
-
-_local = threading.local()
-_GROUPS: dict[str, _SimGroup] = {}
-
-
-def _sim_all_reduce(x, op, group):
-    return torch.stack(_GROUPS[group].exchange(x)).sum(0)
-
-
-def _sim_all_gather(x, size, group):
-    return torch.cat(_GROUPS[group].exchange(x), 0)
-
-
-def _sim_reduce_scatter(x, op, size, group):
-    return torch.stack(_GROUPS[group].exchange(x)).sum(0).chunk(size, 0)[_local.rank].clone()
-
-
-def _sim_wait(x):
-    return x
-
-
-_SIM = {torch.ops._c10d_functional.all_reduce.default: _sim_all_reduce,
-        torch.ops._c10d_functional.all_gather_into_tensor.default: _sim_all_gather,
-        torch.ops._c10d_functional.reduce_scatter_tensor.default: _sim_reduce_scatter,
-        torch.ops._c10d_functional.wait_tensor.default: _sim_wait}
-
-
-def simulate(program: Program, degree: int, sequence_parallel: bool, inputs) -> list:
-    """Run the N ranks' graphs in one process (one thread each, collectives in memory); their outputs."""
-    group = f"tp-sim-{id(program)}"
-    _GROUPS[group] = _SimGroup(degree)
-    modules = []
-    for r in range(degree):
-        plan, gm = plan_rank(program, degree, sequence_parallel, r, group)
-        for n in gm.graph.nodes:
-            if n.op == "call_function" and n.target in _SIM:
-                n.target = _SIM[n.target]
-        tensors = {n.target: local_shard(program.get_tensor(n.target), plan["tensors"].get(n.target), degree, r)
-                   for n in gm.graph.nodes if n.op == "get_attr"}
-        modules.append(bind(gm.graph, tensors, program.module))
-    outs, errors = [None] * degree, []
-
-    def work(r):
-        _local.rank = r
-        try:
-            with torch.no_grad():
-                outs[r] = modules[r](*inputs.args, **inputs.kwargs)
-        except threading.BrokenBarrierError:
-            pass
-        except Exception as exc:  # noqa: BLE001 - re-raised in the caller
-            errors.append(exc)
-            _GROUPS[group].barrier.abort()
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(degree)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        del _GROUPS[group]
-    if errors:
-        raise errors[0]
-    return outs
 
 
 def _divisible(program: Program, inputs, degree: int) -> bool:

@@ -33,7 +33,7 @@ from rewriter.errors import PassNotApplicable
 from rewriter.pass_infra import module_path
 from rewriter.projections import Projection
 
-__all__ = ["LinearRole", "localize", "COLLECTIVES", "SPLITS", "is_pointwise", "shard_dim_tensor", "local_shard", "bind"]
+__all__ = ["LinearRole", "localize", "COLLECTIVES", "SPLITS", "is_pointwise"]
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
@@ -529,45 +529,3 @@ def localize(gm: fx.GraphModule, roles: dict[fx.Node, LinearRole], embeddings: d
     loc.run()
     gm.graph.eliminate_dead_code()
     return {"rowwise": loc.rowwise, "collectives": loc.counts}
-
-
-# -- weights --------------------------------------------------------------------------------------
-
-def shard_dim_tensor(full: torch.Tensor, entry: dict, degree: int) -> torch.Tensor:
-    """The tensor whose equal chunks along ``entry["dim"]`` are the ranks' shards.
-
-    A fused projection (qkv) is sharded part by part: its segments are interleaved so that chunk r
-    holds rank r's rows of q, then of k, then of v; a plain ``Shard(dim)`` of the result gives each
-    rank its heads of every part.
-    """
-    segs = entry.get("segments")
-    if not segs:
-        return full
-    dim = entry["dim"]
-    pieces = [full.narrow(dim, a, b - a).chunk(degree, dim) for a, b in segs]
-    return torch.cat([p[r] for r in range(degree) for p in pieces], dim)
-
-
-def local_shard(full: torch.Tensor, entry: dict | None, degree: int, rank: int) -> torch.Tensor:
-    """Rank ``rank``'s piece of a tensor under the plan's entry (None: replicated)."""
-    if entry is None:
-        return full
-    return shard_dim_tensor(full, entry, degree).chunk(degree, entry["dim"])[rank]
-
-
-def bind(graph: fx.Graph, tensors: dict[str, torch.Tensor], like: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule running ``graph`` on ``tensors`` (by get_attr target), called like ``like``."""
-    root = torch.nn.Module()
-    for target, t in tensors.items():
-        *parents, leaf = target.split(".")
-        mod = root
-        for p in parents:
-            if not hasattr(mod, p):
-                mod.add_module(p, torch.nn.Module())
-            mod = getattr(mod, p)
-        mod.register_buffer(leaf, t)
-    gm = fx.GraphModule(root, graph, class_name="TensorParallelRank")
-    for k in ("_in_spec", "_out_spec"):
-        if hasattr(like, k):
-            setattr(gm, k, getattr(like, k))
-    return gm

@@ -46,7 +46,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from passes.tensor_parallel import plan_rank
-from passes.tensor_parallel_shard import bind, shard_dim_tensor
+from passes.tensor_parallel_ranks import bind, shard_dim_tensor
 from rewriter.errors import RewriteError, UsageError
 from rewriter.inputs import Inputs
 from rewriter.program import Program

@@ -10,7 +10,8 @@ import torch
 
 import rewriter
 from hf_configs import build
-from passes.tensor_parallel import TensorParallel, plan_rank, simulate
+from passes.tensor_parallel import TensorParallel, plan_rank
+from passes.tensor_parallel_ranks import simulate
 from rewriter import PassNotApplicable, PipelineError, zoo
 from rewriter.verify import compare_outputs
 from targets.parallel import read_plan, shard
