@@ -5,11 +5,18 @@ pattern  the repeated blocks of rewriter.blocks (same structure, same parameter 
          blocks), ``cycle`` (block i uses set i mod k; Takase & Kiyono 2021)
 check    a partition needs two blocks; ``what=attention`` needs an attention site in the block
 rewrite  the get_attr nodes of the partition's blocks read one shared tensor per name
-         (``shared_layers.<container>.<set>.<name>``), the group mean (``init=mean``) or the first
-         block's tensor (``init=first``); the per-block tensors are dropped. ``rank=r`` keeps a
-         per-block residual U·V (rank r, truncated SVD of W_block − W_shared; Bae et al. 2024):
-         ``linear(x, W)`` becomes ``linear(x, W_shared) + linear(linear(x, V), U)``, any other use
-         reads ``W_shared + U @ V``; exact when r reaches the matrix's smaller dimension.
+         (``shared_layers.<container>.<set>.<name>``); the per-block tensors are dropped. The shared
+         matrix is the group mean (``init=mean``), the first block's (``init=first``) or the one of least
+         activation-weighted error (``init=fit``, the default). ``rank`` keeps a per-block residual U·V
+         (Bae et al. 2024): ``linear(x, W)`` becomes ``linear(x, W_shared) + linear(linear(x, V), U)``, any
+         other use reads ``W_shared + U @ V``; exact when the rank reaches the matrix's smaller dimension.
+         ``residual=activation`` (default) fits U·V to the block's inputs, ``residual=svd`` to the weights.
+         ``bias=fit`` (default) moves each block's own bias by the mean error the tying leaves.
+
+The fits (passes/share_layers_fit.py) use the calibration inputs (``--calibration`` /
+``rewrite(calibration=...)``) or else the example inputs, shrunk toward the plain mean / SVD when they
+hold few tokens. ``rank`` is a rank per matrix (an int) or a parameter budget (a float in (0, 1]: the
+residual parameters as a fraction of the shared blocks' parameters), spent where it removes most error.
 
 What is shared: matrices (tensors of two or more dimensions). Vectors (norm weights, biases) stay
 per block unless ``vectors=share``: they cost ~0.2% of a block's parameters and keep each block's
@@ -28,6 +35,8 @@ from rewriter.attention import attention_sites
 from rewriter.blocks import Block, BlockGroup, repeated_blocks
 from rewriter.pass_infra import Pass, PassResult, Skip, register_pass
 from rewriter.program import Program
+
+from .share_layers_fit import Problem, collect_input_stats, fit_sets, linear_uses
 
 aten = torch.ops.aten
 
@@ -55,12 +64,6 @@ def drop_attr(gm: torch.nn.Module, target: str) -> None:
         delattr(mod, leaf)
 
 
-def low_rank(diff: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U (out, r), V (r, in)) with U @ V the best rank-r approximation of diff (out, in)."""
-    u, s, vh = torch.linalg.svd(diff.double(), full_matrices=False)
-    return (u[:, :rank] * s[:rank]).to(diff.dtype).contiguous(), vh[:rank].to(diff.dtype).contiguous()
-
-
 def _attention_children(program: Program, block: Block) -> set[str]:
     """The block's direct children that hold an attention site ("attn", "attention", "self_attn")."""
     out = set()
@@ -70,6 +73,17 @@ def _attention_children(program: Program, block: Block) -> set[str]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Set:
+    container: str
+    index: int  # the set's number within its group
+    blocks: tuple[Block, ...]
+    names: tuple[str, ...]  # relative names of the tensors shared
+
+    def describe(self) -> str:
+        return f"{self.container}.[{','.join(str(b.index) for b in self.blocks)}]"
+
+
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class ShareLayers(Pass):
@@ -77,18 +91,23 @@ class ShareLayers(Pass):
 
     name: ClassVar[str] = "share-layers"
     exact: ClassVar[bool] = False
-    summary: ClassVar[str] = "tie the weights of repeated blocks (all, every-k, cycle), optional low-rank residual per block"
+    summary: ClassVar[str] = ("tie the weights of repeated blocks (all, every-k, cycle), fitted to calibration inputs; "
+                              "optional low-rank residual per block")
     strategy: Literal["all", "every", "cycle"] = "all"
     k: int = 2
     what: Literal["block", "attention", "ffn"] = "block"
-    init: Literal["mean", "first"] = "mean"
-    rank: int = 0
+    init: Literal["fit", "mean", "first"] = "fit"
+    rank: int | float = 0
+    residual: Literal["activation", "svd"] = "activation"
+    bias: Literal["fit", "keep"] = "fit"
     vectors: Literal["keep", "share"] = "keep"
 
     def __post_init__(self):
         if self.strategy in ("every", "cycle") and self.k < (2 if self.strategy == "every" else 1):
             raise ValueError(f"k must be >= {2 if self.strategy == 'every' else 1} for strategy={self.strategy}, got {self.k}")
-        if self.rank < 0:
+        if isinstance(self.rank, float) and not 0 < self.rank <= 1:
+            raise ValueError(f"rank as a fraction of the blocks' parameters must lie in (0, 1], got {self.rank}")
+        if isinstance(self.rank, int) and self.rank < 0:
             raise ValueError(f"rank must be >= 0 (0: no per-layer residual), got {self.rank}")
 
     def run(self, program: Program) -> PassResult:
@@ -96,34 +115,27 @@ class ShareLayers(Pass):
         if not groups:
             return PassResult(program, 0, message="no repeated blocks (no two blocks with the same structure and parameter shapes)")
         skipped: list[Skip] = []
-        tied, shared_tensors, residual_params = 0, 0, 0
-        described = []
-        for gi, group in enumerate(groups):
+        sets: list[_Set] = []
+        for group in groups:
             names = self._names(program, group)
             if isinstance(names, str):
                 skipped.append(Skip(names, group.describe()))
                 continue
             for j, positions in enumerate(partition(len(group.blocks), self.strategy, self.k)):
-                blocks = [group.blocks[p] for p in positions]
-                if len(blocks) < 2:
+                if len(positions) < 2:
                     skipped.append(Skip(f"no other block to share with (strategy={self.strategy}, k={self.k})",
-                                        blocks[0].path))
+                                        group.blocks[positions[0]].path))
                     continue
-                residual_params += self._tie(program, group.container, j, blocks, names)
-                tied += len(blocks)
-                shared_tensors += len(names)
-                described.append(f"{group.container}.[{','.join(str(b.index) for b in blocks)}]")
-        if not tied:
+                sets.append(_Set(group.container, j, tuple(group.blocks[p] for p in positions), tuple(names)))
+        if not sets:
             return PassResult(program, 0, skipped, message="no set of two or more blocks to share")
+        notes = {"shared sets": ", ".join(s.describe() for s in sets),
+                 "shared tensors": sum(len(s.names) for s in sets), "what": self.what, "init": self.init}
+        notes.update(self._share(program, sets))
         program.graph.eliminate_dead_code()
         program.graph.lint()
         program.module.recompile()
-        notes = {"shared sets": ", ".join(described), "shared tensors": shared_tensors,
-                 "what": self.what, "init": self.init}
-        if self.rank:
-            notes["residual rank"] = self.rank
-            notes["residual parameters"] = residual_params
-        return PassResult(program, tied, skipped, notes)
+        return PassResult(program, sum(len(s.blocks) for s in sets), skipped, notes)
 
     # -- what is shared -----------------------------------------------------------------------
 
@@ -142,38 +154,93 @@ class ShareLayers(Pass):
             names = in_attn if self.what == "attention" else [n for n in names if n not in in_attn]
         return names or f"no {'matrices' if self.vectors == 'keep' else 'parameters'} to share for what={self.what}"
 
+    # -- fit ------------------------------------------------------------------------------------
+
+    def _own_bias(self, program: Program, s: _Set, block: Block, name: str) -> str | None:
+        """The get_attr target of the block's own (unshared) bias added to ``linear(x, W)``, if any."""
+        uses = linear_uses(program.graph, block.target(name))
+        biases = {u.args[2].target if len(u.args) > 2 and isinstance(u.args[2], fx.Node) and u.args[2].op == "get_attr"
+                  else None for u in uses or ()}
+        if len(biases) != 1 or None in biases:
+            return None
+        (b,) = biases
+        return b if b.startswith(block.path + ".") and b[len(block.path) + 1:] not in s.names else None
+
+    def _share(self, program: Program, sets: list[_Set]) -> dict:
+        """Fit and rewrite every set; return the notes on how."""
+        matrices = [(s, n) for s in sets for n in s.names if program.get_tensor(s.blocks[0].target(n)).dim() == 2]
+        biases = {b.target(n): self._own_bias(program, s, b, n) if self.bias == "fit" else None
+                  for s, n in matrices for b in s.blocks}  # weight -> its block's own bias
+        notes: dict = {"residual": self.residual if self.rank else "none", "bias": self.bias}
+        stats = {}
+        if self.init == "fit" or (self.rank and self.residual == "activation") or self.bias == "fit":
+            calibration = program.meta.get("calibration") or [program.inputs]
+            stats = collect_input_stats(program, [b.target(n) for s, n in matrices for b in s.blocks], calibration)
+            notes["calibration"] = program.meta.get("calibration_note", "the example inputs")
+            tokens = {st.n for st in stats.values()}
+            notes["calibration tokens"] = max(tokens, default=0)
+            missing = [s.blocks[0].target(n) for s, n in matrices if s.blocks[0].target(n) not in stats]
+            if missing:
+                notes["fitted without input statistics (not read by aten.linear)"] = len(missing)
+        problems = [Problem([program.get_tensor(b.target(n)).detach().double().cpu() for b in s.blocks],
+                            [stats.get(b.target(n)) for b in s.blocks],
+                            [biases[b.target(n)] is not None for b in s.blocks])
+                    for s, n in matrices]
+        budget = 0
+        if isinstance(self.rank, float):
+            block_params = sum(t.numel() for s in sets for b in s.blocks for t in _block_parameters(program, b))
+            budget = int(self.rank * block_params)
+            notes["residual budget"] = f"{self.rank:g} x {block_params:,} block parameters = {budget:,}"
+        fits = fit_sets(problems, init=self.init, activation=self.residual == "activation", rank=self.rank,
+                        budget=budget, refit_bias=self.bias == "fit")
+        attr_nodes: dict[str, list[fx.Node]] = {}
+        for node in program.graph.nodes:
+            if node.op == "get_attr":
+                attr_nodes.setdefault(node.target, []).append(node)
+        fitted = dict(zip(matrices, fits))
+        added, ranks, moved = 0, [], 0
+        for s in sets:
+            for name in s.names:
+                fit = fitted.get((s, name))
+                olds = [program.get_tensor(b.target(name)).detach() for b in s.blocks]
+                if fit is None:  # a vector (vectors=share)
+                    shared = olds[0] if self.init == "first" else torch.stack(olds).mean(0)
+                    residuals, shifts = [None] * len(olds), [None] * len(olds)
+                else:
+                    shared = fit.shared.to(olds[0])
+                    residuals, shifts = fit.residuals, fit.bias_shift
+                shared_node = self._bind_shared(program, attr_nodes, s, name, shared)
+                for b, old, res, shift in zip(s.blocks, olds, residuals, shifts):
+                    if res is not None:
+                        res = (res[0].to(old).contiguous(), res[1].to(old).contiguous())
+                        added += self._add_residual(program, b.target(name), attr_nodes[b.target(name)], shared_node, res)
+                    if fit is not None:
+                        ranks.append(0 if res is None else res[0].shape[1])
+                    if shift is not None:
+                        target = biases[b.target(name)]
+                        bias = program.get_tensor(target).detach()
+                        program.set_tensor(target, (bias.double() + shift.to(bias.device)).to(bias.dtype), parameter=True)
+                        moved += 1
+                    for node in attr_nodes[b.target(name)]:
+                        node.replace_all_uses_with(shared_node)
+                        program.graph.erase_node(node)
+                    drop_attr(program.module, b.target(name))
+        if self.rank:
+            notes["residual rank"] = (f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f})"
+                                      if isinstance(self.rank, float) else self.rank)
+            notes["residual parameters"] = added
+        if self.bias == "fit":
+            notes["biases refit"] = moved
+        return notes
+
     # -- rewrite --------------------------------------------------------------------------------
 
-    def _tie(self, program: Program, container: str, j: int, blocks: list[Block], names: list[str]) -> int:
-        """Point every block's get_attr nodes at one shared tensor per name; return residual parameters added."""
-        gm, graph = program.module, program.graph
-        attr_nodes: dict[str, list[fx.Node]] = {}
-        for n in graph.nodes:
-            if n.op == "get_attr":
-                attr_nodes.setdefault(n.target, []).append(n)
-        added = 0
-        for name in names:
-            olds = [program.get_tensor(b.target(name)).detach() for b in blocks]
-            shared = torch.stack(olds).mean(0) if self.init == "mean" else olds[0]
-            target = f"{SHARED_ROOT}.{container}.{j}.{name}"
-            program.set_tensor(target, shared, parameter=True)
-            first_use = attr_nodes[blocks[0].target(name)][0]
-            with graph.inserting_before(first_use):
-                shared_node = graph.get_attr(target)
-            for b, old in zip(blocks, olds):
-                residual = None
-                if self.rank and old.dim() == 2:
-                    r = min(self.rank, *old.shape)
-                    diff = old - shared
-                    if diff.abs().max() > 0:
-                        residual = low_rank(diff, r)
-                if residual is not None:
-                    added += self._add_residual(program, b.target(name), attr_nodes[b.target(name)], shared_node, residual)
-                for node in attr_nodes[b.target(name)]:
-                    node.replace_all_uses_with(shared_node)
-                    graph.erase_node(node)
-                drop_attr(gm, b.target(name))
-        return added
+    @staticmethod
+    def _bind_shared(program: Program, attr_nodes, s: _Set, name: str, shared: torch.Tensor) -> fx.Node:
+        target = f"{SHARED_ROOT}.{s.container}.{s.index}.{name}"
+        program.set_tensor(target, shared, parameter=True)
+        with program.graph.inserting_before(attr_nodes[s.blocks[0].target(name)][0]):
+            return program.graph.get_attr(target)
 
     def _add_residual(self, program: Program, old_target: str, nodes: list[fx.Node], shared_node: fx.Node,
                       residual: tuple[torch.Tensor, torch.Tensor]) -> int:
@@ -205,3 +272,7 @@ class ShareLayers(Pass):
                 if "nn_module_stack" in user.meta:
                     n.meta["nn_module_stack"] = dict(user.meta["nn_module_stack"])
         return residual[0].numel() + residual[1].numel()
+
+
+def _block_parameters(program: Program, block: Block) -> list[torch.Tensor]:
+    return [t for n in block.names if isinstance(t := program.get_tensor(block.target(n)), torch.nn.Parameter)]

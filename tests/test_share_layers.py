@@ -94,7 +94,7 @@ def test_strategies_on_gpt(gpt_program, spec, sets, tied, saved, skipped):
 def test_mean_and_first_init(gpt_program):
     model = gpt_program
     ws = [model.get_tensor(f"h.{i}.mlp.c_fc.weight") for i in range(4)]
-    result, _ = _run(model, "share-layers")
+    result, _ = _run(model, "share-layers(init=mean)")
     torch.testing.assert_close(result.program.get_tensor("shared_layers.h.0.mlp.c_fc.weight"), torch.stack(ws).mean(0))
     result, _ = _run(model, "share-layers(init=first,vectors=share,what=ffn)")
     torch.testing.assert_close(result.program.get_tensor("shared_layers.h.0.mlp.c_fc.weight"), ws[0])
@@ -175,12 +175,14 @@ def test_gradients_and_optimizer_step():
     w = params["shared_layers.h.0.attn.c_attn.weight"]
     x = torch.randint(0, 256, (2, 8))
     result.module(x).square().mean().backward()
-    # reference: the original model with every block's matrices set to the shared ones, untied
+    # reference: the original model with every block's matrices set to the shared ones, untied (and its
+    # biases set to the refit ones)
     names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     with torch.no_grad():
-        for blk in model.h:
+        for i, blk in enumerate(model.h):
             for n in names:
                 blk.get_submodule(n).weight.copy_(params[f"shared_layers.h.0.{n}.weight"])
+                blk.get_submodule(n).bias.copy_(params[f"h.{i}.{n}.bias"])
     model.zero_grad()
     model(x).square().mean().backward()
     per_layer = [blk.attn.c_attn.weight.grad for blk in model.h]
