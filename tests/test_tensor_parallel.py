@@ -11,7 +11,7 @@ import torch
 import rewriter
 from hf_configs import build
 from passes.tensor_parallel import TensorParallel, plan_rank
-from passes.tensor_parallel_ranks import simulate
+from passes.tensor_parallel_ranks import local_shard, simulate
 from rewriter import PassNotApplicable, PipelineError, zoo
 from rewriter.verify import compare_outputs
 from targets.parallel import read_plan, shard
@@ -53,7 +53,7 @@ def test_plan_names_every_linear_layer_once(gpt, llama):
     assert styles["model.layers.1.self_attn.k_proj"] == styles["model.layers.1.mlp.gate_proj"] == "colwise"
     assert styles["model.layers.1.self_attn.o_proj"] == styles["model.layers.1.mlp.down_proj"] == "rowwise"
     assert styles["lm_head"] == "vocab"
-    assert sorted(styles.values()).count("colwise") == 10 and sorted(styles.values()).count("rowwise") == 4
+    assert list(styles.values()).count("colwise") == 10 and list(styles.values()).count("rowwise") == 4
 
 
 def test_plan_placements_and_heads(gpt, llama):
@@ -70,6 +70,26 @@ def test_plan_placements_and_heads(gpt, llama):
     assert c_attn["segments"] == [[0, 64], [64, 128], [128, 192]]  # fused qkv: q, k and v sharded each
     assert "h.0.attn.c_proj.bias" not in plan["tensors"]  # row-parallel bias: added once, after the all-reduce
     assert plan["weight_bytes_per_rank"] < 0.6 * plan["weight_bytes"]
+
+
+def test_fused_projection_shards_each_part():
+    w = torch.arange(12.0).reshape(12, 1)  # q rows 0-3, k rows 4-7, v rows 8-11
+    entry = {"dim": 0, "segments": [[0, 4], [4, 8], [8, 12]]}
+    assert local_shard(w, entry, 2, 0).flatten().tolist() == [0, 1, 4, 5, 8, 9]
+    assert local_shard(w, entry, 2, 1).flatten().tolist() == [2, 3, 6, 7, 10, 11]
+    assert local_shard(w, None, 2, 1) is w  # replicated
+
+
+@pytest.mark.parametrize("arch,styles", [("gpt2", {"colwise": 4, "rowwise": 4, "vocab": 1}),  # Conv1D (in, out)
+                                         ("phi3", {"colwise": 4, "rowwise": 4, "vocab": 1})])  # fused qkv, gate_up
+def test_hf_fused_and_conv1d_layouts(arch, styles):
+    program = rewriter.prepare(build(arch))
+    plan, _ = plan_rank(program, 2)
+    got = [lin["style"] for lin in plan["linears"]]
+    assert {s: got.count(s) for s in set(got)} == styles
+    ref = program(program.inputs)
+    for out in simulate(program, 2, False, program.inputs):
+        assert compare_outputs(ref, out)[0]["max_rel_error"] < 1e-5
 
 
 def test_rank_graph_heads_and_collectives(gpt):
