@@ -189,3 +189,14 @@ def test_minilm_grouped_heal_on_real_text(tmp_path):
     info = _heal_record(result).notes["heal"]
     b, a = info["held_back_before"], info["held_back_after"]
     assert a["pooled_cosine"] > b["pooled_cosine"] + 0.08 and a["token_cosine"] > b["token_cosine"] + 0.08, (b, a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_heal_on_cuda_uses_bf16_autocast_and_still_heals():
+    model, inputs = _gpt()
+    result = rewriter.rewrite(model, "gqa(kv_heads=1),heal(steps=40,lr=3e-3,seq_len=32)", inputs,
+                              heal_data=_tokens(), device="cuda")
+    info = _heal_record(result).notes["heal"]
+    assert info["precision"] == "bf16" and info["device"].startswith("cuda")
+    assert info["held_back_after"]["kl"] < 0.7 * info["held_back_before"]["kl"], info
