@@ -209,6 +209,9 @@ class _Flat:
         out = next(n for n in g.nodes if n.op == "output")
         self.n_main = len(pytree.tree_leaves(out.args[0]))
         g._codegen = fx.graph.CodeGen()
+        # export's input check (a pre-hook some torch versions attach) expects the structured call
+        gm._forward_pre_hooks.clear()
+        gm._forward_pre_hooks_with_kwargs.clear()
         out.args = (tuple(pytree.tree_leaves(out.args[0]) + [by_name[e] for e in extra]),)
         gm.recompile()
         holder = Program(gm, program.inputs, program.source)

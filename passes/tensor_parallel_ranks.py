@@ -53,7 +53,10 @@ def bind(graph: fx.Graph, tensors: dict[str, torch.Tensor], like: fx.GraphModule
             if not hasattr(mod, p):
                 mod.add_module(p, torch.nn.Module())
             mod = getattr(mod, p)
-        mod.register_buffer(leaf, t)
+        if isinstance(t, torch.nn.Module):  # a higher-order op's body (torch 2.11 exports autocast regions so)
+            mod.add_module(leaf, t)
+        else:
+            mod.register_buffer(leaf, t)
     gm = fx.GraphModule(root, graph, class_name="TensorParallelRank")
     for k in ("_in_spec", "_out_spec"):
         if hasattr(like, k):

@@ -131,7 +131,14 @@ def shard(program: Program, mesh: DeviceMesh, plan: dict | None = None,
     for n in gm.graph.nodes:
         if n.op != "get_attr" or n.target in tensors:
             continue
-        full = program.get_tensor(n.target).detach()
+        full = program.get_tensor(n.target)
+        if isinstance(full, torch.nn.Module):  # a higher-order op's body (autocast region): runs as it is
+            if isinstance(full, fx.GraphModule):
+                retarget(full.graph, mesh_device(mesh))
+                full.recompile()
+            tensors[n.target] = full
+            continue
+        full = full.detach()
         entry = new_plan["tensors"].get(n.target)
         placement = Shard(entry["dim"]) if entry else Replicate()
         src = shard_dim_tensor(full, entry, degree) if entry else full
