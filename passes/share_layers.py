@@ -7,16 +7,18 @@ check    a partition needs two blocks; ``what=attention`` needs an attention sit
 rewrite  the get_attr nodes of the partition's blocks read one shared tensor per name
          (``shared_layers.<container>.<set>.<name>``); the per-block tensors are dropped. The shared
          matrix is the group mean (``init=mean``), the first block's (``init=first``) or the one of least
-         activation-weighted error (``init=fit``, the default). ``rank`` keeps a per-block residual U·V
-         (Bae et al. 2024): ``linear(x, W)`` becomes ``linear(x, W_shared) + linear(linear(x, V), U)``, any
-         other use reads ``W_shared + U @ V``; exact when the rank reaches the matrix's smaller dimension.
-         ``residual=activation`` (default) fits U·V to the block's inputs, ``residual=svd`` to the weights.
-         ``bias=fit`` (default) moves each block's own bias by the mean error the tying leaves.
+         activation-weighted error (``init=fit``). ``rank`` keeps a per-block residual U·V (Bae et al.
+         2024): ``linear(x, W)`` becomes ``linear(x, W_shared) + linear(linear(x, V), U)``, any other use
+         reads ``W_shared + U @ V``; exact when the rank reaches the matrix's smaller dimension.
+         ``residual=activation`` fits U·V to the block's inputs (ASVD), ``residual=svd`` to the weights.
+         ``bias=fit`` moves each block's own bias by the mean error the tying leaves.
 
-The fits (passes/share_layers_fit.py) use the calibration inputs (``--calibration`` /
-``rewrite(calibration=...)``) or else the example inputs, shrunk toward the plain mean / SVD when they
-hold few tokens. ``rank`` is a rank per matrix (an int) or a parameter budget (a float in (0, 1]: the
-residual parameters as a fraction of the shared blocks' parameters), spent where it removes most error.
+``auto`` (the default of init, residual and bias) is fit / activation / fit when the program carries
+calibration inputs (``--calibration``, ``rewrite(calibration=...)``), and mean / svd / keep without: the
+example inputs (random token ids, a few dozen tokens) fitted worse than the plain mean on MiniLM. Asked
+for explicitly, the fits use the example inputs. The fits are in passes/share_layers_fit.py. ``rank`` is
+a rank per matrix (an int) or a parameter budget (a float in (0, 1]: the residual parameters as a
+fraction of the shared blocks' parameters), spent where it removes most activation-weighted error.
 
 What is shared: matrices (tensors of two or more dimensions). Vectors (norm weights, biases) stay
 per block unless ``vectors=share``: they cost ~0.2% of a block's parameters and keep each block's
@@ -96,10 +98,10 @@ class ShareLayers(Pass):
     strategy: Literal["all", "every", "cycle"] = "all"
     k: int = 2
     what: Literal["block", "attention", "ffn"] = "block"
-    init: Literal["fit", "mean", "first"] = "fit"
+    init: Literal["auto", "fit", "mean", "first"] = "auto"
     rank: int | float = 0
-    residual: Literal["activation", "svd"] = "activation"
-    bias: Literal["fit", "keep"] = "fit"
+    residual: Literal["auto", "activation", "svd"] = "auto"
+    bias: Literal["auto", "fit", "keep"] = "auto"
     vectors: Literal["keep", "share"] = "keep"
 
     def __post_init__(self):
@@ -129,9 +131,10 @@ class ShareLayers(Pass):
                 sets.append(_Set(group.container, j, tuple(group.blocks[p] for p in positions), tuple(names)))
         if not sets:
             return PassResult(program, 0, skipped, message="no set of two or more blocks to share")
+        init, residual, bias = self._resolved(program)
         notes = {"shared sets": ", ".join(s.describe() for s in sets),
-                 "shared tensors": sum(len(s.names) for s in sets), "what": self.what, "init": self.init}
-        notes.update(self._share(program, sets))
+                 "shared tensors": sum(len(s.names) for s in sets), "what": self.what, "init": init}
+        notes.update(self._share(program, sets, init, residual, bias))
         program.graph.eliminate_dead_code()
         program.graph.lint()
         program.module.recompile()
@@ -156,6 +159,14 @@ class ShareLayers(Pass):
 
     # -- fit ------------------------------------------------------------------------------------
 
+    def _resolved(self, program: Program) -> tuple[str, str, str]:
+        """init, residual, bias with ``auto`` decided: fitted with calibration data, plain without (the
+        example inputs -- random token ids, a few dozen tokens -- fitted worse than the plain mean, measured)."""
+        calibrated = bool(program.meta.get("calibration"))
+        return ((self.init if self.init != "auto" else "fit" if calibrated else "mean"),
+                (self.residual if self.residual != "auto" else "activation" if calibrated else "svd"),
+                (self.bias if self.bias != "auto" else "fit" if calibrated else "keep"))
+
     def _own_bias(self, program: Program, s: _Set, block: Block, name: str) -> str | None:
         """The get_attr target of the block's own (unshared) bias added to ``linear(x, W)``, if any."""
         uses = linear_uses(program.graph, block.target(name))
@@ -166,22 +177,25 @@ class ShareLayers(Pass):
         (b,) = biases
         return b if b.startswith(block.path + ".") and b[len(block.path) + 1:] not in s.names else None
 
-    def _share(self, program: Program, sets: list[_Set]) -> dict:
+    def _share(self, program: Program, sets: list[_Set], init: str, residual: str, bias: str) -> dict:
         """Fit and rewrite every set; return the notes on how."""
         matrices = [(s, n) for s in sets for n in s.names if program.get_tensor(s.blocks[0].target(n)).dim() == 2]
-        biases = {b.target(n): self._own_bias(program, s, b, n) if self.bias == "fit" else None
+        biases = {b.target(n): self._own_bias(program, s, b, n) if bias == "fit" else None
                   for s, n in matrices for b in s.blocks}  # weight -> its block's own bias
-        notes: dict = {"residual": self.residual if self.rank else "none", "bias": self.bias}
+        notes: dict = {"residual": residual if self.rank else "none", "bias": bias}
         stats = {}
-        if self.init == "fit" or (self.rank and self.residual == "activation") or self.bias == "fit":
+        if init == "fit" or (self.rank and residual == "activation") or bias == "fit":
             calibration = program.meta.get("calibration") or [program.inputs]
             stats = collect_input_stats(program, [b.target(n) for s, n in matrices for b in s.blocks], calibration)
             notes["calibration"] = program.meta.get("calibration_note", "the example inputs")
             tokens = {st.n for st in stats.values()}
             notes["calibration tokens"] = max(tokens, default=0)
-            missing = [s.blocks[0].target(n) for s, n in matrices if s.blocks[0].target(n) not in stats]
+            missing = sum(b.target(n) not in stats for s, n in matrices for b in s.blocks)
+            thin = sum(not stats[b.target(n)].enough for s, n in matrices for b in s.blocks if b.target(n) in stats)
             if missing:
-                notes["fitted without input statistics (not read by aten.linear)"] = len(missing)
+                notes["matrices without input statistics (not read by aten.linear): plain mean / SVD"] = missing
+            if thin:
+                notes["matrices with too few calibration tokens (< inputs / 4): plain mean / SVD"] = thin
         problems = [Problem([program.get_tensor(b.target(n)).detach().double().cpu() for b in s.blocks],
                             [stats.get(b.target(n)) for b in s.blocks],
                             [biases[b.target(n)] is not None for b in s.blocks])
@@ -191,8 +205,8 @@ class ShareLayers(Pass):
             block_params = sum(t.numel() for s in sets for b in s.blocks for t in _block_parameters(program, b))
             budget = int(self.rank * block_params)
             notes["residual budget"] = f"{self.rank:g} x {block_params:,} block parameters = {budget:,}"
-        fits = fit_sets(problems, init=self.init, activation=self.residual == "activation", rank=self.rank,
-                        budget=budget, refit_bias=self.bias == "fit")
+        fits = fit_sets(problems, init=init, activation=residual == "activation", rank=self.rank, budget=budget,
+                        refit_bias=bias == "fit")
         attr_nodes: dict[str, list[fx.Node]] = {}
         for node in program.graph.nodes:
             if node.op == "get_attr":
@@ -204,7 +218,7 @@ class ShareLayers(Pass):
                 fit = fitted.get((s, name))
                 olds = [program.get_tensor(b.target(name)).detach() for b in s.blocks]
                 if fit is None:  # a vector (vectors=share)
-                    shared = olds[0] if self.init == "first" else torch.stack(olds).mean(0)
+                    shared = olds[0] if init == "first" else torch.stack(olds).mean(0)
                     residuals, shifts = [None] * len(olds), [None] * len(olds)
                 else:
                     shared = fit.shared.to(olds[0])
@@ -218,8 +232,8 @@ class ShareLayers(Pass):
                         ranks.append(0 if res is None else res[0].shape[1])
                     if shift is not None:
                         target = biases[b.target(name)]
-                        bias = program.get_tensor(target).detach()
-                        program.set_tensor(target, (bias.double() + shift.to(bias.device)).to(bias.dtype), parameter=True)
+                        c = program.get_tensor(target).detach()
+                        program.set_tensor(target, (c.double() + shift.to(c.device)).to(c.dtype), parameter=True)
                         moved += 1
                     for node in attr_nodes[b.target(name)]:
                         node.replace_all_uses_with(shared_node)
@@ -229,7 +243,7 @@ class ShareLayers(Pass):
             notes["residual rank"] = (f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f})"
                                       if isinstance(self.rank, float) else self.rank)
             notes["residual parameters"] = added
-        if self.bias == "fit":
+        if bias == "fit":
             notes["biases refit"] = moved
         return notes
 

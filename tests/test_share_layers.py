@@ -1,4 +1,5 @@
 import os
+import zipfile
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ import rewriter
 from hf_configs import build
 from rewriter import PipelineError, zoo
 from rewriter import repeated_blocks
+from passes.share_layers_fit import InputStats, Problem, fit_sets
+from targets.weights import load_safetensors, save_safetensors
 
 MATRIX = 64 * 192 + 64 * 64 + 64 * 256 + 256 * 64  # matrices of one zoo.gpt block
 
@@ -17,6 +20,8 @@ def hf_programs():
 
 
 def _run(source, spec, inputs=None, **kw):
+    if kw.get("calibration") is not None and isinstance(source, rewriter.Program):
+        source = source.clone()  # rewrite() attaches calibration to the program it is given: keep fixtures clean
     result = rewriter.rewrite(source, spec, example_inputs=inputs, **kw)
     return result, result.report.passes[0]
 
@@ -102,15 +107,19 @@ def test_mean_and_first_init(gpt_program):
     assert "h.3.attn.c_attn.weight" in result.program.named_tensors()  # attention untouched
 
 
+@pytest.mark.parametrize("residual", ["activation", "svd"])
 @pytest.mark.parametrize("arch,half", [("gpt", 32), ("bert", 16), ("llama", 16)])
-def test_full_rank_residual_is_exact(arch, half, gpt_program, hf_programs):
+def test_full_rank_residual_is_exact(arch, half, residual, gpt_program, hf_programs):
     program = gpt_program if arch == "gpt" else hf_programs[arch]
-    result, rec = _run(program, "share-layers(rank=256)", thresholds=rewriter.Thresholds(min_sqnr_db=80))
+    calibration = [program.second_inputs(seed=s) for s in (3, 4)]  # other batches: the fit is not the identity
+    spec = f"share-layers(residual={residual},rank=256)"
+    result, rec = _run(program, spec, thresholds=rewriter.Thresholds(min_sqnr_db=80), calibration=calibration)
+    assert rec.notes["init"] == "fit" and rec.notes["bias"] == "fit"
     assert rec.verified and rec.rewrites == len(repeated_blocks(program)[0].blocks)
     assert rec.metrics["max_rel_error"] < 1e-4
-    assert rec.notes["residual parameters"] > 0
-    _, low = _run(program, f"share-layers(rank={half})")
-    _, none = _run(program, "share-layers")
+    assert rec.notes["residual parameters"] > 0 and rec.notes["residual"] == residual
+    _, low = _run(program, f"share-layers(residual={residual},rank={half})", calibration=calibration)
+    _, none = _run(program, "share-layers", calibration=calibration)
     assert none.metrics["sqnr_db"] < low.metrics["sqnr_db"] < rec.metrics["sqnr_db"]
 
 
@@ -151,21 +160,65 @@ def test_bad_options():
         rewriter.parse_pipeline("share-layers(rank=-1)")
     with pytest.raises(PipelineError, match=r"option strategy='sequence' is not valid; allowed: all, every, cycle"):
         rewriter.parse_pipeline("share-layers(strategy=sequence)")
+    with pytest.raises(PipelineError, match=r"rank as a fraction of the blocks' parameters must lie in \(0, 1\], got 1.5"):
+        rewriter.parse_pipeline("share-layers(rank=1.5)")
+    with pytest.raises(PipelineError, match=r"option residual='asvd' is not valid; allowed: auto, activation, svd"):
+        rewriter.parse_pipeline("share-layers(residual=asvd)")
+    with pytest.raises(PipelineError, match=r"option init='best' is not valid; allowed: auto, fit, mean, first"):
+        rewriter.parse_pipeline("share-layers(init=best)")
     with pytest.raises(PipelineError, match=r"rank must be given and >= 1 \(the inner size E"):
         rewriter.parse_pipeline("factorize-embeddings")
 
 
-def test_saved_file_stores_shared_tensors_once(gpt_program, tmp_path):
+def _pt2_entries(path, part):
+    with zipfile.ZipFile(path) as z:
+        return sum(e.file_size for e in z.infolist() if f"/{part}" in e.filename)
+
+
+def _pt2_weight_bytes(path):
+    return _pt2_entries(path, "data/weights/")
+
+
+def _pt2_graph_bytes(path):
+    return _pt2_entries(path, "models/")
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_saved_file_stores_shared_tensors_once(gpt_program, tmp_path, rank):
     base = rewriter.rewrite(gpt_program, "")
-    shared = rewriter.rewrite(gpt_program, "share-layers")
-    base.save(tmp_path / "a.pt2")
-    shared.save(tmp_path / "b.pt2")
+    shared = rewriter.rewrite(gpt_program, f"share-layers(rank={rank})")
+    residual = shared.report.passes[0].notes.get("residual parameters", 0)
+    assert residual == 4 * rank * (192 + 64 + 64 + 64 + 256 + 64 + 64 + 256)
     claimed = shared.report.model_before["weight_bytes"] - shared.report.model_after["weight_bytes"]
-    assert claimed == 3 * MATRIX * 4
-    dropped = os.path.getsize(tmp_path / "a.pt2") - os.path.getsize(tmp_path / "b.pt2")
-    assert abs(dropped - claimed) < 0.05 * claimed, (dropped, claimed)
+    assert claimed == (3 * MATRIX - residual) * 4
+    assert shared.report.model_before["parameters"] - shared.report.model_after["parameters"] == claimed // 4
+    for ext, save in ((".pt2", lambda r, p: r.save(p)), (".safetensors", lambda r, p: save_safetensors(r.program, p))):
+        a, b = tmp_path / f"a{ext}", tmp_path / f"b{ext}"
+        save(base, a)
+        save(shared, b)
+        dropped = os.path.getsize(a) - os.path.getsize(b)
+        if ext == ".pt2":
+            weights = _pt2_weight_bytes(a) - _pt2_weight_bytes(b)
+            assert abs(weights - claimed) < 0.02 * claimed, (weights, claimed)
+            if rank:  # the graph grows by the residual's nodes (models/model.json), not by weights
+                dropped += _pt2_graph_bytes(b) - _pt2_graph_bytes(a)
+        assert abs(dropped - claimed) < 0.05 * claimed, (ext, dropped, claimed)
     state = torch.export.load(tmp_path / "b.pt2").state_dict
     assert "shared_layers.h.0.attn.c_attn.weight" in state and "h.1.attn.c_attn.weight" not in state
+    # safetensors: each tensor once, the tied head as an alias; every name the program reads comes back
+    assert os.path.getsize(tmp_path / "a.safetensors") - base.report.model_after["weight_bytes"] < 8192  # header only
+    state = load_safetensors(tmp_path / "a.safetensors")
+    assert state["lm_head.weight"] is state["wte.weight"]  # tied: stored once, read back as one tensor
+    state = load_safetensors(tmp_path / "b.safetensors")
+    tensors = shared.program.named_tensors()
+    assert state.keys() == tensors.keys() and "h.1.attn.c_attn.weight" not in state
+    for k, t in tensors.items():
+        torch.testing.assert_close(state[k], t.detach(), rtol=0, atol=0)
+
+
+def test_safetensors_refuses_a_directory(gpt_program, tmp_path):
+    with pytest.raises(rewriter.OutputError, match=r"is a directory; give a file name ending in \.safetensors"):
+        save_safetensors(gpt_program, tmp_path)
 
 
 def test_gradients_and_optimizer_step():
@@ -195,6 +248,127 @@ def test_gradients_and_optimizer_step():
     assert not torch.equal(w.detach(), before)
     assert set(t for ts in _weights_read(result.program).values() for t in ts if "c_attn" in t) == {
         "shared_layers.h.0.attn.c_attn.weight"}
+
+
+# -- calibrated fits --------------------------------------------------------------------------------
+
+def _problem(seed=0, n=4000, d_in=16, d_out=8):
+    """Two blocks' weights and inputs with very unequal variance per input direction."""
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(d_out, d_in, generator=g, dtype=torch.float64) for _ in range(2)]
+    scale = torch.logspace(1, -2, d_in, dtype=torch.float64)
+    xs = [torch.randn(n, d_in, generator=g, dtype=torch.float64) * scale + 3.0 for _ in range(2)]  # mean 3
+    stats = [InputStats(n, x.sum(0), x.t() @ x) for x in xs]
+    return Problem(ws, stats, [True, True]), xs
+
+
+def _output_error(problem, xs, fit):
+    """Σ_b ‖(W_b x + c) − (W̃_b x + c + shift_b)‖² over the tokens: what the block's output loses."""
+    total = 0.0
+    for w, x, res, shift in zip(problem.weights, xs, fit.residuals, fit.bias_shift):
+        approx = fit.shared + (res[0] @ res[1] if res is not None else 0)
+        err = x @ (w - approx).t() - (shift if shift is not None else 0)
+        total += float(err.pow(2).sum())
+    return total
+
+
+def test_fit_lowers_the_output_error():
+    problem, xs = _problem()
+    err = {}
+    for init, activation, bias in [("mean", False, False), ("mean", False, True), ("fit", False, True),
+                                   ("fit", True, True)]:
+        for rank in (0, 3):
+            (fit,) = fit_sets([problem], init=init, activation=activation, rank=rank, budget=0, refit_bias=bias)
+            err[init, activation, bias, rank] = _output_error(problem, xs, fit)
+    assert err["mean", False, True, 0] < 0.7 * err["mean", False, False, 0]  # the bias absorbs the inputs' mean
+    assert err["fit", False, True, 0] < err["mean", False, True, 0]  # the shared matrix fitted to the inputs
+    assert err["fit", True, True, 3] < 0.5 * err["fit", False, True, 3]  # residual fitted to the inputs (ASVD)
+    # with the bias shift, the output error has zero mean on the calibration tokens
+    (fit,) = fit_sets([problem], init="fit", activation=True, rank=2, budget=0, refit_bias=True)
+    for w, x, res, shift in zip(problem.weights, xs, fit.residuals, fit.bias_shift):
+        mean_error = (x @ (w - fit.shared - res[0] @ res[1]).t() - shift).mean(0)
+        assert mean_error.abs().max() < 1e-9
+
+
+def test_fit_with_few_tokens_is_the_plain_mean():
+    problem, _ = _problem(n=3)  # 3 tokens for 16 inputs: not enough to trust
+    (fit,) = fit_sets([problem], init="fit", activation=True, rank=0, budget=0, refit_bias=True)
+    torch.testing.assert_close(fit.shared, (problem.weights[0] + problem.weights[1]) / 2)
+    assert fit.bias_shift == [None, None]
+    problem, _ = _problem(n=8)  # 8 tokens for 16 inputs: fitted, the covariance shrunk toward the identity
+    (fit,) = fit_sets([problem], init="fit", activation=True, rank=0, budget=0, refit_bias=True)
+    assert not torch.allclose(fit.shared, (problem.weights[0] + problem.weights[1]) / 2)
+
+
+def test_budget_is_spent_where_the_error_is():
+    problem, xs = _problem()
+    small, _ = _problem(seed=1)
+    small.weights[1] = small.weights[0] + 1e-3 * small.weights[1]  # nearly equal: little to correct
+    budget = 10 * (16 + 8)
+    fits = fit_sets([problem, small], init="fit", activation=True, rank=0.5, budget=budget, refit_bias=True)
+    ranks = [[0 if r is None else r[0].shape[1] for r in f.residuals] for f in fits]
+    assert sum(map(sum, ranks)) == 10  # the whole budget, in rank-one terms of 24 parameters
+    assert sum(ranks[0]) > sum(ranks[1])
+
+
+def test_calibration_inputs_are_used_without_padding(hf_programs):
+    program = hf_programs["bert"]
+    ids = program.second_inputs(seed=5)
+    mask = torch.ones_like(ids.kwargs["attention_mask"])
+    mask[0, -3:] = 0
+    calibration = [rewriter.Inputs(ids.args, {**ids.kwargs, "attention_mask": mask})]
+    _, rec = _run(program, "share-layers(rank=2)", calibration=calibration)
+    assert (rec.notes["init"], rec.notes["residual"], rec.notes["bias"]) == ("fit", "activation", "fit")
+    assert rec.notes["calibration"].startswith("1 calibration batch(es)")
+    assert rec.notes["calibration tokens"] == int(mask.sum())
+    assert rec.notes["biases refit"] == 2 * 6  # both layers: q, k, v, attention output, intermediate, output
+    # without calibration data the defaults are the plain ones; asked for, the fit reads the example inputs
+    _, rec = _run(program, "share-layers(rank=2)")
+    assert (rec.notes["init"], rec.notes["residual"], rec.notes["bias"]) == ("mean", "svd", "keep")
+    assert "calibration" not in rec.notes and "biases refit" not in rec.notes
+    _, rec = _run(program, "share-layers(init=fit)")
+    assert rec.notes["calibration"] == "the example inputs" and rec.notes["init"] == "fit"
+    assert rec.notes["calibration tokens"] == program.inputs.kwargs["input_ids"].numel()
+
+
+def test_rank_as_a_parameter_budget(gpt_program):
+    block = sum(t.numel() for k, t in gpt_program.named_tensors().items()
+                if k.startswith("h.") and isinstance(t, torch.nn.Parameter))  # not the causal-mask buffers
+    calibration = [gpt_program.second_inputs(seed=3)]
+    result, rec = _run(gpt_program, "share-layers(strategy=every,rank=0.1)", calibration=calibration)
+    assert 0.9 * 0.1 * block < rec.notes["residual parameters"] <= 0.1 * block
+    assert rec.notes["residual budget"] == f"0.1 x {block:,} block parameters = {int(0.1 * block):,}"
+    lo, hi = map(int, rec.notes["residual rank"].split(" ")[0].split(".."))
+    assert 0 <= lo < hi
+    before, after = result.report.model_before["parameters"], result.report.model_after["parameters"]
+    assert before - after == 2 * MATRIX - rec.notes["residual parameters"]
+
+
+def test_calibrated_sharing_beats_plain_sharing_on_minilm():
+    """Real weights, held-out text: the defaults (init=fit, residual=activation, bias=fit) against the plain
+    mean + weight SVD, both with a 5% residual budget."""
+    rm = pytest.importorskip("real_models")
+    try:
+        model, tok = rm.minilm()
+    except rm.MissingModelError as exc:
+        pytest.skip(str(exc))
+    calibration = rm.minilm_batches(rm.texts("calibration"), batch=16, max_len=64, tokenizer=tok, limit=32)
+    held = rm.minilm_batches(rm.texts("eval"), batch=16, max_len=64, tokenizer=tok, limit=16)
+    program = rewriter.prepare(model, dict(held[0]))
+
+    def embed(fn):
+        h, m = fn(**held[0])["last_hidden_state"], held[0]["attention_mask"].unsqueeze(-1).float()
+        return (h * m).sum(1) / m.sum(1)
+
+    with torch.no_grad():
+        ref = embed(model)
+        cosine = {}
+        for spec in ("share-layers(strategy=every,rank=0.05,init=mean,residual=svd,bias=keep)",
+                     "share-layers(strategy=every,rank=0.05)"):
+            result = rewriter.rewrite(program, spec, calibration=[dict(b) for b in calibration])
+            cosine[spec] = float(torch.nn.functional.cosine_similarity(embed(result.module), ref).mean())
+    plain, fitted = cosine.values()
+    assert fitted > plain + 0.2, cosine
 
 
 # -- factorize-embeddings ---------------------------------------------------------------------------
