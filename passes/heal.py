@@ -101,7 +101,7 @@ class Heal(Pass):
         device = next(iter(program.named_tensors().values())).device
         log = program.context.get("log") or (lambda m: None)
         torch.manual_seed(self.seed)
-        train, held = data.split(program, batch=self.batch, seq_len=_seq_len(program, self.seq_len), holdout=self.holdout,
+        train, held = data.split(program, batch=self.batch, seq_len=self.seq_len, holdout=self.holdout,
                                  seed=self.seed, device=device)
         for n in names:  # fresh copies: the reference and the user's model keep their tensors
             program.set_tensor(n, program.get_tensor(n).detach().clone(), parameter=True)
@@ -109,7 +109,7 @@ class Heal(Pass):
         blocks = self._block_outputs(reference, program) if self.layers > 0 else []
         teacher = _Flat(reference, [t for t, _ in blocks], trainable=())
         student = _Flat(program, [s for _, s in blocks], trainable=set(names))
-        kind, main = _main_output(reference, held[0])
+        kind, main = _main_output(reference, teacher, held[0])
         bf16 = self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
         autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -209,9 +209,6 @@ class _Flat:
         out = next(n for n in g.nodes if n.op == "output")
         self.n_main = len(pytree.tree_leaves(out.args[0]))
         g._codegen = fx.graph.CodeGen()
-        # export's input check (a pre-hook some torch versions attach) expects the structured call
-        gm._forward_pre_hooks.clear()
-        gm._forward_pre_hooks_with_kwargs.clear()
         out.args = (tuple(pytree.tree_leaves(out.args[0]) + [by_name[e] for e in extra]),)
         gm.recompile()
         holder = Program(gm, program.inputs, program.source)
@@ -224,13 +221,19 @@ class _Flat:
         return self.module(*pytree.tree_leaves((inputs.args, inputs.kwargs)))
 
 
-def _main_output(program: Program, inputs) -> tuple[str, int]:
-    """("lm" | "hidden", index of the output to distil on among the flat outputs)."""
+def _main_output(program: Program, flat: _Flat, inputs) -> tuple[str, int]:
+    """("lm" | "hidden", index of the output to distil on among the flat outputs).
+
+    Runs the training copy, not the program's own module: torch 2.11 attaches export's input check to
+    the captured module, which can reject the batch sizes heal uses.
+    """
     with torch.no_grad():
-        out = program(inputs)
-    leaves = pytree.tree_flatten_with_path(out)[0]
+        values = flat(inputs)[:flat.n_main]
+    spec = getattr(program.module, "_out_spec", None)
+    keys = ([pytree.keystr(p) for p, _ in pytree.tree_flatten_with_path(pytree.tree_unflatten(list(values), spec))[0]]
+            if spec is not None and spec.num_leaves == len(values) else [f"[{i}]" for i in range(len(values))])
     vocab = program.vocab_sizes()
-    floating = [(i, pytree.keystr(p), v) for i, (p, v) in enumerate(leaves)
+    floating = [(i, key, v) for i, (key, v) in enumerate(zip(keys, values))
                 if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 2]
     for i, key, v in floating:
         if "logits" in key or (v.dim() == 3 and v.shape[-1] in vocab):
@@ -241,17 +244,6 @@ def _main_output(program: Program, inputs) -> tuple[str, int]:
     if not floating:
         raise PassNotApplicable("heal: the model has no floating-point output with two or more dimensions to distil on")
     return "hidden", floating[0][0]
-
-
-def _seq_len(program: Program, wanted: int) -> int:
-    """``wanted``, capped at the longest sequence the captured program accepts (learned positions)."""
-    flat = pytree.tree_leaves((program.inputs.args, program.inputs.kwargs))
-    for leaf, dims in zip(flat, program.dynamic_dims):
-        if isinstance(leaf, torch.Tensor) and not leaf.is_floating_point() and 1 in dims:
-            hi = program.symbol_ranges.get(dims[1], (0, None))[1]
-            if hi is not None:
-                return min(wanted, int(hi))
-    return wanted
 
 
 def _mask(inputs) -> torch.Tensor | None:

@@ -49,7 +49,15 @@ class HealData:
 
     def split(self, program, *, batch: int, seq_len: int, holdout: float, seed: int,
               device) -> tuple[list[Inputs], list[Inputs]]:
-        """(training batches, held-back batches) of the program's inputs."""
+        """(training batches, held-back batches) of the program's inputs.
+
+        Sizes follow what the captured program accepts: a batch or sequence dimension that stayed
+        static takes the example's size (sequences are padded to it, incomplete batches dropped), and
+        ``seq_len`` is capped at the sequence symbol's upper bound (learned positions).
+        """
+        fixed_batch, fixed_seq, max_seq = token_shape(program)
+        seq_len = fixed_seq or (min(seq_len, max_seq) if max_seq else seq_len)
+        batch = fixed_batch or batch
         rows = self._rows(program, seq_len)  # list of samples: dict name -> 1-D tensor
         if len(rows) < 2:
             raise UsageError(f"--heal-data: {self.description} gives {len(rows)} sequence(s) of up to {seq_len} "
@@ -59,7 +67,16 @@ class HealData:
         n_held = min(len(rows) - 1, max(1, round(holdout * len(rows))))
         held = [rows[i] for i in order[:n_held]]
         train = [rows[i] for i in order[n_held:]]
-        return (_batches(train, batch, program, device), _batches(held, batch, program, device))
+        out = []
+        for part, what in ((train, "training"), (held, "held-back")):
+            b = _batches(part, batch, program, device, pad_to=fixed_seq)
+            if fixed_batch:
+                b = [x for x in b if x.flat()[0].shape[0] == fixed_batch]
+                if not b:
+                    raise UsageError(f"--heal-data: the model was captured with a fixed batch of {fixed_batch}, and "
+                                     f"{self.description} gives fewer {what} sequences than that; give more data")
+            out.append(b)
+        return out[0], out[1]
 
     # --------------------------------------------------------------------------------------- rows
 
@@ -100,17 +117,28 @@ _NEED_TOKENIZER = ("--heal-data: text needs a tokenizer, and the source is not a
                    "(.npy, or .pt holding an int tensor or a dict of input tensors)")
 
 
-def _batches(rows, batch: int, program, device) -> list[Inputs]:
+def token_shape(program) -> tuple[int | None, int | None, int | None]:
+    """(fixed batch, fixed sequence length, longest sequence) of the program's token input; None: free."""
+    flat = [x for x in Inputs.flat(program.inputs)]
+    for leaf, dims in zip(flat, program.dynamic_dims or [{}] * len(flat)):
+        if isinstance(leaf, torch.Tensor) and not leaf.is_floating_point() and leaf.dim() >= 2:
+            hi = program.symbol_ranges.get(dims[1], (0, None))[1] if 1 in dims else None
+            return (None if 0 in dims else int(leaf.shape[0]), None if 1 in dims else int(leaf.shape[1]),
+                    None if hi is None else int(hi))
+    return None, None, None
+
+
+def _batches(rows, batch: int, program, device, pad_to: int | None = None) -> list[Inputs]:
     out = []
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
-        out.append(_assemble(chunk, program.inputs).to(device))
+        out.append(_assemble(chunk, program.inputs, pad_to).to(device))
     return out
 
 
-def _assemble(chunk: list[dict[str, torch.Tensor]], example: Inputs) -> Inputs:
+def _assemble(chunk: list[dict[str, torch.Tensor]], example: Inputs, pad_to: int | None = None) -> Inputs:
     """One batch in the example inputs' structure: pad ids (right), fill what tokens imply."""
-    longest = max(len(r["input_ids"]) for r in chunk)
+    longest = pad_to or max(len(r["input_ids"]) for r in chunk)
     ids = torch.zeros(len(chunk), longest, dtype=torch.long)
     mask = torch.zeros(len(chunk), longest, dtype=torch.long)
     given: dict[str, torch.Tensor] = {}
