@@ -1,16 +1,35 @@
-"""Quality of `share-layers` on real weights, no training: all-MiniLM-L6-v2, embedding cosine vs parameters kept.
+"""Quality of `share-layers` on real weights, no training: error against parameters kept.
 
-For each pipeline: the sentence embedding (attention-mask-weighted mean of last_hidden_state) of the
-rewritten model against the original on held-out paragraphs of ``pydoc_data.topics``
-(tests/real_models.py), the block parameters kept (shared matrices + per-block vectors + residuals, over
-the original blocks' parameters) and the share of plain tying's cosine gap that the residual closes::
+Models (tests/real_models.py; shipped in PyPI packages, nothing downloaded):
 
-    python examples/share_layers_quality.py            # writes examples/results/share_layers_quality.txt
+* all-MiniLM-L6-v2 (6 layers): mean sentence-embedding cosine (attention-mask-weighted mean of
+  last_hidden_state) to the original, on held-out paragraphs (``texts("eval")``).
+* SmolLM2-135M-Instruct (30 layers): perplexity on held-out text (``lm_batches(texts("eval"))``).
+
+For each sharing strategy (``every`` k=2, ``cycle`` k=3 and k=2, ``all``) and each residual budget (0, a
+fraction of the blocks' parameters, full rank), two methods:
+
+* plain:      ``init=mean,residual=svd,bias=keep`` (the group mean, truncated SVD of the weight difference)
+* calibrated: the defaults with calibration data (``texts("calibration")``, disjoint from the held-out
+              text): ``init=fit,residual=activation,bias=fit`` (passes/share_layers_fit.py)
+
+"gap closed" is the share of plain tying's loss (plain, rank 0, same strategy) that a row wins back: in
+cosine for MiniLM, in log-perplexity for SmolLM2. "block kept": block parameters after / before (shared
+matrices + per-block vectors + residuals). Writes a table (.txt), the rows (.json) and a plot (.png)::
+
+    python examples/share_layers_quality.py                        # both models (about an hour on 2 cores)
+    python examples/share_layers_quality.py --models minilm        # MiniLM only (~15 min on 2 cores)
+    python examples/share_layers_quality.py --device cuda          # on a GPU
+
+matplotlib is needed for the plot only (``pip install 'evo-rewrite[examples]'``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import platform
 import sys
 import time
 from pathlib import Path
@@ -24,69 +43,216 @@ import real_models as rm  # noqa: E402
 
 import rewriter  # noqa: E402
 
-PIPELINES = [
-    "share-layers(strategy=every,k=2)",
-    "share-layers(strategy=every,k=2,rank=16)",
-    "share-layers(strategy=every,k=2,rank=32)",
-    "share-layers(strategy=every,k=2,rank=64)",
-    "share-layers(strategy=every,k=2,rank=128)",
-    "share-layers(strategy=every,k=2,rank=1536)",
-    "share-layers(strategy=every,k=2,init=first)",
-    "share-layers(strategy=cycle,k=3)",
-    "share-layers(strategy=all)",
-    "share-layers(strategy=every,k=2,what=attention)",
-    "share-layers(strategy=every,k=2,what=ffn)",
-    "factorize-embeddings(rank=128)",
-    "factorize-embeddings(rank=192)",
-]
+STRATEGIES = {"every-2": "strategy=every,k=2", "cycle-3": "strategy=cycle,k=3", "cycle-2": "strategy=cycle,k=2",
+              "all": "strategy=all"}
+METHODS = {"plain": "init=mean,residual=svd,bias=keep", "calibrated": ""}
+BUDGETS = ["0", "0.025", "0.05", "0.1", "0.2", "0.5", "full"]
+FULL_RANK = 4096  # >= every matrix's smaller dimension: exact
 
 
-@torch.no_grad()
-def embeddings(fn, batches) -> torch.Tensor:
-    out = []
-    for b in batches:
-        h = fn(**b)["last_hidden_state"].double()
-        m = b["attention_mask"].unsqueeze(-1).double()
-        out.append((h * m).sum(1) / m.sum(1).clamp_min(1.0))
-    return torch.cat(out)
+def spec_of(strategy: str, method: str, budget: str) -> str:
+    opts = [STRATEGIES[strategy], METHODS[method]]
+    if budget != "0":
+        opts.append(f"rank={FULL_RANK if budget == 'full' else budget}")
+    return f"share-layers({','.join(o for o in opts if o)})"
+
+
+# -- the two models ---------------------------------------------------------------------------------
+
+class MiniLM:
+    name, metric, higher_is_better = "all-MiniLM-L6-v2", "cosine", True
+
+    def __init__(self, args):
+        self.model, tok = rm.minilm()
+        self.eval = rm.minilm_batches(rm.texts("eval"), batch=16, max_len=128, tokenizer=tok, limit=args.paragraphs)
+        self.calibration = rm.minilm_batches(rm.texts("calibration"), batch=16, max_len=128, tokenizer=tok,
+                                             limit=16 * args.calibration_batches)
+        self.describe = (f"{sum(len(b['input_ids']) for b in self.eval)} held-out paragraphs "
+                         f"({sum(int(b['attention_mask'].sum()) for b in self.eval):,} tokens, <= 128 each)")
+
+    @torch.no_grad()
+    def score(self, fn, device) -> torch.Tensor:
+        out = []
+        for b in self.eval:
+            b = {k: v.to(device) for k, v in b.items()}
+            h = fn(**b)["last_hidden_state"].double()
+            m = b["attention_mask"].unsqueeze(-1).double()
+            out.append(((h * m).sum(1) / m.sum(1).clamp_min(1.0)).cpu())
+        return torch.cat(out)
+
+    def value(self, ref, new) -> float:
+        return F.cosine_similarity(ref, new, dim=-1).mean().item()
+
+    @staticmethod
+    def closed(plain: float, value: float, original: float) -> float:
+        return (value - plain) / (original - plain)
+
+
+class SmolLM2:
+    name, metric, higher_is_better = "SmolLM2-135M-Instruct", "perplexity", False
+
+    def __init__(self, args):
+        self.model, tok = rm.smollm2()
+        self.eval = rm.lm_batches(rm.texts("eval"), batch=8, seq_len=args.seq_len, max_sequences=args.sequences,
+                                  tokenizer=tok)
+        self.calibration = rm.lm_batches(rm.texts("calibration"), batch=8, seq_len=args.seq_len,
+                                         max_sequences=8 * args.lm_calibration_batches, tokenizer=tok)
+        self.describe = f"{sum(len(b['input_ids']) for b in self.eval)} held-out sequences of {args.seq_len} tokens"
+
+    @torch.no_grad()
+    def score(self, fn, device) -> torch.Tensor:
+        nll, count = 0.0, 0
+        for b in self.eval:
+            b = {k: v.to(device) for k, v in b.items()}
+            logits = fn(**b)["logits"].double()
+            nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), b["input_ids"][:, 1:].flatten(), reduction="sum").item()
+            count += b["input_ids"][:, 1:].numel()
+        return torch.tensor(math.exp(nll / count))
+
+    def value(self, ref, new) -> float:
+        return float(new)
+
+    @staticmethod
+    def closed(plain: float, value: float, original: float) -> float:
+        return (math.log(plain) - math.log(value)) / (math.log(plain) - math.log(original))
+
+
+MODELS = {"minilm": MiniLM, "smollm2": SmolLM2}
+
+
+# -- the study --------------------------------------------------------------------------------------
+
+def block_parameters(program) -> int:
+    return sum(program.get_tensor(b.target(n)).numel() for g in rewriter.repeated_blocks(program) for b in g.blocks
+               for n in b.names if isinstance(program.get_tensor(b.target(n)), torch.nn.Parameter))
+
+
+def study(key: str, args, log) -> dict:
+    m = MODELS[key](args)
+    device = args.device
+    program = rewriter.prepare(m.model, dict(m.eval[0]), device=device)
+    ref = m.score(program.module, device)
+    original = 1.0 if key == "minilm" else float(ref)
+    blocks = block_parameters(program)
+    calibration = [dict(b) for b in m.calibration]
+    head = {"model": m.name, "metric": m.metric, "original": original, "text": m.describe,
+            "calibration": f"{len(calibration)} batches of {tuple(calibration[0]['input_ids'].shape)} "
+                           f"({sum(int(b['attention_mask'].sum()) for b in calibration):,} tokens)",
+            "block_parameters": blocks, "parameters": sum(t.numel() for t in program.named_tensors().values()
+                                                          if isinstance(t, torch.nn.Parameter)),
+            "rows": []}
+    log(f"{m.name}: {m.describe}; calibration {head['calibration']}; block parameters {blocks:,}; "
+        f"original {m.metric} {original:.4g}")
+    strategies = args.strategies.split(",")
+    budgets = (args.budgets if key == "minilm" else args.lm_budgets).split(",")
+    for strategy in strategies:
+        plain = None
+        for method in METHODS:
+            for budget in budgets:
+                if budget == "full" and key == "smollm2" and strategy != "every-2" and not args.all_full:
+                    continue  # exact by construction (tested); one full-rank row per model is enough on a CPU
+                spec = spec_of(strategy, method, budget)
+                t = time.perf_counter()
+                result = rewriter.rewrite(program, spec, calibration=calibration if method == "calibrated" else None,
+                                          device=device)
+                rec = result.report.passes[0]
+                value = m.value(ref, m.score(result.module, device))
+                before, after = result.report.model_before["parameters"], result.report.model_after["parameters"]
+                row = {"strategy": strategy, "method": method, "budget": budget, "spec": spec,
+                       "params_kept": after / before, "block_kept": (blocks - (before - after)) / blocks,
+                       m.metric: value, "seconds": round(time.perf_counter() - t, 1),
+                       "residual_rank": rec.notes.get("residual rank"), "ok": bool(rec.verified and rec.rewrites),
+                       "failure": rec.failure or ("" if rec.rewrites else rec.message)}
+                if method == "plain" and budget == "0":
+                    plain = value
+                row["gap_closed"] = None if plain is None or plain == original else m.closed(plain, value, original)
+                head["rows"].append(row)
+                log(_line(row, m.metric))
+    return head
+
+
+def _line(r: dict, metric: str) -> str:
+    gap = "" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}"
+    return (f"{r['spec']:<80} {r['params_kept']:>6.3f} {r['block_kept']:>6.3f} {r[metric]:>10.4f} {gap:>6} "
+            f"{r['seconds']:>6.1f}{'' if r['ok'] else '  [' + r['failure'] + ']'}")
+
+
+def table(results: list[dict], args) -> str:
+    lines = [f"share-layers quality, no training; torch {torch.__version__}, {args.device} "
+             f"({platform.machine()}, {torch.get_num_threads()} threads)",
+             f"command: python examples/share_layers_quality.py {' '.join(sys.argv[1:])}".rstrip(),
+             "plain = init=mean,residual=svd,bias=keep; calibrated = init=fit,residual=activation,bias=fit "
+             "(the defaults with calibration data)",
+             "gap closed: share of plain tying's loss (plain, rank 0, same strategy) won back"
+             " (cosine; log-perplexity for SmolLM2)", ""]
+    for res in results:
+        lines += [f"{res['model']}: {res['text']}; calibration {res['calibration']}",
+                  f"block parameters {res['block_parameters']:,} of {res['parameters']:,}; original {res['metric']} "
+                  f"{res['original']:.4g}", "",
+                  f"{'pipeline':<80} {'params':>6} {'blocks':>6} {res['metric']:>10} {'gap':>6} {'s':>6}"]
+        lines += [_line(r, res["metric"]) for r in res["rows"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
+    colors = dict(zip(STRATEGIES, ["tab:blue", "tab:orange", "tab:green", "tab:red"]))
+    for ax, res in zip(axes[0], results):
+        for strategy in STRATEGIES:
+            for method, style in (("calibrated", "-o"), ("plain", "--x")):
+                rows = sorted((r for r in res["rows"] if r["strategy"] == strategy and r["method"] == method),
+                              key=lambda r: r["block_kept"])
+                if rows:
+                    ax.plot([r["block_kept"] for r in rows], [r[res["metric"]] for r in rows], style,
+                            color=colors[strategy], label=f"{strategy}, {method}", markersize=4)
+        ax.axhline(res["original"], color="gray", lw=0.8, ls=":")
+        ax.axvline(0.6, color="gray", lw=0.8, ls=":")  # every-2 + 10% residual budget
+        ax.set_xscale("log")
+        ticks = [0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 1.0, 1.5, 2.0]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xlabel("block parameters kept (shared + per-block vectors + residuals) / original; log scale")
+        ax.set_ylabel(("mean sentence-embedding cosine to the original" if res["metric"] == "cosine"
+                       else "perplexity on held-out text (log scale)"))
+        if res["metric"] == "perplexity":
+            ax.set_yscale("log")
+        ax.set_title(f"{res['model']}: share-layers without training")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--paragraphs", type=int, default=64)
-    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--models", default="minilm,smollm2")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--budgets", default=",".join(BUDGETS), help="MiniLM residual budgets: 0, fractions, full")
+    ap.add_argument("--lm-budgets", default="0,0.1,0.2,full", help="SmolLM2 residual budgets")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--paragraphs", type=int, default=64, help="MiniLM held-out paragraphs")
+    ap.add_argument("--sequences", type=int, default=16, help="SmolLM2 held-out sequences")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--calibration-batches", type=int, default=8, help="MiniLM: batches of 16 paragraphs")
+    ap.add_argument("--lm-calibration-batches", type=int, default=4, help="SmolLM2: batches of 8 sequences")
+    ap.add_argument("--all-full", action="store_true", help="SmolLM2: a full-rank row for every strategy")
     ap.add_argument("-o", default=str(Path(__file__).parent / "results" / "share_layers_quality.txt"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    model, _ = rm.minilm()
-    batches = rm.minilm_batches(rm.texts("eval"), batch=16, max_len=args.max_len, limit=args.paragraphs)
-    program = rewriter.prepare(model, batches[0])
-    ref = embeddings(program.module, batches)
-    block_before = sum(t.numel() for k, t in program.named_tensors().items()
-                       if ".encoder.layer." in f".{k}" and isinstance(t, torch.nn.Parameter))
-    lines = [f"all-MiniLM-L6-v2, {len(ref)} held-out paragraphs (<= {args.max_len} tokens), torch {torch.__version__}",
-             f"block parameters before: {block_before:,}", "",
-             f"{'pipeline':<50} {'params kept':>11} {'block kept':>10} {'cos mean':>8} {'cos min':>8} {'gap closed':>10} {'s':>5}"]
-    plain = None
-    for spec in PIPELINES:
-        t = time.perf_counter()
-        result = rewriter.rewrite(program, spec)
-        rec = result.report.passes[0]
-        before, after = result.report.model_before["parameters"], result.report.model_after["parameters"]
-        new = embeddings(result.module, batches)
-        cos = F.cosine_similarity(ref, new, dim=-1)
-        block_after = block_before - (before - after) if spec.startswith("share") else block_before
-        if spec == "share-layers(strategy=every,k=2)":
-            plain = cos.mean().item()
-        closed = ("" if plain is None or "rank" not in spec or not spec.startswith("share")
-                  else f"{(cos.mean().item() - plain) / (1 - plain):.0%}")
-        status = "" if rec.verified and rec.rewrites else f"  [{rec.failure or rec.message}]"
-        lines.append(f"{spec:<50} {after / before:>11.3f} {block_after / block_before:>10.3f} {cos.mean().item():>8.4f} "
-                     f"{cos.min().item():>8.4f} {closed:>10} {time.perf_counter() - t:>5.1f}{status}")
-        print(lines[-1], flush=True)
-    Path(args.o).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.o).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.o}")
+    out = Path(args.o)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for key in args.models.split(","):
+        results.append(study(key, args, lambda s: print(s, flush=True)))
+        out.write_text(table(results, args) + "\n")  # after each model: a partial run still leaves its table
+        out.with_suffix(".json").write_text(json.dumps({"command": sys.argv, "results": results}, indent=1) + "\n")
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
     return 0
 
 

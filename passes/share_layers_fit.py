@@ -18,7 +18,7 @@ absorbs exactly (``bias=fit``: c_b += (W_b − W̃_b) μ_b). What is left to min
 Covariances are shrunk toward a multiple of the identity by d / (d + n) (d inputs, n tokens), so a few
 tokens (the example inputs) give nearly the plain mean and plain SVD, and many tokens the fitted ones.
 Without a bias to absorb the mean (Llama), the uncentered second moment is used instead of C_b.
-Everything is closed-form in float64 on the CPU: no training.
+Everything is closed-form, in float64 on the weights' device: no training.
 """
 
 from __future__ import annotations
@@ -38,26 +38,38 @@ aten = torch.ops.aten
 ITERATIONS = 3  # alternating refits of W_s and the residuals (init=fit, residual=activation)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class InputStats:
-    """Token count, sum and sum of outer products of the inputs a weight multiplies (float64)."""
+    """Token count, sum and sum of outer products of the inputs a weight multiplies (float64).
+
+    Weights that multiply the same input (q, k and v) share one InputStats, so their covariance and its
+    square root are computed once.
+    """
 
     n: int
     total: torch.Tensor  # (in,)
     outer: torch.Tensor  # (in, in)
+    _memo: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def metric(self, centered: bool) -> torch.Tensor:
         """The shrunk covariance (centered) or second moment (in, in) that weights the error."""
-        d = self.total.shape[0]
-        mean = self.total / max(self.n, 1)
-        m = self.outer / max(self.n, 1) - (torch.outer(mean, mean) if centered else 0)
-        m = (m + m.t()) / 2
-        scale = m.diagonal().mean().clamp_min(0)
-        eye = torch.eye(d, dtype=m.dtype)
-        if not scale > 0:
-            return eye
-        rho = d / (d + self.n)
-        return (1 - rho) * m + rho * scale * eye
+        if ("metric", centered) not in self._memo:
+            d = self.total.shape[0]
+            m = self.outer / max(self.n, 1) - (torch.outer(self.mean, self.mean) if centered else 0)
+            m = (m + m.t()) / 2
+            scale = m.diagonal().mean().clamp_min(0)
+            eye = torch.eye(d, dtype=m.dtype, device=m.device)
+            rho = d / (d + self.n)
+            self._memo["metric", centered] = (1 - rho) * m + rho * scale * eye if scale > 0 else eye
+        return self._memo["metric", centered]
+
+    def whitening(self, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M^{1/2}, M^{-1/2}) of ``metric(centered)``."""
+        if ("whitening", centered) not in self._memo:
+            e, u = torch.linalg.eigh(self.metric(centered))
+            e = e.clamp_min(e.max() * 1e-12)
+            self._memo["whitening", centered] = ((u * e.sqrt()) @ u.t(), (u * e.rsqrt()) @ u.t())
+        return self._memo["whitening", centered]
 
     @property
     def enough(self) -> bool:
@@ -106,39 +118,48 @@ def collect_input_stats(program, targets: list[str], calibration: list[Inputs]) 
                 x_ND = v.reshape(-1, v.shape[-1])
             x_ND = x_ND.double()
             s = per_node.setdefault(name, InputStats(0, torch.zeros(0), torch.zeros(0)))
-            total, outer = x_ND.sum(0).cpu(), (x_ND.t() @ x_ND).cpu()
+            total, outer = x_ND.sum(0), x_ND.t() @ x_ND
             s.n += x_ND.shape[0]
             s.total = total if s.total.numel() == 0 else s.total + total
             s.outer = outer if s.outer.numel() == 0 else s.outer + outer
-    out = {}
+    out, merged = {}, {}
     for t, xs in x_of.items():
-        parts = [per_node[x] for x in xs if x in per_node and per_node[x].n]
+        parts = tuple(x for x in xs if x in per_node and per_node[x].n)
+        if parts and parts not in merged:
+            merged[parts] = per_node[parts[0]] if len(parts) == 1 else InputStats(
+                sum(per_node[x].n for x in parts), sum(per_node[x].total for x in parts),
+                sum(per_node[x].outer for x in parts))
         if parts:
-            out[t] = InputStats(sum(p.n for p in parts), sum(p.total for p in parts), sum(p.outer for p in parts))
+            out[t] = merged[parts]
     return out
 
 
 # -- the fit ------------------------------------------------------------------------------------------
 
-def _sqrt_and_inverse(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M^{1/2}, M^{-1/2}) of a symmetric positive definite matrix."""
-    e, u = torch.linalg.eigh(m)
-    e = e.clamp_min(e.max() * 1e-12)
-    return (u * e.sqrt()) @ u.t(), (u * e.rsqrt()) @ u.t()
+Whitening = tuple  # (M^{1/2}, M^{-1/2}) or (None, None): the plain weight metric
 
 
 def _weighted_mean(ws: list[torch.Tensor], ms: list[torch.Tensor]) -> torch.Tensor:
-    """argmin_S Σ_b ‖(W_b − S) M_b^{1/2}‖² = Σ_b W_b M_b (Σ_b M_b)⁻¹."""
-    total = sum(ms)
-    return torch.linalg.solve(total, sum(w @ m for w, m in zip(ws, ms)).t()).t()  # M symmetric
+    """argmin_S Σ_b ‖(W_b − S) M_b^{1/2}‖² = Σ_b W_b M_b (Σ_b M_b)⁻¹ (M symmetric positive definite)."""
+    factor = torch.linalg.cholesky(sum(ms))
+    return torch.cholesky_solve(sum(w @ m for w, m in zip(ws, ms)).t(), factor).t()
 
 
-def _truncated(d: torch.Tensor, rank: int, s, s_inv) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(U (out, r), V (r, in)) minimising ‖(d − U V) s‖; s None: the plain SVD."""
-    if rank <= 0 or not d.abs().max() > 0:
+def _svd(d: torch.Tensor, wh: Whitening, rank: int | None = None):
+    """(U, S, Vᴴ) of the (whitened) difference: all of it, or the top ``rank`` by a randomized SVD."""
+    a = d if wh[0] is None else d @ wh[0]
+    if rank is not None and 4 * (rank + 8) < min(a.shape):
+        u, sv, v = torch.svd_lowrank(a, q=rank + 8, niter=3)
+        return u, sv, v.t()
+    return torch.linalg.svd(a, full_matrices=False)
+
+
+def _residual(svd, rank: int, wh: Whitening) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(U (out, r), V (r, in)) minimising ‖(d − U V) M^{1/2}‖, from the SVD of d·M^{1/2}, unwhitened."""
+    u, sv, vh = svd
+    if rank <= 0 or not sv[:1].sum() > 0:
         return None
-    u, sv, vh = torch.linalg.svd(d if s is None else d @ s, full_matrices=False)
-    v = vh[:rank] if s is None else vh[:rank] @ s_inv
+    v = vh[:rank] if wh[1] is None else vh[:rank] @ wh[1]
     return u[:, :rank] * sv[:rank], v
 
 
@@ -163,32 +184,34 @@ class Problem:
     stats: list[InputStats | None]
     refit_bias: list[bool]  # per block: the block has its own bias for this weight
 
-    def metrics(self, activation: bool) -> list[torch.Tensor | None]:
-        if not activation or any(s is None or not s.enough for s in self.stats):
-            return [None] * len(self.weights)
+    @property
+    def fitted(self) -> bool:
+        """Every block has statistics of enough tokens (else: the plain mean and SVD for this matrix)."""
+        return all(s is not None and s.enough for s in self.stats)
+
+    def metrics(self) -> list[torch.Tensor]:
         return [s.metric(centered=r) for s, r in zip(self.stats, self.refit_bias)]
 
+    def whitenings(self) -> list[Whitening]:
+        return [s.whitening(centered=r) for s, r in zip(self.stats, self.refit_bias)]
 
-def _init(p: Problem, init: str, ms: list[torch.Tensor | None]) -> torch.Tensor:
+
+def _init(p: Problem, init: str) -> torch.Tensor:
     if init == "first":
         return p.weights[0]
-    if init == "fit" and all(m is not None for m in ms):
-        return _weighted_mean(p.weights, ms)
+    if init == "fit" and p.fitted:
+        return _weighted_mean(p.weights, p.metrics())
     return torch.stack(p.weights).mean(0)
 
 
-def allocate(problems: list[Problem], shared: list[torch.Tensor], whiten: list[list], budget: int) -> list[list[int]]:
+def allocate(problems: list[Problem], svds: list[list], whiten: list[list[Whitening]], budget: int) -> list[list[int]]:
     """Ranks per (problem, block): greedy on error removed (relative to ‖W_b M_b^{1/2}‖²) per parameter."""
     gains = []  # (gain per parameter, problem, block, cost)
-    for i, (p, s, wh) in enumerate(zip(problems, shared, whiten)):
-        for b, (w, (sq, _)) in enumerate(zip(p.weights, wh)):
-            d = w - s
-            if not d.abs().max() > 0:
-                continue
-            sv2 = torch.linalg.svdvals(d if sq is None else d @ sq).pow(2)
-            scale = (w if sq is None else w @ sq).pow(2).sum().clamp_min(1e-30)
+    for i, (p, svd_b, wh_b) in enumerate(zip(problems, svds, whiten)):
+        for b, (w, svd, (sq, _)) in enumerate(zip(p.weights, svd_b, wh_b)):
+            scale = float((w if sq is None else w @ sq).pow(2).sum().clamp_min(1e-30))
             cost = sum(w.shape)
-            gains += [(float(g) / float(scale) / cost, i, b, cost) for g in sv2]
+            gains += [(float(g) / scale / cost, i, b, cost) for g in svd[1].pow(2)]
     gains.sort(key=lambda g: -g[0])
     ranks = [[0] * len(p.weights) for p in problems]
     spent = 0
@@ -203,26 +226,23 @@ def fit_sets(problems: list[Problem], *, init: str, activation: bool, rank: int 
              refit_bias: bool) -> list[Fit]:
     """Shared tensors, residuals (uniform ``rank``, or ranks from a parameter ``budget`` when rank is a
     fraction) and bias shifts for every (set, name) problem."""
-    metrics = [p.metrics(activation or init == "fit") for p in problems]
-    residual = activation and rank != 0
-    whiten = [[_sqrt_and_inverse(m) if (m is not None and residual) else (None, None) for m in ms] for ms in metrics]
-    shared = [_init(p, init, ms) for p, ms in zip(problems, metrics)]
+    plain = (None, None)
+    whiten = [p.whitenings() if activation and rank != 0 and p.fitted else [plain] * len(p.weights) for p in problems]
+    shared = [_init(p, init) for p in problems]
+    svds = [[_svd(w - s, wh) for w, wh in zip(p.weights, whs)] if rank != 0 else None
+            for p, s, whs in zip(problems, shared, whiten)]
     if isinstance(rank, float):
-        ranks = allocate(problems, shared, whiten, budget)
+        ranks = allocate(problems, svds, whiten, budget)
     else:
         ranks = [[min(rank, *w.shape) for w in p.weights] for p in problems]
     fits = []
-    for p, ms, wh, s, rs in zip(problems, metrics, whiten, shared, ranks):
-        res = [_truncated(w - s, r, sq, si) for w, r, (sq, si) in zip(p.weights, rs, wh)]
-        alternate = init == "fit" and activation and any(r is not None for r in res) and all(m is not None for m in ms)
-        for _ in range(ITERATIONS if alternate else 0):
-            s = _weighted_mean([w - _product(r) for w, r in zip(p.weights, res)], ms)
-            res = [_truncated(w - s, r, sq, si) for w, r, (sq, si) in zip(p.weights, rs, wh)]
-        shifts = []
-        for w, r, st, own in zip(p.weights, res, p.stats, p.refit_bias):
-            if refit_bias and own and st is not None and st.enough:
-                shifts.append((w - s - _product(r)) @ st.mean)
-            else:
-                shifts.append(None)
+    for p, whs, s, svd_b, rs in zip(problems, whiten, shared, svds, ranks):
+        res = [_residual(svd, r, wh) for svd, r, wh in zip(svd_b, rs, whs)] if svd_b else [None] * len(rs)
+        if init == "fit" and activation and p.fitted and any(r is not None for r in res):
+            for _ in range(ITERATIONS):  # W_s and the residuals in turn, each lowering the same error
+                s = _weighted_mean([w - _product(r) for w, r in zip(p.weights, res)], p.metrics())
+                res = [_residual(_svd(w - s, wh, r), r, wh) for w, r, wh in zip(p.weights, rs, whs)]
+        shifts = [(w - s - _product(r)) @ st.mean if refit_bias and own and st is not None and st.enough else None
+                  for w, r, st, own in zip(p.weights, res, p.stats, p.refit_bias)]
         fits.append(Fit(s, res, shifts))
     return fits
