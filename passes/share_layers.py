@@ -196,7 +196,7 @@ class ShareLayers(Pass):
                 notes["matrices without input statistics (not read by aten.linear): plain mean / SVD"] = missing
             if thin:
                 notes["matrices with too few calibration tokens (< inputs / 4): plain mean / SVD"] = thin
-        problems = [Problem([program.get_tensor(b.target(n)).detach().double().cpu() for b in s.blocks],
+        problems = [Problem([program.get_tensor(b.target(n)).detach().double() for b in s.blocks],
                             [stats.get(b.target(n)) for b in s.blocks],
                             [biases[b.target(n)] is not None for b in s.blocks])
                     for s, n in matrices]
