@@ -122,7 +122,7 @@ class Heal(Pass):
             0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / self.steps)))))
         rng = random.Random(self.seed)
         order: list[int] = []
-        curve, tokens, t0 = [], 0, time.perf_counter()
+        curve, tokens, t0, fallback = [], 0, time.perf_counter(), ""
         every = max(1, self.steps // 10)
         for step in range(self.steps):
             if not order:
@@ -130,17 +130,24 @@ class Heal(Pass):
                 rng.shuffle(order)
             b = train[order.pop()]
             mask = _mask(b)
-            with torch.no_grad(), torch.autocast(**autocast):
-                t_out = teacher(b)
-            with torch.autocast(**autocast):
-                s_out = student(b)
-            loss = _loss(s_out[main], t_out[main], mask, kind)
-            for i in range(len(blocks)):
-                loss = loss + self.layers / len(blocks) * _loss(s_out[-len(blocks) + i], t_out[-len(blocks) + i], mask, "hidden")
+            opt.zero_grad(set_to_none=True)
+            try:
+                loss = self._loss_backward(teacher, student, b, mask, kind, main, len(blocks), autocast)
+            except RuntimeError as exc:
+                if not (bf16 and step == 0):
+                    raise
+                # some graphs hold ops whose kernels reject autocast's mixed dtypes (seen on torch 2.11
+                # with SmolLM2: "Tensor dtype mismatch"): train in fp32 rather than not at all
+                if self.precision == "bf16":
+                    raise PassNotApplicable(f"heal(precision=bf16): the graph does not train under bf16 autocast "
+                                            f"({str(exc).splitlines()[0]}); use precision=fp32") from None
+                bf16, autocast["enabled"] = False, False
+                fallback = f"bf16 autocast failed ({str(exc).splitlines()[0][:120]}); trained in fp32"
+                log(f"      heal: {fallback}")
+                opt.zero_grad(set_to_none=True)
+                loss = self._loss_backward(teacher, student, b, mask, kind, main, len(blocks), autocast)
             if not torch.isfinite(loss):
                 raise PassNotApplicable(f"heal diverged at step {step + 1} (loss {float(loss)}); lower lr (now {self.lr:g})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
@@ -159,11 +166,24 @@ class Heal(Pass):
             "loss": f"{curve[0][1]:.4g} -> {curve[-1][1]:.4g} ({'KL' if kind == 'lm' else 'normalised error'}"
                     f"{' + block outputs' if blocks else ''})",
             "held back": f"before {_describe(before)}; after {_describe(after)}",
+            **({"precision": fallback} if fallback else {}),
             "heal": {"trained_tensors": names, "tokens": tokens, "seconds": seconds, "device": str(device),
                      "precision": "bf16" if bf16 else "fp32", "curve": curve, "held_back_before": before,
                      "held_back_after": after, "objective": kind},
         }
         return PassResult(program, len(names), notes=notes)
+
+    def _loss_backward(self, teacher, student, b, mask, kind, main, n_blocks, autocast) -> torch.Tensor:
+        """The distillation loss of one batch, back-propagated."""
+        with torch.no_grad(), torch.autocast(**autocast):
+            t_out = teacher(b)
+        with torch.autocast(**autocast):
+            s_out = student(b)
+        loss = _loss(s_out[main], t_out[main], mask, kind)
+        for i in range(n_blocks):
+            loss = loss + self.layers / n_blocks * _loss(s_out[-n_blocks + i], t_out[-n_blocks + i], mask, "hidden")
+        loss.backward()
+        return loss.detach()
 
     def _trainable(self, program: Program, reference: Program) -> list[str]:
         ref = reference.named_tensors()

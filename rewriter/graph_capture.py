@@ -126,6 +126,11 @@ def program_from_exported(ep: torch.export.ExportedProgram, inputs: Inputs, sour
             gm.graph.erase_node(n)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
+    # likewise export's input-constraint pre-hook (torch 2.11 attaches it to the unlifted module; its
+    # copies never have it): it reads the placeholders' symbolic sizes, which a later shape propagation
+    # on the same shape environment can pin to the example's sizes, and then rejects a valid batch
+    gm._forward_pre_hooks.clear()
+    gm._forward_pre_hooks_with_kwargs.clear()
     gm.recompile()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     dynamic_dims = []

@@ -200,3 +200,19 @@ def test_heal_on_cuda_uses_bf16_autocast_and_still_heals():
     info = _heal_record(result).notes["heal"]
     assert info["precision"] == "bf16" and info["device"].startswith("cuda")
     assert info["held_back_after"]["kl"] < 0.7 * info["held_back_before"]["kl"], info
+
+
+def test_bf16_autocast_failure_is_explained(monkeypatch):
+    from passes.heal import Heal
+
+    real = Heal._loss_backward
+
+    def picky(self, *args):
+        if args[-1]["enabled"]:
+            raise RuntimeError("Tensor dtype mismatch! Expected: Float, Got: c10::BFloat16")
+        return real(self, *args)
+
+    monkeypatch.setattr(Heal, "_loss_backward", picky)
+    model, inputs = _gpt()
+    with pytest.raises(UsageError, match="does not train under bf16 autocast .*use precision=fp32"):
+        _heal(model, inputs, "gqa(kv_heads=2),heal(steps=2,precision=bf16,seq_len=16)")
