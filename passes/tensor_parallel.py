@@ -35,7 +35,7 @@ from rewriter.errors import PassNotApplicable
 from rewriter.pass_infra import Pass, PassResult, Skip, module_path, register_pass
 from rewriter.program import Program
 from rewriter.projections import Projection, output_projection, trace_projection
-from rewriter.verify import TOLERANCE, compare_outputs
+from rewriter.verify import compare_outputs, tolerance
 
 from .tensor_parallel_ranks import simulate
 from .tensor_parallel_shard import COLLECTIVES, SPLITS, LinearRole, is_pointwise, localize
@@ -393,7 +393,7 @@ class TensorParallel(Pass):
             for out in simulate(program, self.degree, self.sequence_parallel, inputs):
                 metrics, problem, dtype = compare_outputs(ref, out)
                 rel = metrics.get("max_rel_error", 0.0)
-                if problem or rel > TOLERANCE.get(dtype, 1e-4):
+                if problem or rel > tolerance(dtype):
                     raise RuntimeError(f"the simulated {self.degree}-rank program differs from the unsharded one on "
                                        f"{inputs.describe()}: {problem or f'max relative error {rel:.3g}'}")
                 worst = max(worst, rel)

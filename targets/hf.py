@@ -20,7 +20,7 @@ import torch
 from rewriter.attention import attention_sites
 from rewriter.errors import OutputError, UsageError, VerificationError
 from rewriter.program import Program
-from rewriter.verify import TOLERANCE, compare_outputs
+from rewriter.verify import compare_outputs, tolerance
 
 __all__ = ["save_hf", "hf_expressible"]
 
@@ -91,7 +91,7 @@ def save_hf(program: Program, out_dir: str | os.PathLike) -> str:
         key = next(iter(ref)) if isinstance(ref, dict) else 0  # the first output (logits / last_hidden_state)
         ref_t, got_t = ref[key], got[key]
         metrics, problem, dtype = compare_outputs(ref_t, got_t)
-        if problem or metrics.get("max_rel_error", 0) > TOLERANCE.get(dtype, 1e-4):
+        if problem or metrics.get("max_rel_error", 0) > tolerance(dtype):
             raise VerificationError(f"the Hugging Face checkpoint does not reproduce the rewritten program: "
                                     f"{problem or 'max relative error %.3g' % metrics['max_rel_error']}")
         os.replace(tmp, out)

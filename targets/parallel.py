@@ -168,7 +168,7 @@ def _first_tensor(out) -> torch.Tensor:
 def run_one(path: str, mesh: DeviceMesh, args) -> tuple[list[str], int]:
     """Load, shard and run one .pt2 on this rank; the lines to print and the exit code."""
     from rewriter.sources import load
-    from rewriter.verify import TOLERANCE, compare_outputs
+    from rewriter.verify import compare_outputs, tolerance
 
     rank = mesh.get_local_rank()
     plan = read_plan(path) if zipfile.is_zipfile(path) else None
@@ -197,7 +197,7 @@ def run_one(path: str, mesh: DeviceMesh, args) -> tuple[list[str], int]:
     retarget(program.graph, device)
     program.module.recompile()
     metrics, problem, dtype = compare_outputs(program(inputs), out)
-    tol = TOLERANCE.get(dtype, 1e-4)
+    tol = tolerance(dtype)
     rel = metrics.get("max_rel_error", 0.0)
     ok = not problem and rel <= tol
     lines.append(f"{path} rank {rank}: sharded vs unsharded on {inputs.describe()}: "
