@@ -117,7 +117,7 @@ def study_smollm2(args, corpus: Path) -> dict:
     eval_b = rm.lm_batches(rm.texts("eval"), batch=8, seq_len=256, max_sequences=None, tokenizer=tok)
     cal = rm.lm_batches(rm.texts("calibration"), batch=8, seq_len=256, max_sequences=32, tokenizer=tok)
     lossy = "gqa(kv_heads=1,method=fit)"
-    heal = f"heal(steps={args.steps},lr={args.lr_lm},batch={args.batch},seq_len=256,holdout=0.05)"
+    heal = f"heal(steps={args.steps},lr={args.lr_lm},batch={args.batch},seq_len=256,holdout=0.05,precision={args.precision})"
     run = lambda spec, **kw: rewriter.rewrite(model, spec, dict(cal[0]), calibration=[dict(b) for b in cal],  # noqa: E731
                                               device=args.device, **kw)
     original = perplexity(lambda i, m: model(input_ids=i, attention_mask=m), eval_b, args.device)
@@ -147,7 +147,7 @@ def study_minilm(args, corpus: Path, lossy: str, label: str) -> dict:
     model = model.to(args.device)
     eval_b = rm.minilm_batches(rm.texts("eval"), batch=32, max_len=128, tokenizer=tok)
     cal = rm.minilm_batches(rm.texts("calibration"), batch=32, max_len=128, tokenizer=tok)
-    heal = f"heal(steps={args.steps},lr={args.lr_enc},batch={args.batch * 2},seq_len=128,holdout=0.05)"
+    heal = f"heal(steps={args.steps},lr={args.lr_enc},batch={args.batch * 2},seq_len=128,holdout=0.05,precision={args.precision})"
     run = lambda spec, **kw: rewriter.rewrite(model, spec, dict(cal[0]), calibration=[dict(b) for b in cal],  # noqa: E731
                                               device=args.device, **kw)
     ref = embeddings(lambda i, m: model(input_ids=i, attention_mask=m), eval_b, args.device)
@@ -194,12 +194,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="sequences per step (MiniLM takes twice as many)")
     ap.add_argument("--lr-lm", type=float, default=3e-4)
     ap.add_argument("--lr-enc", type=float, default=5e-4)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                    help="heal's precision (fp32 on CUDA uses TF32 matmuls; the H200 results ran fp32)")
     ap.add_argument("--out", help="write <out>.json and <out>.txt")
     args = ap.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(models) - set(MODELS)
     if unknown:
         ap.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # what the H200 results ran with (TF32 cuBLAS override)
     docs, corpus_note = docstring_corpus()
     machine = (torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "CPU")
     rows = []
