@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rewriter.errors import OutputError
 
-__all__ = ["check_output_file"]
+__all__ = ["check_output_file", "check_reproduces"]
 
 
 def check_output_file(out: str | os.PathLike, source: str | None = None, *, suffix: str = "", what: str = "another path") -> Path:
@@ -28,3 +28,22 @@ def check_output_file(out: str | os.PathLike, source: str | None = None, *, suff
     if source and Path(source).exists() and out.exists() and os.path.samefile(source, out):
         raise OutputError(f"refusing to overwrite the source {source}; choose {what}")
     return parent
+
+
+def check_reproduces(program, run, what: str) -> None:
+    """Raise VerificationError unless ``run(inputs)`` (a written output, reloaded) gives the program's
+    outputs on its example inputs and on the second size, within the exact-pass tolerance."""
+    import torch
+
+    from rewriter.errors import VerificationError
+    from rewriter.verify import compare_outputs, tolerance
+
+    for inputs in [program.inputs, program.second_inputs()]:
+        if inputs is None:
+            continue
+        with torch.no_grad():
+            ref, got = program(inputs), run(inputs)
+        metrics, problem, dtype = compare_outputs(ref, got)
+        if problem or metrics.get("max_rel_error", 0.0) > tolerance(dtype):
+            raise VerificationError(f"{what} does not reproduce the program on {inputs.describe()}: "
+                                    f"{problem or 'max relative error %.3g' % metrics['max_rel_error']}")

@@ -21,11 +21,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from rewriter.errors import OutputError, VerificationError
+from rewriter.errors import OutputError
 from rewriter.program import Program
-from rewriter.verify import TOLERANCE, compare_outputs
 
-from .paths import check_output_file
+from .paths import check_output_file, check_reproduces
 
 __all__ = ["save_pt2", "export_program"]
 
@@ -70,17 +69,7 @@ def _metadata(program: Program) -> str:
 
 def _check_loaded(path: str, program: Program) -> None:
     loaded = torch.export.load(path).module()
-    for inputs in [program.inputs, program.second_inputs()]:
-        if inputs is None:
-            continue
-        with torch.no_grad():
-            ref = program(inputs)
-            got = loaded(*inputs.args, **inputs.kwargs)
-        metrics, problem, dtype = compare_outputs(ref, got)
-        tol = TOLERANCE.get(dtype, 1e-4)
-        if problem or metrics.get("max_rel_error", 0.0) > tol:
-            raise VerificationError(f"the saved .pt2 does not reproduce the program on {inputs.describe()}: "
-                                    f"{problem or 'max relative error %.3g' % metrics['max_rel_error']}")
+    check_reproduces(program, lambda i: loaded(*i.args, **i.kwargs), "the saved .pt2")
 
 
 def save_pt2(program: Program, path: str | os.PathLike, *, check: bool = True) -> str:

@@ -43,9 +43,8 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen, _custom_builtins
 from rewriter.errors import OutputError, SourceError, VerificationError
 from rewriter.inputs import Inputs
 from rewriter.program import Program
-from rewriter.verify import TOLERANCE, compare_outputs
 
-from .paths import check_output_file
+from .paths import check_output_file, check_reproduces
 
 __all__ = ["save_source", "load_source", "is_source_dir", "FORMAT"]
 
@@ -276,17 +275,7 @@ def _check_written(directory: Path, program: Program) -> None:
         raise VerificationError(f"the generated source calls checkpoint {calls} times; the program has "
                                 f"{len(regions_of(program.module))} regions")
     module = _import_model(directory).load(str(directory), device=device)
-    for inputs in [program.inputs, program.second_inputs()]:
-        if inputs is None:
-            continue
-        with torch.no_grad():
-            ref = program(inputs)
-            got = module(*inputs.args, **inputs.kwargs)
-        metrics, problem, dtype = compare_outputs(ref, got)
-        tol = TOLERANCE.get(dtype, 1e-4)
-        if problem or metrics.get("max_rel_error", 0.0) > tol:
-            raise VerificationError(f"the generated source does not reproduce the program on {inputs.describe()}: "
-                                    f"{problem or 'max relative error %.3g' % metrics['max_rel_error']}")
+    check_reproduces(program, lambda i: module(*i.args, **i.kwargs), "the generated source")
 
 
 # ---- reading --------------------------------------------------------------------------------------
