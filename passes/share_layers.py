@@ -38,7 +38,7 @@ from rewriter.blocks import Block, BlockGroup, repeated_blocks
 from rewriter.pass_infra import Pass, PassResult, Skip, register_pass
 from rewriter.program import Program
 
-from .share_layers_fit import Problem, collect_input_stats, fit_sets, linear_uses
+from .share_layers_fit import Fit, Problem, collect_input_stats, fit_sets, linear_uses
 
 aten = torch.ops.aten
 
@@ -179,19 +179,57 @@ class ShareLayers(Pass):
 
     def _share(self, program: Program, sets: list[_Set], init: str, residual: str, bias: str) -> dict:
         """Fit and rewrite every set; return the notes on how."""
+        notes: dict = {"residual": residual if self.rank else "none", "bias": bias}
+        fitted, biases = self._fit(program, sets, init, residual, bias, notes)
+        attr_nodes: dict[str, list[fx.Node]] = {}
+        for node in program.graph.nodes:
+            if node.op == "get_attr":
+                attr_nodes.setdefault(node.target, []).append(node)
+        added, ranks, moved = 0, [], 0
+        for s in sets:
+            for name in s.names:
+                fit = fitted.get((s, name))
+                olds = [program.get_tensor(b.target(name)).detach() for b in s.blocks]
+                if fit is None:  # a vector (vectors=share)
+                    shared = olds[0] if init == "first" else torch.stack(olds).mean(0)
+                    fit = Fit(shared, [None] * len(olds), [None] * len(olds))
+                else:
+                    ranks += [0 if r is None else r[0].shape[1] for r in fit.residuals]
+                shared_node = self._bind_shared(program, attr_nodes, s, name, fit.shared.to(olds[0]))
+                for b, old, res, shift in zip(s.blocks, olds, fit.residuals, fit.bias_shift):
+                    if res is not None:
+                        res = (res[0].to(old).contiguous(), res[1].to(old).contiguous())
+                        added += self._add_residual(program, b.target(name), attr_nodes[b.target(name)], shared_node, res)
+                    if shift is not None:
+                        c = program.get_tensor(biases[b.target(name)]).detach()
+                        program.set_tensor(biases[b.target(name)], (c.double() + shift).to(c), parameter=True)
+                        moved += 1
+                    for node in attr_nodes[b.target(name)]:
+                        node.replace_all_uses_with(shared_node)
+                        program.graph.erase_node(node)
+                    drop_attr(program.module, b.target(name))
+        if self.rank:
+            notes["residual rank"] = (f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f})"
+                                      if isinstance(self.rank, float) else self.rank)
+            notes["residual parameters"] = added
+        if bias == "fit":
+            notes["biases refit"] = moved
+        return notes
+
+    def _fit(self, program: Program, sets: list[_Set], init: str, residual: str, bias: str, notes: dict):
+        """({(set, name): Fit} for every shared matrix, {weight: its block's own bias or None}); notes the
+        calibration used."""
         matrices = [(s, n) for s in sets for n in s.names if program.get_tensor(s.blocks[0].target(n)).dim() == 2]
         biases = {b.target(n): self._own_bias(program, s, b, n) if bias == "fit" else None
-                  for s, n in matrices for b in s.blocks}  # weight -> its block's own bias
-        notes: dict = {"residual": residual if self.rank else "none", "bias": bias}
+                  for s, n in matrices for b in s.blocks}
         stats = {}
         if init == "fit" or (self.rank and residual == "activation") or bias == "fit":
             calibration = program.meta.get("calibration") or [program.inputs]
-            stats = collect_input_stats(program, [b.target(n) for s, n in matrices for b in s.blocks], calibration)
+            stats = collect_input_stats(program, list(biases), calibration)
             notes["calibration"] = program.meta.get("calibration_note", "the example inputs")
-            tokens = {st.n for st in stats.values()}
-            notes["calibration tokens"] = max(tokens, default=0)
-            missing = sum(b.target(n) not in stats for s, n in matrices for b in s.blocks)
-            thin = sum(not stats[b.target(n)].enough for s, n in matrices for b in s.blocks if b.target(n) in stats)
+            notes["calibration tokens"] = max((st.n for st in stats.values()), default=0)
+            missing = sum(w not in stats for w in biases)
+            thin = sum(not st.enough for st in stats.values())
             if missing:
                 notes["matrices without input statistics (not read by aten.linear): plain mean / SVD"] = missing
             if thin:
@@ -207,45 +245,7 @@ class ShareLayers(Pass):
             notes["residual budget"] = f"{self.rank:g} x {block_params:,} block parameters = {budget:,}"
         fits = fit_sets(problems, init=init, activation=residual == "activation", rank=self.rank, budget=budget,
                         refit_bias=bias == "fit")
-        attr_nodes: dict[str, list[fx.Node]] = {}
-        for node in program.graph.nodes:
-            if node.op == "get_attr":
-                attr_nodes.setdefault(node.target, []).append(node)
-        fitted = dict(zip(matrices, fits))
-        added, ranks, moved = 0, [], 0
-        for s in sets:
-            for name in s.names:
-                fit = fitted.get((s, name))
-                olds = [program.get_tensor(b.target(name)).detach() for b in s.blocks]
-                if fit is None:  # a vector (vectors=share)
-                    shared = olds[0] if init == "first" else torch.stack(olds).mean(0)
-                    residuals, shifts = [None] * len(olds), [None] * len(olds)
-                else:
-                    shared = fit.shared.to(olds[0])
-                    residuals, shifts = fit.residuals, fit.bias_shift
-                shared_node = self._bind_shared(program, attr_nodes, s, name, shared)
-                for b, old, res, shift in zip(s.blocks, olds, residuals, shifts):
-                    if res is not None:
-                        res = (res[0].to(old).contiguous(), res[1].to(old).contiguous())
-                        added += self._add_residual(program, b.target(name), attr_nodes[b.target(name)], shared_node, res)
-                    if fit is not None:
-                        ranks.append(0 if res is None else res[0].shape[1])
-                    if shift is not None:
-                        target = biases[b.target(name)]
-                        c = program.get_tensor(target).detach()
-                        program.set_tensor(target, (c.double() + shift.to(c.device)).to(c.dtype), parameter=True)
-                        moved += 1
-                    for node in attr_nodes[b.target(name)]:
-                        node.replace_all_uses_with(shared_node)
-                        program.graph.erase_node(node)
-                    drop_attr(program.module, b.target(name))
-        if self.rank:
-            notes["residual rank"] = (f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f})"
-                                      if isinstance(self.rank, float) else self.rank)
-            notes["residual parameters"] = added
-        if bias == "fit":
-            notes["biases refit"] = moved
-        return notes
+        return dict(zip(matrices, fits)), biases
 
     # -- rewrite --------------------------------------------------------------------------------
 
