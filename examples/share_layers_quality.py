@@ -21,7 +21,8 @@ matrices + per-block vectors + residuals). Writes a table (.txt), the rows (.jso
     python examples/share_layers_quality.py --models minilm        # MiniLM only (~15 min on 2 cores)
     python examples/share_layers_quality.py --device cuda          # on a GPU
 
-matplotlib is needed for the plot only (``pip install 'evo-rewrite[examples]'``).
+A run of some models keeps the other models' rows from the last results file. matplotlib is needed for the
+plot only (``pip install 'evo-rewrite[examples]'``).
 """
 
 from __future__ import annotations
@@ -135,7 +136,9 @@ def study(key: str, args, log) -> dict:
     original = 1.0 if key == "minilm" else float(ref)
     blocks = block_parameters(program)
     calibration = [dict(b) for b in m.calibration]
-    head = {"model": m.name, "metric": m.metric, "original": original, "text": m.describe,
+    head = {"key": key, "command": " ".join(["python", "examples/share_layers_quality.py", *sys.argv[1:]]),
+            "device": f"{device} ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}",
+            "model": m.name, "metric": m.metric, "original": original, "text": m.describe,
             "calibration": f"{len(calibration)} batches of {tuple(calibration[0]['input_ids'].shape)} "
                            f"({sum(int(b['attention_mask'].sum()) for b in calibration):,} tokens)",
             "block_parameters": blocks, "parameters": sum(t.numel() for t in program.named_tensors().values()
@@ -177,16 +180,15 @@ def _line(r: dict, metric: str) -> str:
             f"{r['seconds']:>6.1f}{'' if r['ok'] else '  [' + r['failure'] + ']'}")
 
 
-def table(results: list[dict], args) -> str:
-    lines = [f"share-layers quality, no training; torch {torch.__version__}, {args.device} "
-             f"({platform.machine()}, {torch.get_num_threads()} threads)",
-             f"command: python examples/share_layers_quality.py {' '.join(sys.argv[1:])}".rstrip(),
+def table(results: list[dict]) -> str:
+    lines = ["share-layers quality, no training",
              "plain = init=mean,residual=svd,bias=keep; calibrated = init=fit,residual=activation,bias=fit "
              "(the defaults with calibration data)",
              "gap closed: share of plain tying's loss (plain, rank 0, same strategy) won back"
              " (cosine; log-perplexity for SmolLM2)", ""]
     for res in results:
         lines += [f"{res['model']}: {res['text']}; calibration {res['calibration']}",
+                  f"command: {res['command']}; {res['device']}",
                   f"block parameters {res['block_parameters']:,} of {res['parameters']:,}; original {res['metric']} "
                   f"{res['original']:.4g}", "",
                   f"{'pipeline':<80} {'params':>6} {'blocks':>6} {res['metric']:>10} {'gap':>6} {'s':>6}"]
@@ -241,16 +243,22 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration-batches", type=int, default=8, help="MiniLM: batches of 16 paragraphs")
     ap.add_argument("--lm-calibration-batches", type=int, default=4, help="SmolLM2: batches of 8 sequences")
     ap.add_argument("--all-full", action="store_true", help="SmolLM2: a full-rank row for every strategy")
+    ap.add_argument("--render", action="store_true", help="only write the table and plot again from the .json")
     ap.add_argument("-o", default=str(Path(__file__).parent / "results" / "share_layers_quality.txt"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     out = Path(args.o)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = []
-    for key in args.models.split(","):
-        results.append(study(key, args, lambda s: print(s, flush=True)))
-        out.write_text(table(results, args) + "\n")  # after each model: a partial run still leaves its table
-        out.with_suffix(".json").write_text(json.dumps({"command": sys.argv, "results": results}, indent=1) + "\n")
+    # rows of models not run this time are kept from the last results file
+    kept = json.loads(out.with_suffix(".json").read_text())["results"] if out.with_suffix(".json").exists() else []
+    by_model = {r["key"]: r for r in kept if r.get("key") in MODELS}
+    for key in [] if args.render else args.models.split(","):
+        by_model[key] = study(key, args, lambda s: print(s, flush=True))
+        results = [by_model[k] for k in MODELS if k in by_model]
+        out.write_text(table(results) + "\n")  # after each model: a partial run still leaves its table
+        out.with_suffix(".json").write_text(json.dumps({"results": results}, indent=1) + "\n")
+    results = [by_model[k] for k in MODELS if k in by_model]
+    out.write_text(table(results) + "\n")
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
     return 0

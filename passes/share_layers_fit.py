@@ -238,7 +238,8 @@ def fit_sets(problems: list[Problem], *, init: str, activation: bool, rank: int 
     fits = []
     for p, whs, s, svd_b, rs in zip(problems, whiten, shared, svds, ranks):
         res = [_residual(svd, r, wh) for svd, r, wh in zip(svd_b, rs, whs)] if svd_b else [None] * len(rs)
-        if init == "fit" and activation and p.fitted and any(r is not None for r in res):
+        partial = any(0 < r < min(w.shape) for w, r in zip(p.weights, rs))  # full rank is exact whatever W_s is
+        if init == "fit" and activation and p.fitted and partial:
             for _ in range(ITERATIONS):  # W_s and the residuals in turn, each lowering the same error
                 s = _weighted_mean([w - _product(r) for w, r in zip(p.weights, res)], p.metrics())
                 res = [_residual(_svd(w - s, wh, r), r, wh) for w, r, wh in zip(p.weights, rs, whs)]

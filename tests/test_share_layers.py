@@ -311,7 +311,7 @@ def test_budget_is_spent_where_the_error_is():
     assert sum(ranks[0]) > sum(ranks[1])
 
 
-def test_calibration_inputs_are_used_without_padding(hf_programs):
+def test_calibration_inputs_are_used_without_padding(hf_programs, gpt_program):
     program = hf_programs["bert"]
     ids = program.second_inputs(seed=5)
     mask = torch.ones_like(ids.kwargs["attention_mask"])
@@ -329,6 +329,12 @@ def test_calibration_inputs_are_used_without_padding(hf_programs):
     _, rec = _run(program, "share-layers(init=fit)")
     assert rec.notes["calibration"] == "the example inputs" and rec.notes["init"] == "fit"
     assert rec.notes["calibration tokens"] == program.inputs.kwargs["input_ids"].numel()
+    # without a residual, sets of three or more blocks take the mean (and the bias refit)
+    gpt_calibration = [gpt_program.second_inputs(seed=3)]
+    _, rec = _run(gpt_program, "share-layers", calibration=gpt_calibration)
+    assert (rec.notes["init"], rec.notes["residual"], rec.notes["bias"]) == ("mean", "none", "fit")
+    _, rec = _run(gpt_program, "share-layers(strategy=every)", calibration=gpt_calibration)
+    assert rec.notes["init"] == "fit"
 
 
 def test_rank_as_a_parameter_budget(gpt_program):
