@@ -11,7 +11,8 @@ fraction of the blocks' parameters, full rank), two methods:
 
 * plain:      ``init=mean,residual=svd,bias=keep`` (the group mean, truncated SVD of the weight difference)
 * calibrated: the defaults with calibration data (``texts("calibration")``, disjoint from the held-out
-              text): ``init=fit,residual=activation,bias=fit`` (passes/share_layers_fit.py)
+              text): ``init=fit,residual=activation,bias=fit``, ``init=mean`` for sets of three or
+              more blocks without residual (passes/share_layers_fit.py)
 
 "gap closed" is the share of plain tying's loss (plain, rank 0, same strategy) that a row wins back: in
 cosine for MiniLM, in log-perplexity for SmolLM2. "block kept": block parameters after / before (shared
@@ -21,7 +22,8 @@ matrices + per-block vectors + residuals). Writes a table (.txt), the rows (.jso
     python examples/share_layers_quality.py --models minilm        # MiniLM only (~15 min on 2 cores)
     python examples/share_layers_quality.py --device cuda          # on a GPU
 
-A run of some models keeps the other models' rows from the last results file. matplotlib is needed for the
+A run of some models, strategies or budgets keeps the other rows of the last results file (same text and
+calibration). matplotlib is needed for the
 plot only (``pip install 'evo-rewrite[examples]'``).
 """
 
@@ -180,10 +182,22 @@ def _line(r: dict, metric: str) -> str:
             f"{r['seconds']:>6.1f}{'' if r['ok'] else '  [' + r['failure'] + ']'}")
 
 
+def merge(old: dict | None, new: dict) -> dict:
+    """``new`` with the rows of ``old`` that it did not run again (same strategy, method and budget)."""
+    if old is None or old["text"] != new["text"] or old["calibration"] != new["calibration"]:
+        return new
+    key = lambda r: (list(STRATEGIES).index(r["strategy"]), list(METHODS).index(r["method"]),  # noqa: E731
+                     float("inf") if r["budget"] == "full" else float(r["budget"]))
+    ran = {key(r) for r in new["rows"]}
+    rows = sorted(new["rows"] + [r for r in old["rows"] if key(r) not in ran], key=key)
+    commands = [c for c in old.get("command", "").split("; ") if c] + [new["command"]]
+    return {**new, "rows": rows, "command": "; ".join(dict.fromkeys(commands))}
+
+
 def table(results: list[dict]) -> str:
     lines = ["share-layers quality, no training",
-             "plain = init=mean,residual=svd,bias=keep; calibrated = init=fit,residual=activation,bias=fit "
-             "(the defaults with calibration data)",
+             "plain = init=mean,residual=svd,bias=keep; calibrated = the defaults with calibration data: "
+             "init=fit (init=mean for sets of 3+ blocks without residual),residual=activation,bias=fit",
              "gap closed: share of plain tying's loss (plain, rank 0, same strategy) won back"
              " (cosine; log-perplexity for SmolLM2)", ""]
     for res in results:
@@ -202,6 +216,7 @@ def plot(results: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
     colors = dict(zip(STRATEGIES, ["tab:blue", "tab:orange", "tab:green", "tab:red"]))
@@ -218,6 +233,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_xscale("log")
         ticks = [0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 1.0, 1.5, 2.0]
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("block parameters kept (shared + per-block vectors + residuals) / original; log scale")
         ax.set_ylabel(("mean sentence-embedding cosine to the original" if res["metric"] == "cosine"
                        else "perplexity on held-out text (log scale)"))
@@ -253,11 +269,13 @@ def main(argv=None) -> int:
     kept = json.loads(out.with_suffix(".json").read_text())["results"] if out.with_suffix(".json").exists() else []
     by_model = {r["key"]: r for r in kept if r.get("key") in MODELS}
     for key in [] if args.render else args.models.split(","):
-        by_model[key] = study(key, args, lambda s: print(s, flush=True))
+        by_model[key] = merge(by_model.get(key), study(key, args, lambda s: print(s, flush=True)))
         results = [by_model[k] for k in MODELS if k in by_model]
         out.write_text(table(results) + "\n")  # after each model: a partial run still leaves its table
         out.with_suffix(".json").write_text(json.dumps({"results": results}, indent=1) + "\n")
     results = [by_model[k] for k in MODELS if k in by_model]
+    if not results:
+        raise SystemExit(f"no results in {out.with_suffix('.json')} to render")
     out.write_text(table(results) + "\n")
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
