@@ -56,9 +56,12 @@ def _const(x):
 class _Builder:
     """Translates a site's score chain into (scale, additive bias node) by inserting graph nodes."""
 
-    def __init__(self, g: fx.Graph, site: AttentionSite, dtype: torch.dtype):
+    def __init__(self, g: fx.Graph, site: AttentionSite, dtype: torch.dtype, softcap: bool = False):
         self.g, self.site, self.dtype = g, site, dtype
         self.scale, self.bias = 1.0, None
+        # tanh capping: None, or c with scores = c·tanh(scale·QKᵀ / c) (+ bias); allowed when softcap is set
+        self.allow_softcap, self.softcap = softcap, None
+        self.shifted = False  # a constant was added (softmax ignores it, tanh does not)
         self.view_shape = None  # scores reshaped (B·H, Sq, Sk) -> (B, H, Sq, Sk) on the way (DeBERTa, Bloom)
 
     def start(self, prod: fx.Node) -> None:
@@ -106,6 +109,8 @@ class _Builder:
                 raise _NotExpressible("scores are scaled by a non-constant tensor")
             c = c if t in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / c
             self.scale *= c
+            if self.softcap is not None:  # d·c·tanh(s·x / c) = (d·c)·tanh((s·d)·x / (d·c))
+                self.softcap *= c
             if self.bias is not None:
                 self.bias = self.g.call_function(aten.mul.Tensor, (self.bias, c))
             return
@@ -117,6 +122,7 @@ class _Builder:
             if t is aten.sub.Tensor and n.args[0] is not prev:
                 raise _NotExpressible("scores are negated")
             if not isinstance(other, fx.Node):
+                self.shifted = True
                 return  # a constant shift: softmax ignores it
             if t is aten.sub.Tensor:
                 other = self.g.call_function(aten.neg.default, (other,))
@@ -133,7 +139,13 @@ class _Builder:
                 self._mask_term(cond, a)
             return
         if t is aten.tanh.default:
-            raise _NotExpressible("scores are soft-capped with tanh (Gemma2-style); SDPA cannot express it")
+            if not self.allow_softcap:
+                raise _NotExpressible("scores are soft-capped with tanh (Gemma2-style); SDPA cannot express it "
+                                      "(flash(softcap=true) fuses it into evo_rewrite::softcap_attention)")
+            if self.softcap is not None or self.bias is not None or self.shifted:
+                raise _NotExpressible("scores are soft-capped with tanh after a bias or shift, or twice")
+            self.softcap = 1.0  # tanh(s·x) = 1·tanh(s·x / 1); a following multiply sets the cap
+            return
         raise _NotExpressible(f"score op {t} has no SDPA equivalent")
 
 
@@ -175,10 +187,13 @@ class Flash(Pass):
     backend: Literal["auto", "default", "cudnn", "flash", "efficient"] = "auto"
     # shapes the program will see: fixed (prefill/training lengths repeat) or varying (a new length every call)
     regime: Literal["fixed", "varying"] = "fixed"
+    # fuse tanh soft-capped sites (Gemma2) into evo_rewrite::softcap_attention (rewriter/ops.py): one node the
+    # ONNX target lowers to Attention(softcap) / GroupQueryAttention(softcap); unfused arithmetic in PyTorch
+    softcap: bool = False
 
     def run(self, program: Program) -> PassResult:
         g = program.graph
-        skipped, fused, causal_candidates, already = [], [], [], 0
+        skipped, fused, capped, causal_candidates, already = [], [], [], [], 0
         for r in find_attention(program.module):
             if r.site is None:
                 skipped.append(Skip(r.reason, r.module, r.node.name))
@@ -187,9 +202,12 @@ class Flash(Pass):
                 already += 1
                 continue
             try:
-                node, bias = self._rewrite(g, r.site)
+                node, bias = self._rewrite(g, r.site, self.softcap)
             except _NotExpressible as e:
                 skipped.append(Skip(str(e), r.module, r.node.name))
+                continue
+            if node.target is not SDPA:
+                capped.append((r.site.module, node))
                 continue
             fused.append((r.site.module, node))
             if self.causal and bias is not None and _input_independent(bias) and not r.site.cross:
@@ -200,13 +218,15 @@ class Flash(Pass):
         notes = {"causal sites": n_causal} if fused else {}
         if fused:
             notes.update(self._choose_backends(program, fused))
-        if not fused:
+        if capped:
+            notes["soft-capped sites"] = f"{len(capped)} as evo_rewrite::softcap_attention (unfused arithmetic in PyTorch)"
+        if not fused and not capped:
             msg = ("no attention site can be fused" if skipped else
                    f"all {already} attention sites are already fused" if already else "no attention in the model")
             return PassResult(program, 0, skipped, message=msg)
-        return PassResult(program, len(fused), skipped, notes)
+        return PassResult(program, len(fused) + len(capped), skipped, notes)
 
-    def _rewrite(self, g: fx.Graph, s: AttentionSite):
+    def _rewrite(self, g: fx.Graph, s: AttentionSite, softcap: bool = False):
         vq = val(s.q)
         dtype = vq.dtype if vq is not None else torch.float32
         dropout_p = 0.0
@@ -217,7 +237,7 @@ class Flash(Pass):
         if s.kv_repeat is not None:
             k_src, v_src, _ = s.kv_repeat
         with g.inserting_before(s.output):
-            b = _Builder(g, s, dtype)
+            b = _Builder(g, s, dtype, softcap=softcap)
             b.start(s.scores)
             prev = s.scores
             for n in s.chain:
@@ -249,10 +269,17 @@ class Flash(Pass):
             bias = b.bias
             if bias is not None:
                 bias = g.call_function(aten._to_copy.default, (bias,), {"dtype": dtype})
-            kwargs = {"scale": b.scale}
-            if gqa:
-                kwargs["enable_gqa"] = True
-            node = g.call_function(SDPA, (q, k, v, bias, dropout_p, False), kwargs)
+            if b.softcap is not None:
+                if b.softcap == 0 or dropout_p:
+                    raise _NotExpressible("soft-capped scores " + ("with dropout" if dropout_p else "capped at 0"))
+                from rewriter.ops import SOFTCAP_ATTENTION
+
+                node = g.call_function(SOFTCAP_ATTENTION, (q, k, v, bias, b.scale, abs(b.softcap), gqa))
+            else:
+                kwargs = {"scale": b.scale}
+                if gqa:
+                    kwargs["enable_gqa"] = True
+                node = g.call_function(SDPA, (q, k, v, bias, dropout_p, False), kwargs)
             result = node
             if b.view_shape is not None:  # back to the (B·H, Sq, Dv) the model continues with
                 result = g.call_function(aten.flatten.using_ints, (node, 0, 1))

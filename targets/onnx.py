@@ -46,10 +46,12 @@ import torch.utils._pytree as pytree
 
 from rewriter.attention import SDPA_OPS, find_attention
 from rewriter.errors import OutputError, RewriteError, UsageError, VerificationError
+from rewriter.ops import SOFTCAP_ATTENTION, onnx_translations
 from rewriter.program import Program
 from rewriter.verify import compare_outputs
 
-from .onnx_rules import MS_DOMAIN, lower_attention_to_ort, repair_for_ort, rule_classes, static_dim
+from .onnx_rules import (MS_DOMAIN, eliminate_common_subexpressions, lower_attention_to_ort, pack_qkv, remove_reshape_pairs,
+                         repair_for_ort, rms_norm_to_ort, rule_classes, static_dim)
 from .paths import check_output_file
 
 __all__ = ["save_onnx", "to_onnx", "OnnxReport", "AttentionToOrt", "ATTENTION_FORMS", "DEFAULT_ATTENTION",
@@ -65,7 +67,8 @@ EXTERNAL_DATA_AUTO_BYTES = 1536 * 2**20
 PROVIDER = "CPUExecutionProvider"
 # max |Δ| / max |ref| between ORT and the PyTorch program (fp32 program); fp16 is judged against fp32
 ORT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
-FUSED_OPS = {"onnx": {("", "Attention")}, "ort": {(MS_DOMAIN, "MultiHeadAttention"), (MS_DOMAIN, "GroupQueryAttention")}}
+FUSED_OPS = {"onnx": {("", "Attention")},
+             "ort": {(MS_DOMAIN, "MultiHeadAttention"), (MS_DOMAIN, "GroupQueryAttention"), (MS_DOMAIN, "Attention")}}
 
 
 @dataclasses.dataclass
@@ -119,7 +122,7 @@ def _ensure_fused(program: Program, log) -> tuple[Program, int, dict[str, str]]:
 
     if log:
         log(f"ONNX target: {len(pending)} attention sites are not fused; running flash first ...")
-    fused, report = PassManager(parse_pipeline("flash")).run(program)
+    fused, report = PassManager(parse_pipeline("flash(softcap=true)")).run(program)
     rec = report.passes[0]
     reasons = {s["node"]: s["reason"] for s in rec.skipped}
     if not rec.verified:
@@ -172,7 +175,7 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
         quiet.setLevel(logging.ERROR)
         try:
             onnx_program = torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
-                                             report=False, verify=False)
+                                             report=False, verify=False, custom_translation_table=onnx_translations())
         except Exception as exc:  # noqa: BLE001 - exporter failures are the model's, say which op
             msg = str(exc).strip().splitlines()
             raise RewriteError(f"torch.onnx.export cannot export this program: {msg[0] if msg else type(exc).__name__}"
@@ -180,19 +183,28 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
         finally:
             quiet.setLevel(level)
     model = onnx_program.model
-    sdpa = sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target in SDPA_OPS)
+    sdpa = sum(1 for n in program.graph.nodes if n.op == "call_function"
+               and (n.target in SDPA_OPS or n.target is SOFTCAP_ATTENTION))
     exported_attention = sum(1 for n in model.graph if n.op_type == "Attention" and n.domain == "")
-    lowered, ort_fusions = 0, {}
+    lowered, packed, ort_fusions = 0, 0, {}
     if attention == "ort":  # before the repairs: the rule reads the masks' shapes, which a repair's Expand hides
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
         lowered = lower_attention_to_ort(model)
-        onnxscript.optimizer.optimize(model)  # folds Transpose∘Transpose and Reshape∘Reshape around the new ops
+        onnxscript.optimizer.optimize(model)  # folds Transpose∘Transpose around the new ops
+        remove_reshape_pairs(model)  # then the split-heads / merge-heads Reshape pairs between them
+        onnxscript.optimizer.optimize(model)
+        packed = pack_qkv(model)  # self-attention with Q/K/V projections of one input: one packed GEMM
+        rms_norm_to_ort(model)
+        onnxscript.optimizer.optimize(model)
         # onnxscript's ORT fusions for the rest (SkipLayerNormalization, BiasGelu, ...); its attention
         # fusions find nothing left to fuse
         model, counts = optimize_for_ort(model)
         ort_fusions = {k: v for k, v in counts.items() if v}
     repaired = repair_for_ort(model)
+    # the rules and repairs compute the same shapes once per site (sequence lengths, expanded caches)
+    eliminate_common_subexpressions(model)
+    onnxscript.optimizer.optimize(model)
     names = _output_names(program)
     if names and len(names) == len(model.graph.outputs):
         taken = {v.name for v in model.graph.inputs}
@@ -200,7 +212,8 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
             for v, name in zip(model.graph.outputs, names):
                 v.name = name
     model.producer_name, model.producer_version = "evo-rewrite", __import__("rewriter").__version__
-    return model, {"sdpa": sdpa, "exported_attention": exported_attention, "lowered": lowered, "repaired": repaired,
+    return model, {"sdpa": sdpa, "exported_attention": exported_attention, "lowered": lowered, "packed": packed,
+                   "repaired": repaired,
                    "ort_fusions": ort_fusions,
                    "user_inputs": user_inputs}
 
@@ -340,6 +353,9 @@ def save_onnx(program: Program, path: str | os.PathLike, *, attention: str = DEF
     notes = []
     if facts["exported_attention"] != facts["sdpa"]:
         notes.append(f"torch.onnx lowered {facts['exported_attention']} of {facts['sdpa']} SDPA calls to Attention")
+    if facts["packed"]:
+        notes.append(f"{facts['packed']} self-attention sites take their Q/K/V projections packed into one weight "
+                     "(com.microsoft.Attention)")
     if facts["ort_fusions"]:
         notes.append("onnxscript optimize_for_ort: " + ", ".join(f"{k} {v}" for k, v in facts["ort_fusions"].items()))
     if facts["repaired"]["rotary_caches"]:
@@ -396,7 +412,7 @@ def save_onnx(program: Program, path: str | os.PathLike, *, attention: str = DEF
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
-    fused_ops = collections.Counter(n.op_type for n in fused_nodes)
+    fused_ops = collections.Counter(_fused_name(n) for n in fused_nodes)
     return OnnxReport(
         path=str(out), attention=attention, dtype=dtype, opset=OPSET, ort_version=ort_version, provider=PROVIDER,
         attention_sites=len(sites_before), fused=len(fused_nodes), fused_ops=dict(fused_ops), kv_heads=kv_heads,
@@ -405,16 +421,21 @@ def save_onnx(program: Program, path: str | os.PathLike, *, attention: str = DEF
         bytes=size, seconds=time.perf_counter() - t0, notes=notes)
 
 
+def _fused_name(node) -> str:
+    """The operator's name in reports; ORT's contrib ``Attention`` (packed Q/K/V projection) is told apart."""
+    return "Attention(packed QKV)" if node.op_type == "Attention" and _domain(node) == MS_DOMAIN else node.op_type
+
+
 def _heads(node) -> dict:
     a = node.attributes
-    if node.op_type == "Attention":
+    if node.op_type == "Attention" and _domain(node) != MS_DOMAIN:
         q, k = node.inputs[0].shape, node.inputs[1].shape
         heads = q[1] if q is not None and len(q) == 4 else a.get_int("q_num_heads", None)
         kv = k[1] if k is not None and len(k) == 4 else a.get_int("kv_num_heads", None)
     else:
         heads = a.get_int("num_heads", None)
         kv = a.get_int("kv_num_heads", heads)
-    return {"node": node.name, "op": node.op_type, "heads": static_dim(heads), "kv_heads": static_dim(kv)}
+    return {"node": node.name, "op": _fused_name(node), "heads": static_dim(heads), "kv_heads": static_dim(kv)}
 
 
 def _domain(node) -> str:

@@ -55,7 +55,9 @@ class Spelled(nn.Module):
             att = att / math.sqrt(HEAD_DIM)
         elif not any(w in s for w in ("scale_q", "scale_k", "noscale")):
             att = att * scale
-        if "tril_fill_ninf" in s:
+        if "softcap" in s and "after" in s:  # Gemma2: cap first, then the mask
+            att = torch.tanh(att / 5.0) * 5.0
+        if "tril" in s:
             att = att.masked_fill(self.tril[:T, :T] == 0, float("-inf"))
         if "triu_where_min" in s:
             att = torch.where(self.triu_bool[:T, :T], torch.finfo(att.dtype).min, att)
@@ -65,7 +67,7 @@ class Spelled(nn.Module):
         if "alibi" in s:
             pos = torch.arange(T, device=x.device)
             att = att + self.alibi * (pos[None, :] - pos[:, None]).abs().neg()
-        if "softcap" in s:
+        if "softcap" in s and "after" not in s:
             att = torch.tanh(att / 5.0) * 5.0
         if "upcast" in s:
             p = F.softmax(att.float(), dim=-1).to(q.dtype)

@@ -121,3 +121,40 @@ def test_pin_and_unpin_round_trip_graph():
     x = torch.randint(0, 256, (3, 9))
     torch.testing.assert_close(program.module(x), model(x), rtol=1e-4, atol=1e-5)
     assert fb.repin(program.graph, chosen) == 2
+
+
+SOFTCAP_FUSABLE = [("softcap", 4), ("softcap_gqa_expand", 2), ("softcap_tril_after", 4)]
+
+
+@pytest.mark.parametrize("spelling,kv", SOFTCAP_FUSABLE, ids=[s for s, _ in SOFTCAP_FUSABLE])
+def test_softcap_fused_when_asked(spelling, kv):
+    """flash(softcap=true): tanh soft-capped scores become one evo_rewrite::softcap_attention node."""
+    from rewriter.ops import SOFTCAP_ATTENTION
+
+    torch.manual_seed(0)
+    model = Spelled(spelling, kv_heads=kv).eval()
+    x = torch.randn(2, 12, 32)
+    result = rewriter.rewrite(model, "flash(softcap=true)", example_inputs=(x,))
+    rec = result.report.passes[0]
+    assert rec.rewrites == 1 and rec.verified, rec.failure
+    nodes = [n for n in result.program.graph.nodes if n.op == "call_function" and n.target is SOFTCAP_ATTENTION]
+    assert len(nodes) == 1 and _sdpa_nodes(result.program) == []
+    assert not any(n.target in (torch.ops.aten.tanh.default, torch.ops.aten._softmax.default)
+                   for n in result.program.graph.nodes)
+    q, k, v, mask, scale, softcap, gqa = nodes[0].args
+    assert softcap == pytest.approx(5.0) and scale == pytest.approx(8 ** -0.5) and gqa is (kv < 4)
+    assert (mask is None) is ("tril" not in spelling)
+    assert "softcap_attention" in rec.notes["soft-capped sites"]
+    x2 = torch.randn(3, 7, 32)
+    torch.testing.assert_close(result.module(x2), model(x2), rtol=1e-4, atol=1e-5)
+    assert _check_grads(model, result.module, x2) > 0  # the operator's autograd formula
+
+
+def test_softcap_not_fused_by_default_or_after_a_mask():
+    """Plain flash leaves soft-capped sites; with softcap=true a mask added before the tanh still blocks it."""
+    x = torch.randn(2, 12, 32)
+    rec = rewriter.rewrite(Spelled("softcap").eval(), "flash", example_inputs=(x,)).report.passes[0]
+    assert rec.rewrites == 0 and "flash(softcap=true)" in rec.skipped[0]["reason"]
+    rec = rewriter.rewrite(Spelled("tril_fill_ninf_softcap").eval(), "flash(softcap=true)",
+                           example_inputs=(x,)).report.passes[0]
+    assert rec.rewrites == 0 and "soft-capped with tanh after a bias" in rec.skipped[0]["reason"]
