@@ -44,6 +44,8 @@ from rewriter.attention import find_attention  # noqa: E402
 from targets.onnx import save_onnx  # noqa: E402
 from targets.pytorch import export_program  # noqa: E402
 
+BIG_ARCHS = ["bert", "gpt2", "llama", "gemma2", "t5", "deberta-v2"]
+BIG_SEQ = 128
 DEFAULT_ARCHS = ["gpt2", "bert", "distilbert", "llama", "mistral", "qwen2", "phi3", "falcon", "gemma2", "t5", "bart",
                  "deberta-v2", "vit"]
 ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
@@ -175,11 +177,39 @@ def _model(arch):
     return model, None, kind, HEADS, HIDDEN
 
 
-def compare(arch, tmp, out, reps):
+def _big_model(arch):
+    """ARCH at a size where kernels, not per-operator overhead, decide: 4 layers, hidden 512, 8 heads of 64."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=1000, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                  num_attention_heads=8, max_position_embeddings=1024)
+    cls, cfg, kind = {
+        "bert": (T.BertForMaskedLM, T.BertConfig(**common), "bert"),
+        "gpt2": (T.GPT2LMHeadModel, T.GPT2Config(vocab_size=1000, n_positions=1024, n_embd=512, n_layer=4, n_head=8),
+                 "gpt2"),
+        "llama": (T.LlamaForCausalLM, T.LlamaConfig(**common, num_key_value_heads=2), "gpt2"),
+        "gemma2": (T.Gemma2ForCausalLM, T.Gemma2Config(**common, num_key_value_heads=4, head_dim=64,
+                                                       query_pre_attn_scalar=64, sliding_window=64,
+                                                       attn_logit_softcapping=50.0), "gpt2"),
+        "t5": (T.T5ForConditionalGeneration, T.T5Config(vocab_size=1000, d_model=512, d_kv=64, d_ff=2048, num_layers=4,
+                                                         num_heads=8, decoder_start_token_id=0), "t5"),
+        "deberta-v2": (T.DebertaV2Model, T.DebertaV2Config(**common, relative_attention=True,
+                                                            pos_att_type=["p2c", "c2p"]), "bert"),
+    }[arch]
+    model = cls._from_config(cfg, attn_implementation="eager").eval()
+    ids = torch.randint(3, 1000, (2, BIG_SEQ))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if arch == "t5":
+        inputs["decoder_input_ids"] = torch.randint(3, 1000, (2, BIG_SEQ))
+    return model, inputs, kind, 8, 512
+
+
+def compare(arch, tmp, out, reps, big=False):
     from onnxruntime.transformers.optimizer import optimize_model
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    model, inputs, kind, heads, hidden = _model(arch)
+    model, inputs, kind, heads, hidden = _big_model(arch) if big else _model(arch)
     program = rewriter.prepare(model, inputs)
     sites = sum(1 for r in find_attention(program.module) if r.site is not None)
     paths, fused, notes = {}, {}, {}
@@ -232,6 +262,8 @@ def main(argv=None):
     ap.add_argument("--archs", default=",".join(DEFAULT_ARCHS), help="comma-separated hf_configs archs, or 'all'")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--skip-operator", action="store_true", help="skip section 1 (the operator measurement)")
+    ap.add_argument("--big-archs", default=",".join(BIG_ARCHS),
+                    help=f"section 3 (hidden 512, B=2 S={BIG_SEQ}): comma-separated archs, or '' to skip")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "onnx_compare_cpu.txt"))
     args = ap.parse_args(argv)
@@ -267,6 +299,17 @@ def main(argv=None):
                 compare(arch, tmp, out, args.reps)
             except Exception as exc:  # noqa: BLE001 - one model's failure must not end the comparison
                 out(f"{arch:<12} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+        big = [a for a in args.big_archs.split(",") if a]
+        if big:
+            out("")
+            out(f"## 3. The same at a size where the kernels decide: 4 layers, hidden 512, 8 heads of 64 (Llama 2 K/V")
+            out(f"##    heads, Gemma2 4 and softcap 50), FFN 2048, inputs B=2 S={BIG_SEQ}; ms per call, "
+                f"{max(args.reps // 3, 5)} reps")
+            for arch in big:
+                try:
+                    compare(arch, tmp, out, max(args.reps // 3, 5), big=True)
+                except Exception as exc:  # noqa: BLE001
+                    out(f"{arch:<12} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -3,19 +3,24 @@
 How a Program becomes ONNX:
 
 1. Attention must be fused first. A program that still holds matmul → softmax → matmul attention
-   (no ``flash`` in its pipeline) gets the ``flash`` pass here, verified like any pass; sites that
-   ``flash`` cannot express (Gemma2's ``tanh`` soft-capping) stay unfused and are reported with the
-   reason.
+   (no ``flash`` in its pipeline, or soft-capped sites plain ``flash`` leaves) gets
+   ``flash(softcap=true)`` here, verified like any pass: soft-capped sites (Gemma2) become
+   ``evo_rewrite::softcap_attention`` nodes (rewriter/ops.py). Sites ``flash`` cannot express at all
+   stay unfused and are reported with the reason.
 2. ``targets.pytorch.export_program`` re-exports the program with its symbolic batch and sequence
    dimensions, and ``torch.onnx.export(dynamo=True, opset_version=23)`` lowers each
    ``scaled_dot_product_attention`` call (``enable_gqa`` included) to one ONNX ``Attention`` node
-   whose K/V keep their grouped head count.
+   whose K/V keep their grouped head count, and each softcap_attention node (through a custom
+   translation) to one ``Attention`` node with its ``softcap`` attribute.
 3. ``attention="onnx"`` keeps those nodes. ``attention="ort"`` rewrites each into ONNX Runtime's
    contrib operator: ``com.microsoft.MultiHeadAttention`` where K/V have as many heads as Q,
-   ``com.microsoft.GroupQueryAttention`` (``kv_num_heads`` = the grouped count) where they have
-   fewer. The rewrite is an onnxscript rule (pattern / check / rewrite, :class:`AttentionToOrt`);
-   onnxscript's optimizer then folds the layout transposes it leaves next to the model's own, and
-   onnxscript's ``optimize_for_ort`` fuses norms and activations (SkipLayerNormalization, BiasGelu).
+   ``com.microsoft.GroupQueryAttention`` (``kv_num_heads`` = the grouped count, ``softcap``) where
+   they have fewer or the scores are capped. The rewrite is an onnxscript rule (pattern / check /
+   rewrite, :class:`AttentionToOrt`); onnxscript's optimizer then folds the layout transposes it
+   leaves next to the model's own, the head split / merge Reshape pairs go (``remove_reshape_pairs``),
+   self-attention whose Q/K/V are projections of one input becomes ``com.microsoft.Attention`` with
+   the three weights packed (``pack_qkv``), RMSNormalization becomes ORT's SimplifiedLayerNormalization,
+   and onnxscript's ``optimize_for_ort`` fuses norms and activations (SkipLayerNormalization, BiasGelu).
    ``attention="onnx"`` stays standard ONNX throughout.
 4. ``dtype="fp16"`` converts with ONNX Runtime's own ``float16`` tool (inputs and outputs stay
    fp32). ONNX Runtime's CPU execution provider has no fp16 kernel for most operators (MatMul,
@@ -67,8 +72,10 @@ EXTERNAL_DATA_AUTO_BYTES = 1536 * 2**20
 PROVIDER = "CPUExecutionProvider"
 # max |Δ| / max |ref| between ORT and the PyTorch program (fp32 program); fp16 is judged against fp32
 ORT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+# the ort form keeps a standard Attention node where no contrib operator fits (grouped cross-attention)
 FUSED_OPS = {"onnx": {("", "Attention")},
-             "ort": {(MS_DOMAIN, "MultiHeadAttention"), (MS_DOMAIN, "GroupQueryAttention"), (MS_DOMAIN, "Attention")}}
+             "ort": {(MS_DOMAIN, "MultiHeadAttention"), (MS_DOMAIN, "GroupQueryAttention"), (MS_DOMAIN, "Attention"),
+                     ("", "Attention")}}
 
 
 @dataclasses.dataclass

@@ -246,7 +246,8 @@ def _rule_class():
         (and one bias), so one GEMM replaces three MatMul + Add pairs — ORT's fastest path for encoders.
         pattern: MultiHeadAttention(q, k, v, ..., attention_bias) (self-attention).
         check:   each of q, k, v is MatMul(x, W) or MatMul(x, W) + b with the same x, constant 2-D W and
-                 1-D b; no key padding mask or KV cache; only the first output used.
+                 1-D b — or the three are one Split of such a projection (nanoGPT's c_attn, GPT-2's Conv1D
+                 as a 2-D Gemm); no key padding mask or KV cache; only the first output used.
         rewrite: Attention(x, [Wq | Wk | Wv], [bq | bk | bv], attention_bias) with the same heads, scale
                  and causality (``qkv_hidden_sizes`` when the widths differ).
         """
@@ -278,6 +279,62 @@ def _rule_class():
                 return None
             return x, w, bias
 
+        @classmethod
+        def _split_projection(cls, query, key, value):
+            """(x, W, b or None, widths) when Q, K, V are the three outputs, in order, of one Split of a
+            projection of x: MatMul(x, W) [+ b], or a 2-D Gemm between reshapes (GPT-2's Conv1D)."""
+            node = query.producer()
+            if node is None or node.op_type != "Split" or len(node.outputs) != 3 or \
+                    [query, key, value] != list(node.outputs) or any(v.shape is None for v in node.outputs):
+                return None
+            packed = node.inputs[0]
+            if packed.shape is None or node.attributes.get_int("axis", 0) not in (-1, len(packed.shape) - 1):
+                return None
+            widths = [v.shape[-1] for v in node.outputs]
+            if not all(isinstance(w, int) for w in widths):
+                return None
+            proj = cls._projection(packed)
+            if proj is not None:
+                return (*proj, widths)
+            reshape = packed.producer()  # Reshape(Gemm(Reshape(x, (B·S, D)), W, b), (B, S, N))
+            if reshape is None or reshape.op_type != "Reshape" or reshape.inputs[0].producer() is None:
+                return None
+            gemm = reshape.inputs[0].producer()
+            if gemm.op_type != "Gemm" or gemm.attributes.get_int("transA", 0) or \
+                    gemm.attributes.get_float("alpha", 1.0) != 1.0 or gemm.attributes.get_float("beta", 1.0) != 1.0:
+                return None
+            flat, w = gemm.inputs[0], gemm.inputs[1]
+            bias = gemm.inputs[2] if len(gemm.inputs) > 2 else None
+            inner = flat.producer()
+            if inner is None or inner.op_type != "Reshape" or w.const_value is None or len(w.shape) != 2:
+                return None
+            if bias is not None and (bias.const_value is None or bias.shape is None or len(bias.shape) != 1):
+                return None
+            x = inner.inputs[0]
+            if x.shape is None or len(x.shape) != 3 or not all(_same_dim(a, b) for a, b in zip(x.shape[:2], packed.shape[:2])):
+                return None
+            return x, w, bias, widths, bool(gemm.attributes.get_int("transB", 0))
+
+        def _projections(self, query, key, value):
+            """(x, weights (D, N) each, biases (N,) each) of the three projections, or None."""
+            split = self._split_projection(query, key, value)
+            if split is not None:
+                x, w, b, widths = split[:4]
+                weight = w.const_value.numpy()
+                weight = weight.T if len(split) > 4 and split[4] else weight
+                if weight.shape[1] != sum(widths):
+                    return None
+                bias = b.const_value.numpy() if b is not None else np.zeros(weight.shape[1], weight.dtype)
+                cuts = np.cumsum(widths)[:-1]
+                return x, np.split(weight, cuts, axis=1), np.split(bias, cuts)
+            projs = [self._projection(v) for v in (query, key, value)]
+            if None in projs or not (projs[0][0] is projs[1][0] is projs[2][0]):
+                return None
+            weights = [p[1].const_value.numpy() for p in projs]
+            biases = [p[2].const_value.numpy() if p[2] is not None else np.zeros(w.shape[1], w.dtype)
+                      for p, w in zip(projs, weights)]
+            return projs[0][0], weights, biases
+
         def check(self, context, query, key, value, out, **_):
             node = out.producer()
             fail = pattern.MatchResult().fail
@@ -286,27 +343,22 @@ def _rule_class():
                 return fail("MultiHeadAttention with a packed bias, key padding mask or KV cache", node)
             if any(o.uses() for o in node.outputs[1:]):
                 return fail("present K/V outputs are used", node)
-            projs = [self._projection(v) for v in (query, key, value)]
-            if None in projs:
-                return fail("Q, K or V is not a constant-weight projection", node)
-            if not (projs[0][0] is projs[1][0] is projs[2][0]):
-                return fail("Q, K and V project different inputs (not self-attention)", node)
-            x = projs[0][0]
+            found = self._projections(query, key, value)
+            if found is None:
+                return fail("Q, K and V are not constant-weight projections of one input", node)
+            x, weights, _ = found
             if x.shape is None or len(x.shape) != 3:
                 return fail("the projected input is not (B, S, D)", node)
-            if len({p[1].dtype for p in projs}) != 1 or len({p[1].shape[0] for p in projs}) != 1:
+            if len({w.dtype for w in weights}) != 1 or len({w.shape[0] for w in weights}) != 1:
                 return fail("projection weights differ in dtype or input width", node)
             return True
 
         def rewrite(self, op, query, key, value, out, **_):
             node = out.producer()
-            projs = [self._projection(v) for v in (query, key, value)]
-            x = projs[0][0]
-            weights = [p[1].const_value.numpy() for p in projs]
+            x, weights, biases = self._projections(query, key, value)
             widths = [w.shape[1] for w in weights]
-            biases = [p[2].const_value.numpy() if p[2] is not None else np.zeros(n, weights[0].dtype)
-                      for p, n in zip(projs, widths)]
-            w = op.initializer(ir.tensor(np.concatenate(weights, axis=1)), name=f"{node.name}_qkv_weight")
+            w = op.initializer(ir.tensor(np.ascontiguousarray(np.concatenate(weights, axis=1))),
+                               name=f"{node.name}_qkv_weight")
             b = op.initializer(ir.tensor(np.concatenate(biases)), name=f"{node.name}_qkv_bias")
             attrs = {k: a.value for k, a in node.attributes.items() if k in ("num_heads", "scale", "unidirectional",
                                                                              "mask_filter_value")}

@@ -29,6 +29,28 @@ def test_flash_fuses_every_site(arch):
         return
     assert rec.rewrites == expected == fused
     assert not any("softmax" in str(n.target) for n in result.program.graph.nodes)
+    _check_outputs_and_grads(model, result)
+
+
+@pytest.mark.parametrize("arch", sorted(NOT_FUSABLE))
+def test_flash_softcap_fuses_soft_capped_sites(arch):
+    """flash(softcap=true): each soft-capped site one evo_rewrite::softcap_attention node, same outputs and grads."""
+    from rewriter.ops import SOFTCAP_ATTENTION
+
+    model = build(arch)
+    result = rewriter.rewrite(model, "flash(softcap=true)")
+    rec = result.report.passes[0]
+    assert rec.verified, rec.failure
+    nodes = [n for n in result.program.graph.nodes if n.op == "call_function" and n.target is SOFTCAP_ATTENTION]
+    assert rec.rewrites == len(nodes) == EXPECTED_ATTENTION_SITES[arch] and rec.skipped == []
+    assert {n.args[5] for n in nodes} == {model.config.attn_logit_softcapping}
+    assert not any("softmax" in str(n.target) for n in result.program.graph.nodes)
+    tanh = [n for n in result.program.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.tanh.default]
+    assert len(tanh) == (1 if model.config.final_logit_softcapping else 0)  # only the logits' own cap is left
+    _check_outputs_and_grads(model, result)
+
+
+def _check_outputs_and_grads(model, result):
     # outputs and gradients at another batch and sequence size than the capture
     inputs = result.program.second_inputs()
     ref_out = model(*inputs.args, **inputs.kwargs)
