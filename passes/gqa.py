@@ -109,7 +109,10 @@ class GQA(Pass):
                 continue
             plans.append(plan)
         if not plans:
-            return PassResult(program, 0, skipped, message=f"no site needs grouping to {self.kv_heads} K/V heads")
+            already = all(k.reason.startswith("already has") for k in skipped)
+            msg = (f"no site needs grouping to {self.kv_heads} K/V heads" if already else
+                   f"no site can be grouped to {self.kv_heads} K/V heads (see the skipped sites' reasons)")
+            return PassResult(program, 0, skipped, message=msg)
         merged = self._merge_weights(program, plans)
         for plan in plans:
             self._rewrite_graph(program, plan)

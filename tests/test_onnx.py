@@ -289,6 +289,7 @@ def test_hf_gqa_flash(arch, tmp_path):
     if arch in GQA_CANNOT_GROUP:  # gqa's own limits (tests/test_gqa*.py); the export must still fuse every site
         skipped = result.report.passes[0].skipped
         assert grouped == 0 and skipped and all(GQA_CANNOT_GROUP[arch] in s["reason"] for s in skipped)
+        assert result.report.passes[0].message.startswith(f"no site can be grouped to {target} K/V heads")
     else:
         assert (grouped == 0) is (kv == target)
     path = tmp_path / f"{arch}.onnx"
