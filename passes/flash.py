@@ -72,6 +72,19 @@ class _Builder:
                 bias = prod.args[0]
                 self._add(bias if beta == 1 else self.g.call_function(aten.mul.Tensor, (bias, float(beta))))
 
+    def _full(self, bias: fx.Node, scores_val) -> fx.Node:
+        """``bias`` expanded to the 3-D scores' shape, with sizes read from q and k — not from the scores
+        themselves, so that the Q·Kᵀ product the fused call replaces does not stay alive for its shape."""
+        vb = val(bias)
+        if vb is not None and tuple(map(str, vb.shape)) == tuple(map(str, scores_val.shape)):
+            return bias  # already full (DeBERTa's relative-position terms)
+        s = self.site
+        k_axis = -1 if s.k_transposed else -2
+        sizes = []
+        for t, axis, d in ((s.q, 0, scores_val.shape[0]), (s.q, -2, scores_val.shape[1]), (s.k, k_axis, scores_val.shape[2])):
+            sizes.append(d if isinstance(d, int) else self.g.call_function(aten.sym_size.int, (t, axis)))
+        return self.g.call_function(aten.expand.default, (bias, sizes))
+
     def _add(self, term):
         self.bias = term if self.bias is None else self.g.call_function(aten.add.Tensor, (self.bias, term))
 
@@ -97,8 +110,7 @@ class _Builder:
             if self.view_shape is None and vp is not None and vn is not None and vp.dim() == 3 and vn.dim() == 4:
                 self.view_shape = n.args[1]
                 if self.bias is not None:  # bring the bias to the scores' full shape, then split the heads
-                    full = self.g.call_function(aten.add.Tensor, (self.bias, self.g.call_function(aten.zeros_like.default, (prev,))))
-                    self.bias = self.g.call_function(aten.reshape.default, (full, n.args[1]))
+                    self.bias = self.g.call_function(aten.reshape.default, (self._full(self.bias, vp), n.args[1]))
                 return
             raise _NotExpressible("scores are reshaped in a way SDPA cannot follow")
         if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):

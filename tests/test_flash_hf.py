@@ -29,7 +29,15 @@ def test_flash_fuses_every_site(arch):
         return
     assert rec.rewrites == expected == fused
     assert not any("softmax" in str(n.target) for n in result.program.graph.nodes)
+    # both products of every site are gone (none kept alive for its shape: DeBERTa, Bloom)
+    assert _products(rewriter.prepare(model)) - _products(result.program) == 2 * expected
     _check_outputs_and_grads(model, result)
+
+
+def _products(program) -> int:
+    ops = {torch.ops.aten.bmm.default, torch.ops.aten.matmul.default, torch.ops.aten.baddbmm.default,
+           torch.ops.aten.einsum.default}
+    return sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target in ops)
 
 
 @pytest.mark.parametrize("arch", sorted(NOT_FUSABLE))
