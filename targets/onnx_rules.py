@@ -1,9 +1,11 @@
 """onnxscript rewrite rules for the ONNX target (pattern / check / rewrite).
 
 ``AttentionToOrt`` turns the standard ``Attention`` nodes that ``torch.onnx.export`` emits into ONNX
-Runtime's ``MultiHeadAttention`` / ``GroupQueryAttention``; ``RotaryCacheBatch`` and
-``AttentionMaskRows`` repair what torch.onnx emits and ORT's CPU kernels reject. The rule classes are
-built on first use so that onnxscript loads only when ONNX is wanted.
+Runtime's ``MultiHeadAttention`` / ``GroupQueryAttention``; ``PackQKV`` turns self-attention whose
+Q/K/V are projections of one input into ``com.microsoft.Attention`` with one packed weight;
+``ReshapePairIdentity`` and ``RmsNormToOrt`` (with :func:`merge_equal_shapes` and onnx-ir's CSE) clean up
+around them; ``RotaryCacheBatch`` and ``AttentionMaskRows`` repair what torch.onnx emits and ORT's CPU
+kernels reject. The rule classes are built on first use so that onnxscript loads only when ONNX is wanted.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import functools
 
 import numpy as np
 
-__all__ = ["eliminate_common_subexpressions", "merge_equal_shapes", "lower_attention_to_ort", "pack_qkv", "rms_norm_to_ort", "remove_reshape_pairs", "repair_for_ort", "rule_classes", "static_dim", "MS_DOMAIN"]
+__all__ = ["eliminate_common_subexpressions", "lower_attention_to_ort", "merge_equal_shapes", "pack_qkv",
+           "remove_reshape_pairs", "repair_for_ort", "rms_norm_to_ort", "rule_classes", "static_dim", "MS_DOMAIN"]
 
 MS_DOMAIN = "com.microsoft"
 
