@@ -302,7 +302,7 @@ def main(argv=None):
         big = [a for a in args.big_archs.split(",") if a]
         if big:
             out("")
-            out(f"## 3. The same at a size where the kernels decide: 4 layers, hidden 512, 8 heads of 64 (Llama 2 K/V")
+            out("## 3. The same at a size where the kernels decide: 4 layers, hidden 512, 8 heads of 64 (Llama 2 K/V")
             out(f"##    heads, Gemma2 4 and softcap 50), FFN 2048, inputs B=2 S={BIG_SEQ}; ms per call, "
                 f"{max(args.reps // 3, 5)} reps")
             for arch in big:
