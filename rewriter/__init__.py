@@ -22,6 +22,7 @@ from .manager import PassManager
 from .pass_infra import Pass, PassResult, Skip, get_pass, module_path, register_pass, registered_passes
 from .pipeline import format_pipeline, parse_pipeline
 from .program import Program, SourceInfo
+from . import ops as _ops  # noqa: F401 - registers evo_rewrite:: operators, which .pt2 files may hold
 from .report import PassRecord, Report
 from .verify import Thresholds
 

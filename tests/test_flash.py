@@ -158,3 +158,23 @@ def test_softcap_not_fused_by_default_or_after_a_mask():
     rec = rewriter.rewrite(Spelled("tril_fill_ninf_softcap").eval(), "flash(softcap=true)",
                            example_inputs=(x,)).report.passes[0]
     assert rec.rewrites == 0 and "soft-capped with tanh after a bias" in rec.skipped[0]["reason"]
+
+
+def test_softcap_program_round_trips_as_pt2_in_a_fresh_process(tmp_path):
+    """A .pt2 holding evo_rewrite::softcap_attention loads wherever rewriter is imported (the op registers)."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = Spelled("softcap_tril_after").eval()
+    x = torch.randn(2, 12, 32)
+    result = rewriter.rewrite(model, "flash(softcap=true)", example_inputs=(x,))
+    path = tmp_path / "sc.pt2"
+    result.save(str(path))
+    x2 = torch.randn(3, 7, 32)
+    torch.save({"x": x2, "ref": model(x2).detach()}, tmp_path / "io.pt")
+    code = ("import sys, torch, rewriter; d = torch.load(sys.argv[2]); p = rewriter.load(sys.argv[1]).program; "
+            "torch.testing.assert_close(p.module(d['x']), d['ref'], rtol=1e-4, atol=1e-5); "
+            "assert any('softcap_attention' in str(n.target) for n in p.graph.nodes); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "io.pt")], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
