@@ -57,8 +57,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     query, key, value, attn_mask = ctx.saved_tensors
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(t.requires_grad or i < 3) if t is not None else None
-                  for i, t in enumerate((query, key, value))]
+        leaves = [t.detach().requires_grad_() for t in (query, key, value)]
         mask = attn_mask
         if mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]:
             mask = mask.detach().requires_grad_(True)

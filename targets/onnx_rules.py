@@ -284,8 +284,8 @@ def _rule_class():
 
         @classmethod
         def _split_projection(cls, query, key, value):
-            """(x, W, b or None, widths) when Q, K, V are the three outputs, in order, of one Split of a
-            projection of x: MatMul(x, W) [+ b], or a 2-D Gemm between reshapes (GPT-2's Conv1D)."""
+            """(x, W (D, N), b (N,), widths) as arrays when Q, K, V are the three outputs, in order, of one
+            Split of a projection of x: MatMul(x, W) [+ b], or a 2-D Gemm between reshapes (GPT-2's Conv1D)."""
             node = query.producer()
             if node is None or node.op_type != "Split" or len(node.outputs) != 3 or \
                     [query, key, value] != list(node.outputs) or any(v.shape is None for v in node.outputs):
@@ -298,7 +298,7 @@ def _rule_class():
                 return None
             proj = cls._projection(packed)
             if proj is not None:
-                return (*proj, widths)
+                return (*cls._arrays(*proj), widths)
             reshape = packed.producer()  # Reshape(Gemm(Reshape(x, (B·S, D)), W, b), (B, S, N))
             if reshape is None or reshape.op_type != "Reshape" or reshape.inputs[0].producer() is None:
                 return None
@@ -316,27 +316,29 @@ def _rule_class():
             x = inner.inputs[0]
             if x.shape is None or len(x.shape) != 3 or not all(_same_dim(a, b) for a, b in zip(x.shape[:2], packed.shape[:2])):
                 return None
-            return x, w, bias, widths, bool(gemm.attributes.get_int("transB", 0))
+            return (*cls._arrays(x, w, bias, trans_b=bool(gemm.attributes.get_int("transB", 0))), widths)
+
+        @staticmethod
+        def _arrays(x, w, bias, trans_b: bool = False):
+            """(x, W as a (D, N) array, b as an (N,) array, zeros when the projection has none)."""
+            weight = w.const_value.numpy()
+            weight = weight.T if trans_b else weight
+            return x, weight, bias.const_value.numpy() if bias is not None else np.zeros(weight.shape[1], weight.dtype)
 
         def _projections(self, query, key, value):
             """(x, weights (D, N) each, biases (N,) each) of the three projections, or None."""
             split = self._split_projection(query, key, value)
             if split is not None:
-                x, w, b, widths = split[:4]
-                weight = w.const_value.numpy()
-                weight = weight.T if len(split) > 4 and split[4] else weight
+                x, weight, bias, widths = split
                 if weight.shape[1] != sum(widths):
                     return None
-                bias = b.const_value.numpy() if b is not None else np.zeros(weight.shape[1], weight.dtype)
                 cuts = np.cumsum(widths)[:-1]
                 return x, np.split(weight, cuts, axis=1), np.split(bias, cuts)
             projs = [self._projection(v) for v in (query, key, value)]
             if None in projs or not (projs[0][0] is projs[1][0] is projs[2][0]):
                 return None
-            weights = [p[1].const_value.numpy() for p in projs]
-            biases = [p[2].const_value.numpy() if p[2] is not None else np.zeros(w.shape[1], w.dtype)
-                      for p, w in zip(projs, weights)]
-            return projs[0][0], weights, biases
+            arrays = [self._arrays(*p) for p in projs]
+            return projs[0][0], [a[1] for a in arrays], [a[2] for a in arrays]
 
         def check(self, context, query, key, value, out, **_):
             node = out.producer()
