@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from passes import flash_backends as fb  # noqa: E402
+from evo_rewrite.passes import flash_backends as fb  # noqa: E402
 
 
 timed = fb.time_ms  # mean ms of 10 calls after 3 warm-ups, CUDA events: the same timer the pass uses

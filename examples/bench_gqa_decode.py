@@ -68,7 +68,7 @@ def gen_time(model, ids, new, static):
 def main():
     import transformers as T
 
-    import rewriter
+    import evo_rewrite
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
@@ -85,7 +85,7 @@ def main():
     with dev:
         original = T.LlamaForCausalLM(T.LlamaConfig(**cfg, attn_implementation="eager")).to(torch.bfloat16).eval()
     t0 = time.perf_counter()
-    result = rewriter.rewrite(original, f"gqa(kv_heads={args.kv_heads}),flash",
+    result = evo_rewrite.rewrite(original, f"gqa(kv_heads={args.kv_heads}),flash",
                               example_inputs={"input_ids": torch.randint(0, 32000, (2, 64), device=dev)}, device="cuda")
     tmp = tempfile.mkdtemp()
     hf_dir = result.save_hf(os.path.join(tmp, "gqa"))

@@ -37,7 +37,7 @@ def timed(fn, iters=5):
 def main():
     import transformers as T
 
-    import rewriter
+    import evo_rewrite
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -57,7 +57,7 @@ def main():
     params = sum(p.numel() for p in eager.parameters())
     ids = torch.randint(0, 32000, (args.batch, args.seq), device=dev)
     t0 = time.perf_counter()
-    result = rewriter.rewrite(eager, "flash", example_inputs={"input_ids": ids[:2, :64].clone()}, device="cuda")
+    result = evo_rewrite.rewrite(eager, "flash", example_inputs={"input_ids": ids[:2, :64].clone()}, device="cuda")
     rewrite_s = time.perf_counter() - t0
     rec = result.report.passes[0]
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} transformers {T.__version__}; "

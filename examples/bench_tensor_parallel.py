@@ -9,7 +9,7 @@ weights, built on every rank in-process with the same seed) is rewritten with
 simulates both ranks against the unsharded program). Then, on the same weights:
 
 * degree 1: the rewritten (unsharded) program on rank 0's GPU alone (rank 1 waits);
-* degree 2: ``targets.parallel.shard`` — weights placed with DTensor (scattered from rank 0), each
+* degree 2: ``evo_rewrite.targets.parallel.shard`` — weights placed with DTensor (scattered from rank 0), each
   rank running its graph with NCCL all-reduces;
 * degree 2 + sequence parallel: the same with reduce-scatter / all-gather along the sequence.
 
@@ -98,10 +98,10 @@ def _free(device):
 def main():
     import transformers as T
 
-    import rewriter
-    from rewriter.inputs import Inputs
-    from rewriter.verify import TOLERANCE
-    from targets.parallel import broadcast_inputs, init_mesh, shard
+    import evo_rewrite
+    from evo_rewrite.inputs import Inputs
+    from evo_rewrite.verify import TOLERANCE
+    from evo_rewrite.targets.parallel import broadcast_inputs, init_mesh, shard
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -131,7 +131,7 @@ def main():
     ids = torch.randint(0, cfg["vocab_size"], (batch, seq), device=device)
     inputs = broadcast_inputs(Inputs((), {"input_ids": ids}), device)
     pipeline = f"flash(backend=default),tensor-parallel(degree={world})"
-    result = rewriter.rewrite(model, pipeline, example_inputs={"input_ids": inputs.kwargs["input_ids"][:2, :64].clone()},
+    result = evo_rewrite.rewrite(model, pipeline, example_inputs={"input_ids": inputs.kwargs["input_ids"][:2, :64].clone()},
                               device=args.device, strict=True)
     rec = result.report.passes[-1]
     program = result.program

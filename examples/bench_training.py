@@ -118,8 +118,8 @@ def train(name, module, call, ids, dev, steps, warmup, estimate=None, log=print)
 
 def estimate(program, batch, seq):
     """The checkpoint pass's estimate of activation bytes at batch x seq (regions included), or None."""
-    from passes.checkpoint_memory import inputs_at, profile
-    from passes.checkpoint_regions import find_regions, regions_of
+    from evo_rewrite.passes.checkpoint_memory import inputs_at, profile
+    from evo_rewrite.passes.checkpoint_regions import find_regions, regions_of
 
     try:
         prof = profile(program, inputs_at(program, batch, seq))
@@ -132,7 +132,7 @@ def estimate(program, batch, seq):
 def main():
     import transformers as T
 
-    import rewriter
+    import evo_rewrite
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, B=2, S=64")
@@ -207,12 +207,12 @@ def main():
     # ---- rewrites: capture once, passes on the captured program (weights shared with the model)
     t0 = time.perf_counter()
     example = {"input_ids": ids[:2, :64].clone()}
-    captured = rewriter.prepare(model, example, device=str(dev))
+    captured = evo_rewrite.prepare(model, example, device=str(dev))
     log(f"captured in {time.perf_counter() - t0:.1f}s")
 
     def rewrite(program, pipeline):
         t = time.perf_counter()
-        r = rewriter.rewrite(program, pipeline, strict=True)
+        r = evo_rewrite.rewrite(program, pipeline, strict=True)
         reports[",".join(r.program.applied)] = r.report.to_dict()
         for p in r.report.passes:
             notes = "; ".join(f"{k}: {v}" for k, v in p.notes.items() if isinstance(v, (str, int, float)))
@@ -228,7 +228,7 @@ def main():
     del ck
 
     # ---- budget: a fraction of what bf16 would hold
-    from passes.checkpoint_memory import inputs_at, profile
+    from evo_rewrite.passes.checkpoint_memory import inputs_at, profile
 
     unbounded = profile(bf16.program, inputs_at(bf16.program, B, S)).bytes()
     budget = int(args.budget_fraction * unbounded)

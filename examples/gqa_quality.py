@@ -3,7 +3,7 @@
 For all-MiniLM-L6-v2 (12 heads) at kv_heads 6,4,3,2,1 and SmolLM2-135M-Instruct (9 query / 3 K/V heads) at
 kv_heads 1, and every method in --methods, this rewrites the model with
 
-    rewriter.rewrite(model, "gqa(kv_heads=N, method=M)", example_inputs=<first calibration batch>,
+    evo_rewrite.rewrite(model, "gqa(kv_heads=N, method=M)", example_inputs=<first calibration batch>,
                      calibration=<calibration batches>)        # calibration= only where rewrite() takes it
 
 and measures on held-out text (tests/real_models.py: texts("eval"), disjoint from the calibration text):
@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import rewriter  # noqa: E402
+import evo_rewrite  # noqa: E402
 import real_models as rm  # noqa: E402
 
 DEFAULT_PIPELINE = "gqa(kv_heads={n}, method={m})"
@@ -172,10 +172,10 @@ def standin_model(model, spec: str):
 
 def _rewrite(model, pipeline: str, calibration: list[dict]):
     kwargs = {}
-    if "calibration" in inspect.signature(rewriter.rewrite).parameters:
+    if "calibration" in inspect.signature(evo_rewrite.rewrite).parameters:
         kwargs["calibration"] = calibration
     t = time.perf_counter()
-    result = rewriter.rewrite(copy.deepcopy(model), pipeline, example_inputs=calibration[0], **kwargs)
+    result = evo_rewrite.rewrite(copy.deepcopy(model), pipeline, example_inputs=calibration[0], **kwargs)
     return result, time.perf_counter() - t
 
 
@@ -218,7 +218,7 @@ def _rewritten(model, run_list, cal, lines, log):
         try:
             src = standin_model(model, standin) if standin else model
             result, t_rw = _rewrite(src, pipeline, cal)
-        except (rewriter.RewriteError, ValueError) as e:
+        except (evo_rewrite.RewriteError, ValueError) as e:
             lines.append(f"{label:<34} ERROR: {type(e).__name__}: {e}")
             log(lines[-1])
             continue
@@ -345,12 +345,12 @@ def main(argv=None) -> int:
         f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
         f"machine: {machine()}",
         f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"evo-rewrite {rewriter.__version__} (git {git_revision()})",
+        f"evo-rewrite {evo_rewrite.__version__} (git {git_revision()})",
         f"text: pydoc_data.topics (Python {platform.python_version()}); calibration {len(rm.texts('calibration'))} "
         f"paragraphs crc {rm.text_fingerprint('calibration')}, eval {len(rm.texts('eval'))} paragraphs crc "
         f"{rm.text_fingerprint('eval')} (disjoint)",
         f"calibration: {args.calibration_batches} batches (the first is example_inputs); passed as calibration=: "
-        f"{'yes' if 'calibration' in inspect.signature(rewriter.rewrite).parameters else 'no (rewrite() has no such parameter)'}",
+        f"{'yes' if 'calibration' in inspect.signature(evo_rewrite.rewrite).parameters else 'no (rewrite() has no such parameter)'}",
         "",
     ]
     for line in header:

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 
 import real_models as rm  # noqa: E402
-import rewriter  # noqa: E402
+import evo_rewrite  # noqa: E402
 
 MODELS = ("smollm2-gqa", "minilm-gqa", "minilm-paired")
 
@@ -118,7 +118,7 @@ def study_smollm2(args, corpus: Path) -> dict:
     cal = rm.lm_batches(rm.texts("calibration"), batch=8, seq_len=256, max_sequences=32, tokenizer=tok)
     lossy = "gqa(kv_heads=1,method=fit)"
     heal = f"heal(steps={args.steps},lr={args.lr_lm},batch={args.batch},seq_len=256,holdout=0.05,precision={args.precision})"
-    run = lambda spec, **kw: rewriter.rewrite(model, spec, dict(cal[0]), calibration=[dict(b) for b in cal],  # noqa: E731
+    run = lambda spec, **kw: evo_rewrite.rewrite(model, spec, dict(cal[0]), calibration=[dict(b) for b in cal],  # noqa: E731
                                               device=args.device, **kw)
     original = perplexity(lambda i, m: model(input_ids=i, attention_mask=m), eval_b, args.device)
     grouped = run(lossy)
@@ -148,7 +148,7 @@ def study_minilm(args, corpus: Path, lossy: str, label: str) -> dict:
     eval_b = rm.minilm_batches(rm.texts("eval"), batch=32, max_len=128, tokenizer=tok)
     cal = rm.minilm_batches(rm.texts("calibration"), batch=32, max_len=128, tokenizer=tok)
     heal = f"heal(steps={args.steps},lr={args.lr_enc},batch={args.batch * 2},seq_len=128,holdout=0.05,precision={args.precision})"
-    run = lambda spec, **kw: rewriter.rewrite(model, spec, dict(cal[0]), calibration=[dict(b) for b in cal],  # noqa: E731
+    run = lambda spec, **kw: evo_rewrite.rewrite(model, spec, dict(cal[0]), calibration=[dict(b) for b in cal],  # noqa: E731
                                               device=args.device, **kw)
     ref = embeddings(lambda i, m: model(input_ids=i, attention_mask=m), eval_b, args.device)
 

@@ -1,7 +1,7 @@
 """Survey: capture each tiny Hugging Face architecture of tests/hf_configs.py and analyse its attention.
 
 One row per architecture: whether evo-rewrite captures it (and why not), which input dimensions stayed
-symbolic, capture time, and attention sites found by ``rewriter.find_attention`` against the number
+symbolic, capture time, and attention sites found by ``evo_rewrite.find_attention`` against the number
 the architecture has. Under the row, every softmax that was not recognised as attention, with its
 module path and the matcher's reason.
 
@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch.utils._pytree as pytree  # noqa: E402
 
-import rewriter  # noqa: E402
+import evo_rewrite  # noqa: E402
 from hf_configs import ARCHITECTURES, EXPECTED_ATTENTION_SITES, build  # noqa: E402
 
 
-def _symbolic_dims(program: rewriter.Program) -> str:
+def _symbolic_dims(program: evo_rewrite.Program) -> str:
     """e.g. ``input_ids[0,1] attention_mask[0,1] (3 symbols)``."""
     flat, _ = pytree.tree_flatten_with_path((program.inputs.args, program.inputs.kwargs))
     parts, symbols = [], set()
@@ -59,7 +59,7 @@ def survey(archs) -> int:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                program = rewriter.prepare(model)
+                program = evo_rewrite.prepare(model)
         except Exception as exc:  # noqa: BLE001 - a survey reports every failure and moves on
             seconds = time.perf_counter() - t0
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -70,12 +70,12 @@ def survey(archs) -> int:
         seconds = time.perf_counter() - t0
         # the same self-check rewrite() runs: the program at its example size and at a second size
         try:
-            ok = rewriter.rewrite(program, "").report.ok
+            ok = evo_rewrite.rewrite(program, "").report.ok
             captured = "yes" if ok else "no"
             why = "" if ok else "the captured program failed its own verification"
         except Exception as exc:  # noqa: BLE001
             captured, why = "no", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        reports = rewriter.find_attention(program.module)
+        reports = evo_rewrite.find_attention(program.module)
         sites = [r.site for r in reports if r.site is not None]
         flag = "" if len(sites) == expected else "  <-- mismatch"
         mismatches += bool(flag) or captured != "yes"

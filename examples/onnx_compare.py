@@ -38,11 +38,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torch.utils._pytree as pytree  # noqa: E402
 
-import rewriter  # noqa: E402
-from rewriter import zoo  # noqa: E402
-from rewriter.attention import find_attention  # noqa: E402
-from targets.onnx import save_onnx  # noqa: E402
-from targets.pytorch import export_program  # noqa: E402
+import evo_rewrite  # noqa: E402
+from evo_rewrite import zoo  # noqa: E402
+from evo_rewrite.attention import find_attention  # noqa: E402
+from evo_rewrite.targets.onnx import save_onnx  # noqa: E402
+from evo_rewrite.targets.pytorch import export_program  # noqa: E402
 
 BIG_ARCHS = ["bert", "gpt2", "llama", "gemma2", "t5", "deberta-v2"]
 BIG_SEQ = 128
@@ -121,7 +121,7 @@ def operator_choice(tmp, out, reps):
         g = torch.Generator().manual_seed(0)
         args = (torch.randn(b, h, s, d, generator=g), torch.randn(b, kvh, s, d, generator=g),
                 torch.randn(b, kvh, s, d, generator=g)) + ((torch.zeros(b, 1, s, s),) if use_mask else ())
-        program = rewriter.prepare(_SDPA(causal, kvh != h), args)
+        program = evo_rewrite.prepare(_SDPA(causal, kvh != h), args)
         sess = {}
         for form in ("onnx", "ort"):
             path = os.path.join(tmp, f"op_{form}.onnx")
@@ -149,7 +149,7 @@ def operator_choice(tmp, out, reps):
         model = cls._from_config(cfg, attn_implementation="eager").eval()
         ids = torch.randint(3, 1000, (2, 512))
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)} if with_mask else {"input_ids": ids}
-        program = rewriter.rewrite(model, "flash", example_inputs=inputs).program
+        program = evo_rewrite.rewrite(model, "flash", example_inputs=inputs).program
         sess = {}
         for form in ("onnx", "ort"):
             path = os.path.join(tmp, f"model_{form}.onnx")
@@ -210,7 +210,7 @@ def compare(arch, tmp, out, reps, big=False):
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     model, inputs, kind, heads, hidden = _big_model(arch) if big else _model(arch)
-    program = rewriter.prepare(model, inputs)
+    program = evo_rewrite.prepare(model, inputs)
     sites = sum(1 for r in find_attention(program.module) if r.site is not None)
     paths, fused, notes = {}, {}, {}
     base = os.path.join(tmp, f"{arch}_baseline.onnx")

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import real_models as rm  # noqa: E402
 
-import rewriter  # noqa: E402
+import evo_rewrite  # noqa: E402
 
 STRATEGIES = {"every-2": "strategy=every,k=2", "cycle-3": "strategy=cycle,k=3", "cycle-2": "strategy=cycle,k=2",
               "all": "strategy=all"}
@@ -126,14 +126,14 @@ MODELS = {"minilm": MiniLM, "smollm2": SmolLM2}
 # -- the study --------------------------------------------------------------------------------------
 
 def block_parameters(program) -> int:
-    return sum(program.get_tensor(b.target(n)).numel() for g in rewriter.repeated_blocks(program) for b in g.blocks
+    return sum(program.get_tensor(b.target(n)).numel() for g in evo_rewrite.repeated_blocks(program) for b in g.blocks
                for n in b.names if isinstance(program.get_tensor(b.target(n)), torch.nn.Parameter))
 
 
 def study(key: str, args, log) -> dict:
     m = MODELS[key](args)
     device = args.device
-    program = rewriter.prepare(m.model, dict(m.eval[0]), device=device)
+    program = evo_rewrite.prepare(m.model, dict(m.eval[0]), device=device)
     ref = m.score(program.module, device)
     original = 1.0 if key == "minilm" else float(ref)
     blocks = block_parameters(program)
@@ -158,7 +158,7 @@ def study(key: str, args, log) -> dict:
                     continue  # exact by construction (tested); one full-rank row per model is enough on a CPU
                 spec = spec_of(strategy, method, budget)
                 t = time.perf_counter()
-                result = rewriter.rewrite(program, spec, calibration=calibration if method == "calibrated" else None,
+                result = evo_rewrite.rewrite(program, spec, calibration=calibration if method == "calibrated" else None,
                                           device=device)
                 rec = result.report.passes[0]
                 value = m.value(ref, m.score(result.module, device))

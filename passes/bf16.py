@@ -20,8 +20,8 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from rewriter.pass_infra import Pass, PassResult, register_pass
-from rewriter.program import Program
+from evo_rewrite.pass_infra import Pass, PassResult, register_pass
+from evo_rewrite.program import Program
 
 aten = torch.ops.aten
 BF16, FP32 = torch.bfloat16, torch.float32

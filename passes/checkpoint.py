@@ -1,6 +1,6 @@
 """`checkpoint`: run chosen blocks under non-reentrant activation checkpointing (Chen et al. 2016).
 
-pattern  the blocks of the program's layer stacks (``rewriter.blocks.repeated_blocks``: same structure,
+pattern  the blocks of the program's layer stacks (``evo_rewrite.blocks.repeated_blocks``: same structure,
          same weight shapes), or the modules whose paths match ``modules`` globs (outermost match)
 check    the chosen regions do not interleave; for ``budget``, the activation bytes a training step
          would hold (``checkpoint_memory.profile``, fake tensors at ``batch`` x ``seq``) fall to the budget
@@ -26,10 +26,10 @@ import dataclasses
 import fnmatch
 from typing import ClassVar
 
-from rewriter.blocks import repeated_blocks
-from rewriter.errors import PassNotApplicable
-from rewriter.pass_infra import Pass, PassResult, Skip, module_paths, register_pass
-from rewriter.program import Program
+from evo_rewrite.blocks import repeated_blocks
+from evo_rewrite.errors import PassNotApplicable
+from evo_rewrite.pass_infra import Pass, PassResult, Skip, module_paths, register_pass
+from evo_rewrite.program import Program
 
 from .checkpoint_memory import format_bytes, inputs_at, parse_bytes, profile
 from .checkpoint_regions import find_regions, install, regions_of

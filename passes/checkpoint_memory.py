@@ -25,8 +25,8 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from rewriter.inputs import Inputs, like
-from rewriter.program import Program
+from evo_rewrite.inputs import Inputs, like
+from evo_rewrite.program import Program
 
 from .checkpoint_regions import Region
 

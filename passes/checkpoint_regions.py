@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 from torch.fx.graph import _PyTreeCodeGen
 
-from rewriter.pass_infra import module_paths
+from evo_rewrite.pass_infra import module_paths
 
 __all__ = ["Region", "find_regions", "outline", "region_graph", "CheckpointCodeGen", "install", "slug",
            "regions_of", "region_modules"]

@@ -20,9 +20,9 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from rewriter.figures import _storage_key
-from rewriter.pass_infra import Pass, PassResult, Skip, module_path, register_pass
-from rewriter.program import Program
+from evo_rewrite.figures import _storage_key
+from evo_rewrite.pass_infra import Pass, PassResult, Skip, module_path, register_pass
+from evo_rewrite.program import Program
 
 from .share_layers import drop_attr
 

@@ -1,6 +1,6 @@
 """`flash`: replace every attention subgraph with one fused ``scaled_dot_product_attention`` call.
 
-pattern  the attention sites of ``rewriter.attention`` (softmax over the key axis of Q·Kᵀ, times V)
+pattern  the attention sites of ``evo_rewrite.attention`` (softmax over the key axis of Q·Kᵀ, times V)
 check    the score chain is expressible by SDPA: constant scales, additive biases, masked_fill/where
          with a very negative fill (a mask), casts; the probabilities feed only the product with V;
          K/V heads equal Q heads or divide them (GQA)
@@ -17,11 +17,11 @@ from typing import ClassVar, Literal
 import torch
 import torch.fx as fx
 
-from rewriter.attention import CASTS, DROPOUT, INPLACE, RESHAPES, AttentionSite, find_attention, untranspose, val
-from rewriter.errors import PassNotApplicable
-from rewriter.pass_infra import Pass, PassResult, Skip, register_pass
-from rewriter.program import Program
-from rewriter.verify import record
+from evo_rewrite.attention import CASTS, DROPOUT, INPLACE, RESHAPES, AttentionSite, find_attention, untranspose, val
+from evo_rewrite.errors import PassNotApplicable
+from evo_rewrite.pass_infra import Pass, PassResult, Skip, register_pass
+from evo_rewrite.program import Program
+from evo_rewrite.verify import record
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -284,7 +284,7 @@ class Flash(Pass):
             if b.softcap is not None:
                 if b.softcap == 0 or dropout_p:
                     raise _NotExpressible("soft-capped scores " + ("with dropout" if dropout_p else "capped at 0"))
-                from rewriter.ops import SOFTCAP_ATTENTION
+                from evo_rewrite.ops import SOFTCAP_ATTENTION
 
                 node = g.call_function(SOFTCAP_ATTENTION, (q, k, v, bias, b.scale, abs(b.softcap), gqa))
             else:

@@ -205,7 +205,7 @@ def unpin(graph: fx.Graph) -> dict[str, str]:
     torch.export's serializer (2.11-2.13) cannot write the flash/cuDNN ops, which return SymInts,
     so a .pt2 carries portable SDPA and records the choice; ``repin`` restores it on load.
     """
-    from rewriter.pass_infra import module_path
+    from evo_rewrite.pass_infra import module_path
 
     chosen = {}
     for call in list(graph.nodes):
@@ -237,7 +237,7 @@ def unpin(graph: fx.Graph) -> dict[str, str]:
 
 def repin(graph: fx.Graph, chosen: dict[str, str]) -> int:
     """Pin the recorded backends again (programs loaded from .pt2 on CUDA)."""
-    from rewriter.pass_infra import module_path
+    from evo_rewrite.pass_infra import module_path
 
     n = 0
     for node in list(graph.nodes):

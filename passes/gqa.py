@@ -1,7 +1,7 @@
 """`gqa`: convert multi-head attention to grouped-query attention (MQA with one group).
 
 pattern  every attention site whose K and V trace back to linear projections
-         (rewriter.projections: separate or fused qkv, rotary, materialised K/V repeats)
+         (evo_rewrite.projections: separate or fused qkv, rotary, materialised K/V repeats)
 check    the new K/V head count divides the current one (else an error naming the site and the
          valid counts); the head-split reshape names its head count as a constant or -1
 rewrite  K and V projection heads merged per group of consecutive heads (``method=mean``: the GQA
@@ -19,11 +19,11 @@ from typing import ClassVar, Literal
 import torch
 import torch.fx as fx
 
-from rewriter.attention import AttentionSite, attention_sites, untranspose, val
-from rewriter.errors import PassNotApplicable
-from rewriter.pass_infra import Pass, PassResult, Skip, register_pass
-from rewriter.program import Program
-from rewriter.projections import HeadPath, trace_projection
+from evo_rewrite.attention import AttentionSite, attention_sites, untranspose, val
+from evo_rewrite.errors import PassNotApplicable
+from evo_rewrite.pass_infra import Pass, PassResult, Skip, register_pass
+from evo_rewrite.program import Program
+from evo_rewrite.projections import HeadPath, trace_projection
 
 aten = torch.ops.aten
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from rewriter.inputs import Inputs
-from rewriter.projections import Projection, output_projection, trace_projection
-from rewriter.verify import record
+from evo_rewrite.inputs import Inputs
+from evo_rewrite.projections import Projection, output_projection, trace_projection
+from evo_rewrite.verify import record
 
 __all__ = ["fit_merges"]
 

@@ -35,10 +35,10 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from rewriter.errors import PassNotApplicable
-from rewriter.pass_infra import Pass, PassResult, option_error, register_pass
-from rewriter.program import Program, copy_graph_module
-from rewriter.verify import _module_outputs
+from evo_rewrite.errors import PassNotApplicable
+from evo_rewrite.pass_infra import Pass, PassResult, option_error, register_pass
+from evo_rewrite.program import Program, copy_graph_module
+from evo_rewrite.verify import _module_outputs
 
 __all__ = ["Heal"]
 
@@ -201,7 +201,7 @@ class Heal(Pass):
     @staticmethod
     def _block_outputs(reference: Program, program: Program) -> list[tuple[str, str]]:
         """(teacher node, student node) names of each repeated block's output, in both programs."""
-        from rewriter.blocks import repeated_blocks
+        from evo_rewrite.blocks import repeated_blocks
 
         lt, ls = _module_outputs(reference.module), _module_outputs(program.module)
         pairs = []

@@ -1,6 +1,6 @@
 """`share-layers`: ALBERT cross-layer parameter sharing, applied to a trained model.
 
-pattern  the repeated blocks of rewriter.blocks (same structure, same parameter shapes), partitioned
+pattern  the repeated blocks of evo_rewrite.blocks (same structure, same parameter shapes), partitioned
          by ``strategy``: ``all`` (one set for the whole group), ``every`` (runs of k consecutive
          blocks), ``cycle`` (block i uses set i mod k; Takase & Kiyono 2021)
 check    a partition needs two blocks; ``what=attention`` needs an attention site in the block
@@ -33,10 +33,10 @@ from typing import ClassVar, Literal
 import torch
 import torch.fx as fx
 
-from rewriter.attention import attention_sites
-from rewriter.blocks import Block, BlockGroup, repeated_blocks
-from rewriter.pass_infra import Pass, PassResult, Skip, register_pass
-from rewriter.program import Program
+from evo_rewrite.attention import attention_sites
+from evo_rewrite.blocks import Block, BlockGroup, repeated_blocks
+from evo_rewrite.pass_infra import Pass, PassResult, Skip, register_pass
+from evo_rewrite.program import Program
 
 from .share_layers_fit import Fit, Problem, collect_input_stats, fit_sets, linear_uses
 

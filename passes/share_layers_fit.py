@@ -28,8 +28,8 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from rewriter.inputs import Inputs
-from rewriter.verify import record
+from evo_rewrite.inputs import Inputs
+from evo_rewrite.verify import record
 
 __all__ = ["InputStats", "linear_uses", "collect_input_stats", "Problem", "Fit", "fit_sets", "ITERATIONS"]
 

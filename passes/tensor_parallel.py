@@ -1,7 +1,7 @@
 """`tensor-parallel`: derive and check a Megatron-style tensor-parallel plan for N GPUs.
 
-pattern  the attention sites (``rewriter.attention``) with their q/k/v projections
-         (``rewriter.projections``, separate or fused qkv), the FFN pairs of every block (a linear
+pattern  the attention sites (``evo_rewrite.attention``) with their q/k/v projections
+         (``evo_rewrite.projections``, separate or fused qkv), the FFN pairs of every block (a linear
          whose output reaches another linear of its block through elementwise ops, feature-keeping
          reshapes and feature splits only: up/gate -> down, fused gate_up -> down), token
          embeddings (tables indexed by a model input) and the LM head (a linear onto the vocabulary)
@@ -15,7 +15,7 @@ rewrite  nothing in the single-process program: the plan — every linear layer 
          (``Shard(0)`` of an (out, in) weight), row- (``Shard(1)``, bias added after the all-reduce),
          vocabulary-parallel or replicated; every sharded tensor's DTensor placement; heads per rank
          of every site — goes into ``program.meta["tensor_parallel"]``, the report and the ``.pt2``,
-         and ``torchrun --nproc-per-node N -m targets.parallel MODEL.pt2`` applies it on each rank
+         and ``torchrun --nproc-per-node N -m evo_rewrite.targets.parallel MODEL.pt2`` applies it on each rank
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from rewriter.attention import CASTS, RESHAPES, attention_sites, untranspose, val
-from rewriter.blocks import repeated_blocks
-from rewriter.errors import PassNotApplicable
-from rewriter.pass_infra import Pass, PassResult, Skip, module_path, register_pass
-from rewriter.program import Program
-from rewriter.projections import Projection, output_projection, trace_projection
-from rewriter.verify import compare_outputs, tolerance
+from evo_rewrite.attention import CASTS, RESHAPES, attention_sites, untranspose, val
+from evo_rewrite.blocks import repeated_blocks
+from evo_rewrite.errors import PassNotApplicable
+from evo_rewrite.pass_infra import Pass, PassResult, Skip, module_path, register_pass
+from evo_rewrite.program import Program
+from evo_rewrite.projections import Projection, output_projection, trace_projection
+from evo_rewrite.verify import compare_outputs, tolerance
 
 from .tensor_parallel_ranks import simulate
 from .tensor_parallel_shard import COLLECTIVES, SPLITS, LinearRole, is_pointwise, localize
@@ -361,7 +361,7 @@ def _divisible(program: Program, inputs, degree: int) -> bool:
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class TensorParallel(Pass):
-    """Plan tensor parallelism over ``degree`` GPUs; checked here, applied by ``targets.parallel`` under torchrun."""
+    """Plan tensor parallelism over ``degree`` GPUs; checked here, applied by ``evo_rewrite.targets.parallel`` under torchrun."""
 
     name: ClassVar[str] = "tensor-parallel"
     exact: ClassVar[bool] = True
@@ -408,6 +408,6 @@ class TensorParallel(Pass):
                  "collectives per forward": ", ".join(f"{k} {v}" for k, v in plan["collectives"].items() if v),
                  "weight bytes per rank": plan["weight_bytes_per_rank"],
                  "simulated ranks vs unsharded": f"max rel error {worst:.2g} on {'; '.join(checked) or 'no input'}",
-                 "run": f"torchrun --nproc-per-node {self.degree} -m targets.parallel OUT.pt2",
+                 "run": f"torchrun --nproc-per-node {self.degree} -m evo_rewrite.targets.parallel OUT.pt2",
                  "plan": plan}
         return PassResult(program, sharded, skipped, notes)

@@ -14,7 +14,7 @@ import threading
 import torch
 import torch.fx as fx
 
-from rewriter.program import Program
+from evo_rewrite.program import Program
 
 __all__ = ["shard_dim_tensor", "local_shard", "bind", "simulate"]
 

@@ -28,10 +28,10 @@ import operator
 import torch
 import torch.fx as fx
 
-from rewriter.attention import CASTS, DROPOUT, MATMUL_OPS, RESHAPES, SDPA_OPS, SOFTMAX_OPS, val
-from rewriter.errors import PassNotApplicable
-from rewriter.pass_infra import module_path
-from rewriter.projections import Projection
+from evo_rewrite.attention import CASTS, DROPOUT, MATMUL_OPS, RESHAPES, SDPA_OPS, SOFTMAX_OPS, val
+from evo_rewrite.errors import PassNotApplicable
+from evo_rewrite.pass_infra import module_path
+from evo_rewrite.projections import Projection
 
 __all__ = ["LinearRole", "localize", "COLLECTIVES", "SPLITS", "is_pointwise"]
 

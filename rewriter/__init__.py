@@ -2,8 +2,8 @@
 
 This module is the one place that says what users import::
 
-    import rewriter
-    result = rewriter.rewrite(model, "flash", example_inputs=(ids,))
+    import evo_rewrite
+    result = evo_rewrite.rewrite(model, "flash", example_inputs=(ids,))
     result.module(ids); result.report.table(); result.save("model.pt2")
 """
 

@@ -74,9 +74,9 @@ class RewriteResult:
     def save(self, path: str | os.PathLike) -> str:
         """Write a checked ``.pt2``; a program with checkpoint regions is written as a directory of generated
         source and safetensors weights instead (``targets/source.py``: a ``.pt2`` would drop the regions)."""
-        from passes.checkpoint_regions import regions_of
-        from targets.pytorch import save_pt2
-        from targets.source import save_source
+        from evo_rewrite.passes.checkpoint_regions import regions_of
+        from evo_rewrite.targets.pytorch import save_pt2
+        from evo_rewrite.targets.source import save_source
 
         written = (save_source if regions_of(self.program.module) else save_pt2)(self.program, path)
         self.report.outputs.append(written)
@@ -84,7 +84,7 @@ class RewriteResult:
 
     def save_hf(self, path: str | os.PathLike) -> str:
         """Write a Hugging Face checkpoint directory (GQA -> num_key_value_heads); see targets/hf.py."""
-        from targets.hf import save_hf
+        from evo_rewrite.targets.hf import save_hf
 
         written = save_hf(self.program, path)
         self.report.outputs.append(written)
@@ -93,7 +93,7 @@ class RewriteResult:
     def save_onnx(self, path: str | os.PathLike, *, attention: str | None = None, dtype: str = "fp32",
                   external_data: bool | None = None):
         """Write a checked ``.onnx`` (see ``targets/onnx.py``); record it in the report; return its OnnxReport."""
-        from targets.onnx import DEFAULT_ATTENTION, save_onnx
+        from evo_rewrite.targets.onnx import DEFAULT_ATTENTION, save_onnx
 
         rep = save_onnx(self.program, path, attention=attention or DEFAULT_ATTENTION, dtype=dtype,
                         external_data=external_data)

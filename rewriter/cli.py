@@ -86,7 +86,7 @@ def _default_output(source: str, target: str) -> Path:
 
 
 def _check_output_path(out: Path, source: str) -> None:
-    from targets.paths import check_output_file
+    from evo_rewrite.targets.paths import check_output_file
 
     check_output_file(out, source, suffix=out.suffix or ".pt2", what="another -o")
 
@@ -103,7 +103,7 @@ def _write_json_atomic(path: str, text: str) -> None:
 
 def _write_hf(program, args, out: Path, report, log) -> None:
     """The Hugging Face checkpoint beside the .pt2: asked for, or by default for HF sources when it fits."""
-    from targets.hf import hf_expressible, save_hf
+    from evo_rewrite.targets.hf import hf_expressible, save_hf
 
     reason = hf_expressible(program)
     if args.hf_output is None and (program.source.kind != "hf" or reason or not program.applied):
@@ -124,7 +124,7 @@ def run(argv: list[str] | None = None) -> int:
         print(list_passes())
         return 0
     if not args.source:
-        raise UsageError("give a SOURCE (e.g. rewriter.zoo:gpt), or --list-passes")
+        raise UsageError("give a SOURCE (e.g. evo_rewrite.zoo:gpt), or --list-passes")
     from .api import prepare
     from .manager import PassManager
     from .pipeline import parse_pipeline
@@ -169,7 +169,7 @@ def run(argv: list[str] | None = None) -> int:
     program, report = PassManager(passes, thresholds, log=log).run(program)
     report.source, report.source_kind = args.source, program.source.kind
     if report.ok and args.target == "onnx":
-        from targets.onnx import DEFAULT_ATTENTION, save_onnx
+        from evo_rewrite.targets.onnx import DEFAULT_ATTENTION, save_onnx
 
         if log:
             log(f"writing {out} (ONNX export, check in ONNX Runtime at two sizes) ...")
@@ -178,9 +178,9 @@ def run(argv: list[str] | None = None) -> int:
         report.onnx = onnx_report.to_dict()
         report.outputs += [onnx_report.path] + ([onnx_report.external_data] if onnx_report.external_data else [])
     elif report.ok:
-        from passes.checkpoint_regions import regions_of
-        from targets.pytorch import save_pt2
-        from targets.source import save_source
+        from evo_rewrite.passes.checkpoint_regions import regions_of
+        from evo_rewrite.targets.pytorch import save_pt2
+        from evo_rewrite.targets.source import save_source
 
         if regions_of(program.module):  # a .pt2 would drop checkpoint regions: generated source + safetensors
             src_dir = out.with_suffix("") if args.output is None else out  # default: <name>.rewritten/

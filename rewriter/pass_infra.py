@@ -111,7 +111,7 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def _load_builtin_passes() -> None:
-    import passes  # noqa: F401 - importing registers the built-in passes
+    import evo_rewrite.passes  # noqa: F401 - importing registers the built-in passes
 
 
 def registered_passes() -> dict[str, type[Pass]]:

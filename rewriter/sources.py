@@ -96,7 +96,7 @@ def load(source: str | os.PathLike, *, inputs: str | Inputs | None = None, allow
     if loaded.program is not None and str(device) != "cpu":
         loaded.program.module.to(device)
         if torch.device(device).type == "cuda" and loaded.program.meta.get("sdpa_backends"):
-            from passes.flash_backends import repin  # the .pt2 recorded the flash pass's backend choice
+            from evo_rewrite.passes.flash_backends import repin  # the .pt2 recorded the flash pass's backend choice
 
             repin(loaded.program.graph, loaded.program.meta["sdpa_backends"])
             loaded.program.module.recompile()
@@ -156,7 +156,7 @@ def _inputs_from_placeholders(ep) -> Inputs:
 # ---- generated source (a program with checkpoint regions; targets/source.py) ------------------
 
 def _load_generated(path: Path) -> Loaded:
-    from targets.source import load_source
+    from evo_rewrite.targets.source import load_source
 
     program, _ = load_source(path)
     return Loaded(source=program.source, inputs=program.inputs, program=program)

@@ -2,7 +2,7 @@
 
 Each factory returns ``(module, example_inputs)`` and is a SOURCE on the command line::
 
-    evo-rewrite rewriter.zoo:gpt --passes flash
+    evo-rewrite evo_rewrite.zoo:gpt --passes flash
 """
 
 from __future__ import annotations

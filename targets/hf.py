@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from rewriter.attention import attention_sites
-from rewriter.errors import OutputError, UsageError, VerificationError
-from rewriter.program import Program
-from rewriter.verify import compare_outputs, tolerance
+from evo_rewrite.attention import attention_sites
+from evo_rewrite.errors import OutputError, UsageError, VerificationError
+from evo_rewrite.program import Program
+from evo_rewrite.verify import compare_outputs, tolerance
 
 __all__ = ["save_hf", "hf_expressible"]
 

@@ -7,7 +7,7 @@ How a Program becomes ONNX:
    ``flash(softcap=true)`` here, verified like any pass: soft-capped sites (Gemma2) become
    ``evo_rewrite::softcap_attention`` nodes (rewriter/ops.py). Sites ``flash`` cannot express at all
    stay unfused and are reported with the reason.
-2. ``targets.pytorch.export_program`` re-exports the program with its symbolic batch and sequence
+2. ``evo_rewrite.targets.pytorch.export_program`` re-exports the program with its symbolic batch and sequence
    dimensions, and ``torch.onnx.export(dynamo=True, opset_version=23)`` lowers each
    ``scaled_dot_product_attention`` call (``enable_gqa`` included) to one ONNX ``Attention`` node
    whose K/V keep their grouped head count, and each softcap_attention node (through a custom
@@ -49,11 +49,11 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from rewriter.attention import SDPA_OPS, find_attention
-from rewriter.errors import OutputError, RewriteError, UsageError, VerificationError
-from rewriter.ops import SOFTCAP_ATTENTION, onnx_translations
-from rewriter.program import Program
-from rewriter.verify import compare_outputs
+from evo_rewrite.attention import SDPA_OPS, find_attention
+from evo_rewrite.errors import OutputError, RewriteError, UsageError, VerificationError
+from evo_rewrite.ops import SOFTCAP_ATTENTION, onnx_translations
+from evo_rewrite.program import Program
+from evo_rewrite.verify import compare_outputs
 
 from .onnx_rules import (MS_DOMAIN, eliminate_common_subexpressions, lower_attention_to_ort, pack_qkv, remove_reshape_pairs,
                          repair_for_ort, rms_norm_to_ort, rule_classes, static_dim)
@@ -124,8 +124,8 @@ def _ensure_fused(program: Program, log) -> tuple[Program, int, dict[str, str]]:
     pending = [r for r in find_attention(program.module) if r.site is not None and not r.site.fused]
     if not pending:
         return program, 0, {}
-    from rewriter.manager import PassManager
-    from rewriter.pipeline import parse_pipeline
+    from evo_rewrite.manager import PassManager
+    from evo_rewrite.pipeline import parse_pipeline
 
     if log:
         log(f"ONNX target: {len(pending)} attention sites are not fused; running flash first ...")
@@ -168,7 +168,7 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
     """Export a (fused) program to an onnx_ir Model with ``attention`` lowered; return (model, facts)."""
     import onnxscript.optimizer
 
-    from targets.pytorch import export_program
+    from evo_rewrite.targets.pytorch import export_program
 
     ep = export_program(program)
     _contiguous_as_clone(ep)
@@ -218,7 +218,7 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
         if not taken & set(names):
             for v, name in zip(model.graph.outputs, names):
                 v.name = name
-    model.producer_name, model.producer_version = "evo-rewrite", __import__("rewriter").__version__
+    model.producer_name, model.producer_version = "evo-rewrite", __import__("evo_rewrite").__version__
     return model, {"sdpa": sdpa, "exported_attention": exported_attention, "lowered": lowered, "packed": packed,
                    "repaired": repaired,
                    "ort_fusions": ort_fusions,

@@ -1,7 +1,7 @@
 """Run a rewritten model with tensor parallelism over N processes (torchrun; NCCL on GPUs, gloo on CPUs).
 
     evo-rewrite model/ --passes "flash,tensor-parallel(degree=2)" -o model.pt2
-    torchrun --nproc-per-node 2 -m targets.parallel model.pt2 [more.pt2 ...] [--inputs SPEC] [--device cuda]
+    torchrun --nproc-per-node 2 -m evo_rewrite.targets.parallel model.pt2 [more.pt2 ...] [--inputs SPEC] [--device cuda]
              [--check] [--repeat K]
 
 The ``.pt2`` carries the plan the ``tensor-parallel`` pass derived and checked (its
@@ -23,8 +23,8 @@ are ordinary DTensors, e.g. for ``torch.distributed.checkpoint``).
 
 Python::
 
-    mesh = targets.parallel.init_mesh("cuda")
-    sharded = targets.parallel.shard(program, mesh, plan=program.meta["tensor_parallel"])
+    mesh = evo_rewrite.targets.parallel.init_mesh("cuda")
+    sharded = evo_rewrite.targets.parallel.shard(program, mesh, plan=program.meta["tensor_parallel"])
     logits = sharded.module(input_ids=ids)["logits"]
 """
 
@@ -45,11 +45,11 @@ import torch.utils._pytree as pytree
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from passes.tensor_parallel import plan_rank
-from passes.tensor_parallel_ranks import bind, shard_dim_tensor
-from rewriter.errors import RewriteError, UsageError
-from rewriter.inputs import Inputs
-from rewriter.program import Program
+from evo_rewrite.passes.tensor_parallel import plan_rank
+from evo_rewrite.passes.tensor_parallel_ranks import bind, shard_dim_tensor
+from evo_rewrite.errors import RewriteError, UsageError
+from evo_rewrite.inputs import Inputs
+from evo_rewrite.program import Program
 
 __all__ = ["ShardedProgram", "init_mesh", "shard", "read_plan", "broadcast_inputs", "retarget", "main"]
 
@@ -78,7 +78,7 @@ def init_mesh(device: str = "cuda") -> DeviceMesh:
 
 def read_plan(path: str | os.PathLike) -> dict | None:
     """The tensor-parallel plan stored in a ``.pt2`` written by evo-rewrite, or None."""
-    from rewriter.sources import METADATA_FILE
+    from evo_rewrite.sources import METADATA_FILE
 
     with zipfile.ZipFile(path) as z:
         name = next((n for n in z.namelist() if n.endswith("/" + METADATA_FILE)), None)
@@ -167,8 +167,8 @@ def _first_tensor(out) -> torch.Tensor:
 
 def run_one(path: str, mesh: DeviceMesh, args) -> tuple[list[str], int]:
     """Load, shard and run one .pt2 on this rank; the lines to print and the exit code."""
-    from rewriter.sources import load
-    from rewriter.verify import compare_outputs, tolerance
+    from evo_rewrite.sources import load
+    from evo_rewrite.verify import compare_outputs, tolerance
 
     rank = mesh.get_local_rank()
     plan = read_plan(path) if zipfile.is_zipfile(path) else None
@@ -206,7 +206,7 @@ def run_one(path: str, mesh: DeviceMesh, args) -> tuple[list[str], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m targets.parallel",
+    ap = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m evo_rewrite.targets.parallel",
                                  description="Run .pt2 files rewritten with tensor-parallel(degree=N) on N processes.")
     ap.add_argument("models", nargs="+", help=".pt2 files written by evo-rewrite with tensor-parallel(degree=N) last "
                     "in their pipeline (run one after another)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rewriter.errors import OutputError
+from evo_rewrite.errors import OutputError
 
 __all__ = ["check_output_file", "check_reproduces"]
 
@@ -35,8 +35,8 @@ def check_reproduces(program, run, what: str) -> None:
     outputs on its example inputs and on the second size, within the exact-pass tolerance."""
     import torch
 
-    from rewriter.errors import VerificationError
-    from rewriter.verify import compare_outputs, tolerance
+    from evo_rewrite.errors import VerificationError
+    from evo_rewrite.verify import compare_outputs, tolerance
 
     for inputs in [program.inputs, program.second_inputs()]:
         if inputs is None:

@@ -21,8 +21,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from rewriter.errors import OutputError
-from rewriter.program import Program
+from evo_rewrite.errors import OutputError
+from evo_rewrite.program import Program
 
 from .paths import check_output_file, check_reproduces
 
@@ -30,7 +30,7 @@ __all__ = ["save_pt2", "export_program"]
 
 
 def export_program(program: Program) -> torch.export.ExportedProgram:
-    from passes.flash_backends import pinned_backend, unpin
+    from evo_rewrite.passes.flash_backends import pinned_backend, unpin
 
     if any(pinned_backend(n) for n in program.graph.nodes):
         program = program.clone()
@@ -51,13 +51,13 @@ def export_program(program: Program) -> torch.export.ExportedProgram:
 
 
 def _metadata(program: Program) -> str:
-    from passes.flash_backends import pinned_backend
+    from evo_rewrite.passes.flash_backends import pinned_backend
 
     pinned = {}
     for n in program.graph.nodes:
         b = pinned_backend(n)
         if b:
-            from rewriter.pass_infra import module_path
+            from evo_rewrite.pass_infra import module_path
 
             pinned[module_path(n)] = b
     s = program.source
@@ -74,15 +74,15 @@ def _check_loaded(path: str, program: Program) -> None:
 
 def save_pt2(program: Program, path: str | os.PathLike, *, check: bool = True) -> str:
     """Write ``program`` to ``path`` atomically; return the path written."""
-    from rewriter.sources import METADATA_FILE
+    from evo_rewrite.sources import METADATA_FILE
 
-    from passes.checkpoint_regions import regions_of
+    from evo_rewrite.passes.checkpoint_regions import regions_of
 
     out = Path(path)
     if regions_of(program.module):
         raise OutputError(f"cannot write {out}: the program has activation-checkpoint regions, which a .pt2 would "
                           "silently drop (torch.export inlines them); write it as generated source with "
-                          "targets.source.save_source(program, DIRECTORY) (RewriteResult.save and the CLI do so "
+                          "evo_rewrite.targets.source.save_source(program, DIRECTORY) (RewriteResult.save and the CLI do so "
                           "for a path without .pt2)")
     parent = check_output_file(out, program.source.path, suffix=".pt2", what="another -o")
     ep = export_program(program)

@@ -12,12 +12,12 @@ as a directory::
       model.safetensors   the weights by module path (a tensor read under several names stored once)
       inputs.safetensors  the example inputs
       evo_rewrite.json    source, applied pipeline, regions, input/output pytree specs, parameter
-                          names, aliases, and each node's module provenance (for rewriter.load)
+                          names, aliases, and each node's module provenance (for evo_rewrite.load)
 
 It is written to a temporary directory beside OUT, loaded back (``model.py`` executed), run at the
 example size and at another size against the program, and only then renamed into place.
 
-``rewriter.load(OUT)`` reads it back: it executes ``model.py`` (code evo-rewrite generated at the
+``evo_rewrite.load(OUT)`` reads it back: it executes ``model.py`` (code evo-rewrite generated at the
 user's request; nothing is unpickled), reads the tensors with safetensors, captures the module with
 ``torch.export`` (which inlines the regions), restores each node's module provenance from
 ``evo_rewrite.json`` and installs the regions again, so the program trains with recomputation and
@@ -40,9 +40,9 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.graph import CodeGen, _PyTreeCodeGen, _custom_builtins
 
-from rewriter.errors import OutputError, SourceError, VerificationError
-from rewriter.inputs import Inputs
-from rewriter.program import Program
+from evo_rewrite.errors import OutputError, SourceError, VerificationError
+from evo_rewrite.inputs import Inputs
+from evo_rewrite.program import Program
 
 from .paths import check_output_file, check_reproduces
 
@@ -89,7 +89,7 @@ def _indent(src: str, n: int = 4) -> str:
 
 def generate(program: Program) -> tuple[str, dict]:
     """The text of model.py and the layout facts evo_rewrite.json records (tensor names, specs)."""
-    from passes.checkpoint_regions import find_regions, outline, region_graph, regions_of, slug
+    from evo_rewrite.passes.checkpoint_regions import find_regions, outline, region_graph, regions_of, slug
 
     gm = program.module
     regions = find_regions(gm.graph, regions_of(gm))
@@ -122,7 +122,7 @@ def generate(program: Program) -> tuple[str, dict]:
         f"pipeline: {','.join(program.applied) or '(none)'}; torch {torch.__version__}.",
         f"# Activation-checkpoint regions: {', '.join(r.path for r in regions)}; each runs under "
         "torch.utils.checkpoint, use_reentrant=False.",
-        "# Build it with load() (weights from model.safetensors beside this file), or rewriter.load(<this directory>).",
+        "# Build it with load() (weights from model.safetensors beside this file), or evo_rewrite.load(<this directory>).",
         "import json", "import os", "",
         *dict.fromkeys(["import torch", "import torch.utils.checkpoint",
                         *sorted(b.import_str for b in _custom_builtins.values()), *sorted(imports)]),
@@ -208,14 +208,14 @@ def is_source_dir(path: str | os.PathLike) -> bool:
 
 
 def _metadata_name() -> str:
-    from rewriter.sources import METADATA_FILE
+    from evo_rewrite.sources import METADATA_FILE
 
     return METADATA_FILE
 
 
 def save_source(program: Program, path: str | os.PathLike, *, check: bool = True) -> str:
     """Write ``program`` (with its checkpoint regions) as a source directory at ``path``; return the path."""
-    from passes.flash_backends import pinned_backend, unpin
+    from evo_rewrite.passes.flash_backends import pinned_backend, unpin
 
     from .pytorch import _metadata
 
@@ -226,7 +226,7 @@ def save_source(program: Program, path: str | os.PathLike, *, check: bool = True
                           f"them); give a directory path, e.g. {out.with_suffix('')}")
     if out.exists():
         raise OutputError(f"{out} already exists; remove it or choose another output directory")
-    from passes.checkpoint_regions import regions_of
+    from evo_rewrite.passes.checkpoint_regions import regions_of
 
     recorded = tuple(program.meta.get("checkpoint", {}).get("regions", ()))
     if recorded and recorded != regions_of(program.module):
@@ -268,7 +268,7 @@ def save_source(program: Program, path: str | os.PathLike, *, check: bool = True
 
 def _check_written(directory: Path, program: Program) -> None:
     device = next((t.device for t in program.named_tensors().values()), torch.device("cpu"))
-    from passes.checkpoint_regions import regions_of
+    from evo_rewrite.passes.checkpoint_regions import regions_of
 
     calls = (directory / MODEL_FILE).read_text().count("torch.utils.checkpoint.checkpoint(")
     if calls != len(regions_of(program.module)):
@@ -290,9 +290,9 @@ def _import_model(directory: Path):
 
 def load_source(path: str | os.PathLike):
     """Read a source directory: (Program with its regions, metadata). Raises SourceError for a bad directory."""
-    from passes.checkpoint_regions import install
-    from rewriter.graph_capture import capture
-    from rewriter.program import SourceInfo
+    from evo_rewrite.passes.checkpoint_regions import install
+    from evo_rewrite.graph_capture import capture
+    from evo_rewrite.program import SourceInfo
 
     directory = Path(path)
     try:

@@ -9,7 +9,7 @@ is stored once under its first name; the others are listed in the file's metadat
 stored name) and come back as the same tensor from ``load_safetensors``. The graph itself travels in the
 ``.pt2`` (or generated source); this file is for tools that want only the weights::
 
-    from targets.weights import save_safetensors, load_safetensors
+    from evo_rewrite.targets.weights import save_safetensors, load_safetensors
     save_safetensors(result.program, "model.safetensors")
     state = load_safetensors("model.safetensors")      # {name: tensor}, aliases share one tensor
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from rewriter.errors import OutputError
-from rewriter.figures import _storage_key
-from rewriter.program import Program
+from evo_rewrite.errors import OutputError
+from evo_rewrite.figures import _storage_key
+from evo_rewrite.program import Program
 
 from .paths import check_output_file
 

@@ -8,8 +8,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import rewriter  # noqa: E402
-from rewriter import Pass, PassResult, Skip, register_pass  # noqa: E402
+import evo_rewrite  # noqa: E402
+from evo_rewrite import Pass, PassResult, Skip, register_pass  # noqa: E402
 
 
 @register_pass
@@ -68,20 +68,22 @@ class CrashPass(Pass):
 
 @pytest.fixture(scope="session")
 def gpt():
-    return rewriter.zoo.gpt() if hasattr(rewriter, "zoo") else __import__("rewriter.zoo").zoo.gpt()
+    from evo_rewrite import zoo
+
+    return zoo.gpt()
 
 
 @pytest.fixture(scope="session")
 def gpt_program():
-    from rewriter import zoo
+    from evo_rewrite import zoo
 
     model, inputs = zoo.gpt()
-    return rewriter.prepare(model, inputs)
+    return evo_rewrite.prepare(model, inputs)
 
 
 @pytest.fixture(scope="session")
 def encoder_program():
-    from rewriter import zoo
+    from evo_rewrite import zoo
 
     model, inputs = zoo.encoder()
-    return rewriter.prepare(model, inputs)
+    return evo_rewrite.prepare(model, inputs)

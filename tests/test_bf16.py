@@ -7,8 +7,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import rewriter
-from rewriter import PipelineError, zoo
+import evo_rewrite
+from evo_rewrite import PipelineError, zoo
 
 aten = torch.ops.aten
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -72,7 +72,7 @@ class _AutocastDtypes(TorchDispatchMode):
 @pytest.fixture(scope="module", params=["gpt", "encoder"])
 def rewritten(request):
     model, inputs = getattr(zoo, request.param)()
-    result = rewriter.rewrite(model, "bf16", example_inputs=inputs)
+    result = evo_rewrite.rewrite(model, "bf16", example_inputs=inputs)
     return request.param, model, inputs, result
 
 
@@ -145,7 +145,7 @@ def test_keep_io_keeps_fp32_outputs_and_notes(rewritten):
 
 def test_keep_io_false_leaves_outputs_in_bf16():
     model, inputs = zoo.gpt()
-    result = rewriter.rewrite(model, "bf16(keep_io=false)", example_inputs=inputs)
+    result = evo_rewrite.rewrite(model, "bf16(keep_io=false)", example_inputs=inputs)
     assert result.report.ok
     assert _call(result.module, inputs).dtype is BF16
 
@@ -153,7 +153,7 @@ def test_keep_io_false_leaves_outputs_in_bf16():
 @pytest.mark.parametrize("pipeline", ["flash,bf16", "gqa(kv_heads=2),bf16"])
 def test_composes(pipeline):
     model, inputs = zoo.gpt()
-    result = rewriter.rewrite(model, pipeline, example_inputs=inputs)
+    result = evo_rewrite.rewrite(model, pipeline, example_inputs=inputs)
     assert result.report.ok
     assert all(p.verified for p in result.report.passes)
     assert result.report.passes[0].rewrites == 4 and result.report.passes[1].rewrites > 0
@@ -169,7 +169,7 @@ def test_composes(pipeline):
 
 def test_model_without_matmul_is_left_alone():
     model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.GELU())
-    result = rewriter.rewrite(model, "bf16", example_inputs=(torch.randn(2, 8),))
+    result = evo_rewrite.rewrite(model, "bf16", example_inputs=(torch.randn(2, 8),))
     rec = result.report.passes[0]
     assert rec.rewrites == 0
     assert rec.message == "no matmul-class op (linear, matmul, bmm, conv, attention) to run in bf16"
@@ -178,9 +178,9 @@ def test_model_without_matmul_is_left_alone():
 
 def test_bad_options():
     with pytest.raises(PipelineError, match=r"option keep_io='maybe' is not valid; allowed: true, false"):
-        rewriter.parse_pipeline("bf16(keep_io=maybe)")
+        evo_rewrite.parse_pipeline("bf16(keep_io=maybe)")
     with pytest.raises(PipelineError, match=r"pass 'bf16' has no option 'keepio'"):
-        rewriter.parse_pipeline("bf16(keepio=true)")
+        evo_rewrite.parse_pipeline("bf16(keepio=true)")
 
 
 class _RMSNormMLP(torch.nn.Module):
@@ -199,7 +199,7 @@ class _RMSNormMLP(torch.nn.Module):
 
 def test_hand_written_rms_norm_runs_in_fp32():
     torch.manual_seed(0)
-    result = rewriter.rewrite(_RMSNormMLP().eval(), "bf16", example_inputs=(torch.randn(2, 5, 16),))
+    result = evo_rewrite.rewrite(_RMSNormMLP().eval(), "bf16", example_inputs=(torch.randn(2, 5, 16),))
     assert result.report.ok
     _, interp = _graph_input_dtypes(result.program)
     kinds = {aten.pow.Tensor_Scalar, aten.mean.dim, aten.rsqrt.default}

@@ -3,8 +3,8 @@ import importlib
 import pytest
 import torch
 
-import rewriter
-from rewriter import zoo
+import evo_rewrite
+from evo_rewrite import zoo
 
 
 def _symbolic(program):
@@ -20,12 +20,12 @@ def test_gpt_capture_is_dynamic_and_unlifted(gpt_program):
     assert "h.0.attn.c_attn.weight" in targets and "h.3.mlp.c_proj.bias" in targets
     # every compute node carries module provenance
     softmaxes = [n for n in p.graph.nodes if n.op == "call_function" and "softmax" in str(n.target)]
-    assert [rewriter.module_path(n) for n in softmaxes] == [f"h.{i}.attn" for i in range(4)]
+    assert [evo_rewrite.module_path(n) for n in softmaxes] == [f"h.{i}.attn" for i in range(4)]
 
 
 def test_gpt_runs_at_other_sizes():
     model, (ids,) = zoo.gpt()
-    program = rewriter.prepare(model, (ids,))
+    program = evo_rewrite.prepare(model, (ids,))
     for shape in [(1, 5), (3, 16), (4, 40)]:
         x = torch.randint(0, 256, shape)
         torch.testing.assert_close(program.module(x), model(x))
@@ -53,7 +53,7 @@ class _Lin(torch.nn.Module):
 
 def test_capture_falls_back_to_symbolic_trace(monkeypatch):
     """When torch.export fails on the module itself, capture exports its symbolic_trace graph."""
-    cap = importlib.import_module("rewriter.graph_capture")
+    cap = importlib.import_module("evo_rewrite.graph_capture")
 
     real = cap._export
     calls = []
@@ -67,7 +67,7 @@ def test_capture_falls_back_to_symbolic_trace(monkeypatch):
     monkeypatch.setattr(cap, "_export", flaky)
     m = _Lin()
     logs = []
-    p = rewriter.prepare(m, (torch.randn(2, 5, 8),), log=logs.append)
+    p = evo_rewrite.prepare(m, (torch.randn(2, 5, 8),), log=logs.append)
     assert calls == [False, True]  # the module, then its symbolic_trace graph
     assert any("retrying on a torch.fx.symbolic_trace graph" in line for line in logs)
     torch.testing.assert_close(p.module(torch.ones(3, 7, 8)), m(torch.ones(3, 7, 8)))
@@ -90,8 +90,8 @@ class _Outer(torch.nn.Module):
 
 
 def test_uncapturable_model_names_module_and_line():
-    with pytest.raises(rewriter.CaptureError, match=r"cannot capture _Outer: torch\.export failed in module 'block\.1' at test_capture\.py:\d+: if x\.sum\(\) > 0"):
-        rewriter.prepare(_Outer(), (torch.randn(2, 3, 4),))
+    with pytest.raises(evo_rewrite.CaptureError, match=r"cannot capture _Outer: torch\.export failed in module 'block\.1' at test_capture\.py:\d+: if x\.sum\(\) > 0"):
+        evo_rewrite.prepare(_Outer(), (torch.randn(2, 3, 4),))
 
 
 def test_clone_shares_weights_but_not_graph(gpt_program):
@@ -103,7 +103,7 @@ def test_clone_shares_weights_but_not_graph(gpt_program):
 
 
 def test_figures_count_tied_weights_once(gpt_program):
-    f = rewriter.figures(gpt_program)
+    f = evo_rewrite.figures(gpt_program)
     model, _ = zoo.gpt()
     assert f.parameters == sum(p.numel() for p in model.parameters())  # parameters() dedups the tied head
     assert f.attention_sites == 4
@@ -117,5 +117,5 @@ def test_capture_leaves_the_users_model_as_it_was():
     model = build("llama")
     model.train()
     assert model.config.use_cache is True
-    rewriter.prepare(model, None)
+    evo_rewrite.prepare(model, None)
     assert model.config.use_cache is True and model.training  # restored after capture

@@ -1,5 +1,5 @@
 """`checkpoint`: same outputs and gradients, recomputation in backward, minimal budget sets, composition,
-clear errors, and a source directory that keeps its regions through rewriter.load."""
+clear errors, and a source directory that keeps its regions through evo_rewrite.load."""
 
 import itertools
 import json
@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import rewriter
-from rewriter import OutputError, PassNotApplicable, PipelineError, zoo
-from rewriter.cli import main
-from rewriter.pass_infra import module_paths
-from passes.checkpoint_memory import inputs_at, profile
-from passes.checkpoint_regions import find_regions, region_modules, regions_of
+import evo_rewrite
+from evo_rewrite import OutputError, PassNotApplicable, PipelineError, zoo
+from evo_rewrite.cli import main
+from evo_rewrite.pass_infra import module_paths
+from evo_rewrite.passes.checkpoint_memory import inputs_at, profile
+from evo_rewrite.passes.checkpoint_regions import find_regions, region_modules, regions_of
 
 
 def _grads(module, x):
@@ -53,7 +53,7 @@ def gpt():
 
 def test_outputs_and_gradients_match_and_backward_recomputes(gpt):
     model, inputs = gpt
-    result = rewriter.rewrite(model, "checkpoint", example_inputs=inputs, strict=True)
+    result = evo_rewrite.rewrite(model, "checkpoint", example_inputs=inputs, strict=True)
     rec = result.report.passes[0]
     assert rec.rewrites == 4 and rec.verified and rec.metrics["max_abs_error"] == 0.0
     assert rec.notes["regions"] == "h.0, h.1, h.2, h.3 (4 of 4 blocks)"
@@ -72,19 +72,19 @@ def test_outputs_and_gradients_match_and_backward_recomputes(gpt):
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-6, atol=1e-7)
     assert calls == {p: 2 for p in ("h.0", "h.1", "h.2", "h.3")}  # forward, then recomputed in backward
 
-    plain = rewriter.prepare(model, inputs).module
+    plain = evo_rewrite.prepare(model, inputs).module
     assert _saved_for_backward(result.module, x) < _saved_for_backward(plain, x)
 
 
 def test_every_and_module_globs(gpt):
     model, inputs = gpt
-    r = rewriter.rewrite(model, "checkpoint(every=2)", example_inputs=inputs, strict=True)
+    r = evo_rewrite.rewrite(model, "checkpoint(every=2)", example_inputs=inputs, strict=True)
     assert regions_of(r.module) == ("h.0", "h.2") and r.report.passes[0].rewrites == 2
-    r = rewriter.rewrite(model, "checkpoint(modules=[h.*.mlp, h.3])", example_inputs=inputs, strict=True)
+    r = evo_rewrite.rewrite(model, "checkpoint(modules=[h.*.mlp, h.3])", example_inputs=inputs, strict=True)
     assert regions_of(r.module) == ("h.0.mlp", "h.1.mlp", "h.2.mlp", "h.3")  # outermost match wins
     assert r.program.meta["checkpoint"]["regions"] == ["h.0.mlp", "h.1.mlp", "h.2.mlp", "h.3"]
     # a second checkpoint adds to the regions and skips what is already wrapped
-    again = rewriter.rewrite(r.program, "checkpoint", strict=True)
+    again = evo_rewrite.rewrite(r.program, "checkpoint", strict=True)
     rec = again.report.passes[0]
     assert rec.rewrites == 3 and [s["module"] for s in rec.skipped] == ["h.3"]
     assert regions_of(again.module) == ("h.0", "h.1", "h.2", "h.3")
@@ -99,10 +99,10 @@ def test_no_repeated_blocks_is_reported_not_guessed():
         def forward(self, x):
             return self.b(torch.relu(self.a(x)))
 
-    r = rewriter.rewrite(One(), "checkpoint", example_inputs=(torch.randn(2, 4, 8),))
+    r = evo_rewrite.rewrite(One(), "checkpoint", example_inputs=(torch.randn(2, 4, 8),))
     rec = r.report.passes[0]
     assert rec.rewrites == 0 and "no repeated blocks" in rec.message and not regions_of(r.module)
-    r = rewriter.rewrite(One(), "checkpoint(modules=[a])", example_inputs=(torch.randn(2, 4, 8),), strict=True)
+    r = evo_rewrite.rewrite(One(), "checkpoint(modules=[a])", example_inputs=(torch.randn(2, 4, 8),), strict=True)
     assert regions_of(r.module) == ("a",)
 
 
@@ -126,7 +126,7 @@ class _Uneven(nn.Module):
 def test_budget_picks_fewest_blocks_on_uneven_model_and_estimate_matches_measured():
     torch.manual_seed(0)
     model, ids = _Uneven(), torch.randint(0, 50, (2, 8))
-    program = rewriter.prepare(model, (ids,))
+    program = evo_rewrite.prepare(model, (ids,))
     at = inputs_at(program, batch=4, seq=64)
     prof = profile(program, at)
     base = prof.bytes()
@@ -134,7 +134,7 @@ def test_budget_picks_fewest_blocks_on_uneven_model_and_estimate_matches_measure
     est = {s: prof.bytes(find_regions(program.graph, list(s))) for n in range(5) for s in itertools.combinations(blocks, n)}
     budget = (est[("blocks.1", "blocks.3")] + est[("blocks.1",)]) // 2  # two wide blocks suffice, one does not
     assert min(len(s) for s, b in est.items() if b <= budget) == 2
-    r = rewriter.rewrite(program, f"checkpoint(budget={budget}, batch=4, seq=64)", strict=True)
+    r = evo_rewrite.rewrite(program, f"checkpoint(budget={budget}, batch=4, seq=64)", strict=True)
     rec = r.report.passes[0]
     assert regions_of(r.module) == ("blocks.1", "blocks.3") and rec.rewrites == 2
     assert rec.notes["budget"].endswith("estimated") and base > budget
@@ -168,7 +168,7 @@ def test_budget_picks_fewest_blocks_on_uneven_model_and_estimate_matches_measure
 def test_composes_with_gqa_flash_bf16_in_any_order(gpt):
     model, inputs = gpt
     for pipeline in ["gqa(kv_heads=2),flash,checkpoint(every=2),bf16", "checkpoint,flash,bf16"]:
-        r = rewriter.rewrite(model, pipeline, example_inputs=inputs)
+        r = evo_rewrite.rewrite(model, pipeline, example_inputs=inputs)
         assert r.report.ok, r.report.table()
         by_name = {p.name: p for p in r.report.passes}
         assert by_name["flash"].rewrites == 4 and by_name["bf16"].rewrites > 0  # later passes see every node
@@ -190,7 +190,7 @@ def test_composes_with_gqa_flash_bf16_in_any_order(gpt):
 ])
 def test_bad_options_fail_at_parse_time(text, msg):
     with pytest.raises(PipelineError, match=msg):
-        rewriter.parse_pipeline(text)
+        evo_rewrite.parse_pipeline(text)
 
 
 @pytest.mark.parametrize("text,msg", [
@@ -202,16 +202,16 @@ def test_bad_options_fail_at_parse_time(text, msg):
 def test_options_that_do_not_fit_the_model(gpt, text, msg):
     model, inputs = gpt
     with pytest.raises(PassNotApplicable, match=msg):
-        rewriter.rewrite(model, text, example_inputs=inputs)
+        evo_rewrite.rewrite(model, text, example_inputs=inputs)
 
 
 def test_source_directory_round_trip_keeps_regions(gpt, tmp_path):
     model, inputs = gpt
-    r = rewriter.rewrite(model, "flash,checkpoint(every=2)", example_inputs=inputs, strict=True)
+    r = evo_rewrite.rewrite(model, "flash,checkpoint(every=2)", example_inputs=inputs, strict=True)
     with pytest.raises(OutputError, match=r"x\.pt2: a program with activation-checkpoint regions is written as a "
                                           r"directory .*give a directory path, e\.g\. .*/x"):
         r.save(tmp_path / "x.pt2")
-    from targets.pytorch import save_pt2
+    from evo_rewrite.targets.pytorch import save_pt2
 
     with pytest.raises(OutputError, match=r"which a \.pt2 would silently drop \(torch\.export inlines them\)"):
         save_pt2(r.program, tmp_path / "x.pt2")
@@ -226,7 +226,7 @@ def test_source_directory_round_trip_keeps_regions(gpt, tmp_path):
     meta = json.loads((tmp_path / "ckpt" / "evo_rewrite.json").read_text())
     assert meta["regions"] == ["h.0", "h.2"] and meta["applied"] == ["flash", "checkpoint(every=2)"]
 
-    loaded = rewriter.load(out)
+    loaded = evo_rewrite.load(out)
     p = loaded.program
     assert loaded.source.kind == "generated" and regions_of(p.module) == ("h.0", "h.2")
     assert p.applied == ["flash", "checkpoint(every=2)"]
@@ -240,11 +240,11 @@ def test_source_directory_round_trip_keeps_regions(gpt, tmp_path):
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[tied.get(name, name)], rtol=1e-4, atol=1e-6)
     assert calls == {"h.0": 2, "h.2": 2}
-    flat = rewriter.prepare(model, inputs).module
+    flat = evo_rewrite.prepare(model, inputs).module
     assert _saved_for_backward(p.module, x) < _saved_for_backward(flat, x)
 
     # the directory is again a source: another pass, and the regions are still there
-    again = rewriter.rewrite(out, "checkpoint(modules=[h.1])", strict=True)
+    again = evo_rewrite.rewrite(out, "checkpoint(modules=[h.1])", strict=True)
     assert regions_of(again.module) == ("h.0", "h.1", "h.2")
     with pytest.raises(OutputError, match="already exists"):
         again.save(out)
@@ -255,7 +255,7 @@ def test_generated_model_runs_without_evo_rewrite(gpt, tmp_path):
     import importlib.util
 
     model, inputs = gpt
-    out = rewriter.rewrite(model, "checkpoint(every=2)", example_inputs=inputs, strict=True).save(tmp_path / "m")
+    out = evo_rewrite.rewrite(model, "checkpoint(every=2)", example_inputs=inputs, strict=True).save(tmp_path / "m")
     spec = importlib.util.spec_from_file_location("generated_model", f"{out}/model.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -275,12 +275,12 @@ def test_generated_model_runs_without_evo_rewrite(gpt, tmp_path):
 
 def test_cli_default_output_is_a_directory_and_onnx_inlines(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code = main(["rewriter.zoo:gpt", "--passes", "checkpoint(every=2)", "-q"])
+    code = main(["evo_rewrite.zoo:gpt", "--passes", "checkpoint(every=2)", "-q"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert (tmp_path / "gpt.rewritten" / "model.py").is_file() and "wrote    gpt.rewritten" in out
-    assert regions_of(rewriter.load("gpt.rewritten").program.module) == ("h.0", "h.2")
-    code = main(["rewriter.zoo:gpt", "--passes", "checkpoint(every=2)", "-o", "g.pt2", "-q"])
+    assert regions_of(evo_rewrite.load("gpt.rewritten").program.module) == ("h.0", "h.2")
+    code = main(["evo_rewrite.zoo:gpt", "--passes", "checkpoint(every=2)", "-o", "g.pt2", "-q"])
     _, err = capsys.readouterr()
     assert code == 5 and "give a directory path, e.g. g" in err and not (tmp_path / "g.pt2").exists()
     # ONNX is for inference: export interprets the flat graph, so the regions are simply inlined
@@ -295,7 +295,7 @@ def test_hf_llama_gradients_and_regions():
 
     model = build("llama").train()
     ids = torch.randint(3, 128, (2, 12))
-    r = rewriter.rewrite(model, "flash,checkpoint", example_inputs={"input_ids": ids}, strict=True)
+    r = evo_rewrite.rewrite(model, "flash,checkpoint", example_inputs={"input_ids": ids}, strict=True)
     assert regions_of(r.module) == ("model.layers.0", "model.layers.1")
     ref = model(input_ids=ids).logits
     ref.pow(2).mean().backward()

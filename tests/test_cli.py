@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from rewriter import zoo
-from rewriter.cli import main
+from evo_rewrite import zoo
+from evo_rewrite.cli import main
 
 
 def run(capsys, *argv):
@@ -27,7 +27,7 @@ def test_list_passes(capsys):
 
 def test_round_trip_writes_pt2_and_report(capsys, tmp_path):
     out_file, rep = tmp_path / "gpt.pt2", tmp_path / "r.json"
-    code, out, err = run(capsys, "rewriter.zoo:gpt", "-o", str(out_file), "--report-json", str(rep))
+    code, out, err = run(capsys, "evo_rewrite.zoo:gpt", "-o", str(out_file), "--report-json", str(rep))
     assert code == 0, err
     assert "attention sites" in out and f"wrote    {out_file}" in out
     assert "capturing GPT" in err  # progress goes to stderr
@@ -41,14 +41,14 @@ def test_round_trip_writes_pt2_and_report(capsys, tmp_path):
 
 
 def test_explain_lists_softmaxes(capsys, tmp_path):
-    code, out, _ = run(capsys, "rewriter.zoo:gpt", "--explain", "-o", str(tmp_path / "g.pt2"), "-q")
+    code, out, _ = run(capsys, "evo_rewrite.zoo:gpt", "--explain", "-o", str(tmp_path / "g.pt2"), "-q")
     assert code == 0
     assert out.count("yes: BHSD heads=4 kv_heads=4 head_dim=16") == 4
 
 
 def test_verification_failure_exit_4_writes_nothing(capsys, tmp_path):
     out_file = tmp_path / "x.pt2"
-    code, out, err = run(capsys, "rewriter.zoo:gpt", "--passes", "test-corrupt", "-o", str(out_file), "-q")
+    code, out, err = run(capsys, "evo_rewrite.zoo:gpt", "--passes", "test-corrupt", "-o", str(out_file), "-q")
     assert code == 4
     assert "ROLLED BACK" in out and "first diverging module: h.1.attn.c_proj" in out
     assert "verification failed for test-corrupt; nothing was written" in err
@@ -56,19 +56,19 @@ def test_verification_failure_exit_4_writes_nothing(capsys, tmp_path):
 
 
 def test_lossy_threshold_from_cli(capsys, tmp_path):
-    code, _, err = run(capsys, "rewriter.zoo:gpt", "--passes", "test-noise(scale=0.05)", "--min-cosine", "0.99999999",
+    code, _, err = run(capsys, "evo_rewrite.zoo:gpt", "--passes", "test-noise(scale=0.05)", "--min-cosine", "0.99999999",
                        "-o", str(tmp_path / "x.pt2"), "-q")
     assert code == 4 and "nothing was written" in err
 
 
 @pytest.mark.parametrize("argv,code,msg", [
-    (["rewriter.zoo:gpt", "--passes", "nosuch"], 2, r"unknown pass 'nosuch'"),
-    (["rewriter.zoo:gpt", "--passes", "test-noise(scale=x)"], 2, r"option scale='x' is not valid; expected float"),
-    (["rewriter.zoo:gpt", "--min-cosine", "3"], 2, r"min_cosine must lie in \[-1, 1\]"),
+    (["evo_rewrite.zoo:gpt", "--passes", "nosuch"], 2, r"unknown pass 'nosuch'"),
+    (["evo_rewrite.zoo:gpt", "--passes", "test-noise(scale=x)"], 2, r"option scale='x' is not valid; expected float"),
+    (["evo_rewrite.zoo:gpt", "--min-cosine", "3"], 2, r"min_cosine must lie in \[-1, 1\]"),
     (["missing.pt2"], 3, r"missing\.pt2: no such file or directory"),
-    (["rewriter.zoo:nosuch"], 3, r"has no callable named 'nosuch'"),
-    (["rewriter.zoo:gpt", "--inputs", "idx:int64[2"], 2, r"--inputs: cannot parse"),
-    (["rewriter.zoo:gpt", "-o", "/nonexistent-dir/x.pt2"], 5, r"directory /nonexistent-dir does not exist"),
+    (["evo_rewrite.zoo:nosuch"], 3, r"has no callable named 'nosuch'"),
+    (["evo_rewrite.zoo:gpt", "--inputs", "idx:int64[2"], 2, r"--inputs: cannot parse"),
+    (["evo_rewrite.zoo:gpt", "-o", "/nonexistent-dir/x.pt2"], 5, r"directory /nonexistent-dir does not exist"),
     ([], 2, r"give a SOURCE"),
 ])
 def test_errors(capsys, tmp_path, argv, code, msg):
@@ -95,9 +95,9 @@ def test_uncapturable_factory_exit_3(capsys, tmp_path):
 
 def test_refuses_to_overwrite_source_and_leaves_it_untouched(capsys, tmp_path):
     model, inputs = zoo.gpt(n_layer=1)
-    import rewriter
+    import evo_rewrite
 
-    src = rewriter.rewrite(model, "", example_inputs=inputs).save(tmp_path / "s.pt2")
+    src = evo_rewrite.rewrite(model, "", example_inputs=inputs).save(tmp_path / "s.pt2")
     digest = hashlib.sha256(open(src, "rb").read()).hexdigest()
     code, _, err = run(capsys, src, "-o", src)
     assert code == 5 and "refusing to overwrite the source" in err
@@ -119,7 +119,7 @@ def test_pickle_without_opt_in_exit_3(capsys, tmp_path):
 def test_console_script_runs(tmp_path):
     """The installed entry point, as a user would run it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "rewriter.cli", "rewriter.zoo:encoder", "-q", "-o", str(tmp_path / "e.pt2")],
+    r = subprocess.run([sys.executable, "-m", "evo_rewrite.cli", "evo_rewrite.zoo:encoder", "-q", "-o", str(tmp_path / "e.pt2")],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "attention sites" in r.stdout and (tmp_path / "e.pt2").exists()

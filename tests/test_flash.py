@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-import rewriter
-from rewriter import zoo
+import evo_rewrite
+from evo_rewrite import zoo
 from attention_spellings import NEGATIVE, POSITIVE, PaddedEncoder, SoftmaxClassifier, Spelled, kv_heads_for
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -33,7 +33,7 @@ def test_fuses_spelling(spelling, causal):
     torch.manual_seed(0)
     model = Spelled(spelling, kv_heads=kv_heads_for(spelling)).eval()
     x = torch.randn(2, 12, 32)
-    result = rewriter.rewrite(model, "flash", example_inputs=(x,))
+    result = evo_rewrite.rewrite(model, "flash", example_inputs=(x,))
     rec = result.report.passes[0]
     assert rec.rewrites == 1 and rec.verified, rec.failure
     nodes = _sdpa_nodes(result.program)
@@ -53,7 +53,7 @@ def test_fuses_spelling(spelling, causal):
 @pytest.mark.parametrize("spelling,reason", NEGATIVE, ids=[n[0] for n in NEGATIVE])
 def test_leaves_non_fusable_sites_with_reason(spelling, reason):
     model = Spelled(spelling).eval()
-    result = rewriter.rewrite(model, "flash", example_inputs=(torch.randn(2, 12, 32),))
+    result = evo_rewrite.rewrite(model, "flash", example_inputs=(torch.randn(2, 12, 32),))
     rec = result.report.passes[0]
     assert rec.rewrites == 0 and rec.verified
     assert len(rec.skipped) == 1 and reason in rec.skipped[0]["reason"]
@@ -62,7 +62,7 @@ def test_leaves_non_fusable_sites_with_reason(spelling, reason):
 
 
 def test_softmax_that_is_not_attention():
-    result = rewriter.rewrite(SoftmaxClassifier().eval(), "flash", example_inputs=(torch.randn(2, 12, 32),))
+    result = evo_rewrite.rewrite(SoftmaxClassifier().eval(), "flash", example_inputs=(torch.randn(2, 12, 32),))
     rec = result.report.passes[0]
     assert rec.rewrites == 0
     assert "softmax input is not a product of Q and Kᵀ" in rec.skipped[0]["reason"]
@@ -73,7 +73,7 @@ def test_padding_mask_from_input_stays_a_mask():
     model = PaddedEncoder().eval()
     x, mask = torch.randn(2, 10, 32), torch.ones(2, 10, dtype=torch.long)
     mask[1, 6:] = 0
-    result = rewriter.rewrite(model, "flash", example_inputs=(x, mask))
+    result = evo_rewrite.rewrite(model, "flash", example_inputs=(x, mask))
     (node,) = _sdpa_nodes(result.program)
     assert node.args[3] is not None and node.args[5] is False
     m2 = torch.ones(3, 5, dtype=torch.long)
@@ -84,7 +84,7 @@ def test_padding_mask_from_input_stays_a_mask():
 
 def test_gpt_zoo_all_layers_causal_and_saved(tmp_path):
     model, inputs = zoo.gpt()
-    result = rewriter.rewrite(model, "flash", example_inputs=inputs)
+    result = evo_rewrite.rewrite(model, "flash", example_inputs=inputs)
     assert result.report.passes[0].rewrites == 4 and result.report.passes[0].notes["causal sites"] == 4
     assert result.report.model_after["attention_sites"] == 4  # fused sites still count
     path = result.save(tmp_path / "g.pt2")
@@ -96,20 +96,20 @@ def test_gpt_zoo_all_layers_causal_and_saved(tmp_path):
 
 def test_flash_twice_is_a_no_op():
     model, inputs = zoo.gpt(n_layer=2)
-    first = rewriter.rewrite(model, "flash", example_inputs=inputs)
-    second = rewriter.rewrite(first.program, "flash")
+    first = evo_rewrite.rewrite(model, "flash", example_inputs=inputs)
+    second = evo_rewrite.rewrite(first.program, "flash")
     assert second.report.passes[0].rewrites == 0
     assert second.report.passes[0].message == "all 2 attention sites are already fused"
-    plain = rewriter.rewrite(torch.nn.Linear(4, 4), "flash", example_inputs=(torch.randn(2, 4),))
+    plain = evo_rewrite.rewrite(torch.nn.Linear(4, 4), "flash", example_inputs=(torch.randn(2, 4),))
     assert plain.report.passes[0].message == "no attention in the model"
 
 
 def test_pin_and_unpin_round_trip_graph():
     """Pinning rewrites SDPA into a backend's own op; unpinning restores portable SDPA (for .pt2)."""
-    from passes import flash_backends as fb
+    from evo_rewrite.passes import flash_backends as fb
 
     model, inputs = zoo.gpt(n_layer=2)
-    program = rewriter.rewrite(model, "flash", example_inputs=inputs).program.clone()
+    program = evo_rewrite.rewrite(model, "flash", example_inputs=inputs).program.clone()
     for node in list(_sdpa_nodes(program)):
         fb.pin(program.graph, node, "efficient")
     assert _sdpa_nodes(program) == []
@@ -129,12 +129,12 @@ SOFTCAP_FUSABLE = [("softcap", 4), ("softcap_gqa_expand", 2), ("softcap_tril_aft
 @pytest.mark.parametrize("spelling,kv", SOFTCAP_FUSABLE, ids=[s for s, _ in SOFTCAP_FUSABLE])
 def test_softcap_fused_when_asked(spelling, kv):
     """flash(softcap=true): tanh soft-capped scores become one evo_rewrite::softcap_attention node."""
-    from rewriter.ops import SOFTCAP_ATTENTION
+    from evo_rewrite.ops import SOFTCAP_ATTENTION
 
     torch.manual_seed(0)
     model = Spelled(spelling, kv_heads=kv).eval()
     x = torch.randn(2, 12, 32)
-    result = rewriter.rewrite(model, "flash(softcap=true)", example_inputs=(x,))
+    result = evo_rewrite.rewrite(model, "flash(softcap=true)", example_inputs=(x,))
     rec = result.report.passes[0]
     assert rec.rewrites == 1 and rec.verified, rec.failure
     nodes = [n for n in result.program.graph.nodes if n.op == "call_function" and n.target is SOFTCAP_ATTENTION]
@@ -153,27 +153,27 @@ def test_softcap_fused_when_asked(spelling, kv):
 def test_softcap_not_fused_by_default_or_after_a_mask():
     """Plain flash leaves soft-capped sites; with softcap=true a mask added before the tanh still blocks it."""
     x = torch.randn(2, 12, 32)
-    rec = rewriter.rewrite(Spelled("softcap").eval(), "flash", example_inputs=(x,)).report.passes[0]
+    rec = evo_rewrite.rewrite(Spelled("softcap").eval(), "flash", example_inputs=(x,)).report.passes[0]
     assert rec.rewrites == 0 and "flash(softcap=true)" in rec.skipped[0]["reason"]
-    rec = rewriter.rewrite(Spelled("tril_fill_ninf_softcap").eval(), "flash(softcap=true)",
+    rec = evo_rewrite.rewrite(Spelled("tril_fill_ninf_softcap").eval(), "flash(softcap=true)",
                            example_inputs=(x,)).report.passes[0]
     assert rec.rewrites == 0 and "soft-capped with tanh after a bias" in rec.skipped[0]["reason"]
 
 
 def test_softcap_program_round_trips_as_pt2_in_a_fresh_process(tmp_path):
-    """A .pt2 holding evo_rewrite::softcap_attention loads wherever rewriter is imported (the op registers)."""
+    """A .pt2 holding evo_rewrite::softcap_attention loads wherever evo_rewrite is imported (the op registers)."""
     import subprocess
     import sys
 
     torch.manual_seed(0)
     model = Spelled("softcap_tril_after").eval()
     x = torch.randn(2, 12, 32)
-    result = rewriter.rewrite(model, "flash(softcap=true)", example_inputs=(x,))
+    result = evo_rewrite.rewrite(model, "flash(softcap=true)", example_inputs=(x,))
     path = tmp_path / "sc.pt2"
     result.save(str(path))
     x2 = torch.randn(3, 7, 32)
     torch.save({"x": x2, "ref": model(x2).detach()}, tmp_path / "io.pt")
-    code = ("import sys, torch, rewriter; d = torch.load(sys.argv[2]); p = rewriter.load(sys.argv[1]).program; "
+    code = ("import sys, torch, evo_rewrite; d = torch.load(sys.argv[2]); p = evo_rewrite.load(sys.argv[1]).program; "
             "torch.testing.assert_close(p.module(d['x']), d['ref'], rtol=1e-4, atol=1e-5); "
             "assert any('softcap_attention' in str(n.target) for n in p.graph.nodes); print('ok')")
     out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "io.pt")], capture_output=True, text=True)

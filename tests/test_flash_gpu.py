@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import rewriter
-from rewriter import zoo
+import evo_rewrite
+from evo_rewrite import zoo
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 PINNED = {torch.ops.aten._scaled_dot_product_cudnn_attention.default: "cudnn",
@@ -19,7 +19,7 @@ def _gpt_bf16():
 
 def test_auto_backend_is_measured_pinned_and_reported():
     model, ids = _gpt_bf16()
-    result = rewriter.rewrite(model, "flash", example_inputs=(ids,), device="cuda")
+    result = evo_rewrite.rewrite(model, "flash", example_inputs=(ids,), device="cuda")
     rec = result.report.passes[0]
     assert rec.verified and rec.rewrites == 2, rec.failure
     per_site = rec.notes["backend_per_site"]
@@ -39,7 +39,7 @@ def test_auto_backend_is_measured_pinned_and_reported():
 
 def test_explicit_backend_and_pt2_round_trip(tmp_path):
     model, ids = _gpt_bf16()
-    result = rewriter.rewrite(model, "flash(backend=flash)", example_inputs=(ids,), device="cuda")
+    result = evo_rewrite.rewrite(model, "flash(backend=flash)", example_inputs=(ids,), device="cuda")
     assert result.report.ok
     assert sum(1 for n in result.program.graph.nodes if PINNED.get(n.target) == "flash") == 2
     path = result.save(tmp_path / "g.pt2")
@@ -47,7 +47,7 @@ def test_explicit_backend_and_pt2_round_trip(tmp_path):
     ep = torch.export.load(path)
     assert sum(1 for n in ep.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default) == 2
     # ... which loading it on CUDA pins again
-    loaded = rewriter.load(path, device="cuda")
+    loaded = evo_rewrite.load(path, device="cuda")
     assert sum(1 for n in loaded.program.graph.nodes if PINNED.get(n.target) == "flash") == 2
     x = torch.randint(0, 256, (3, 45), device="cuda")
     with torch.no_grad():
@@ -61,8 +61,8 @@ def test_backend_that_cannot_take_a_mask_is_refused():
     model = PaddedEncoder().to("cuda", torch.bfloat16).eval()
     x = torch.randn(2, 16, 32, device="cuda", dtype=torch.bfloat16)
     mask = torch.ones(2, 16, dtype=torch.long, device="cuda")
-    with pytest.raises(rewriter.PassNotApplicable, match=r"flash\(backend=flash\) cannot serve site .*attention mask"):
-        rewriter.rewrite(model, "flash(backend=flash)", example_inputs=(x, mask), device="cuda")
+    with pytest.raises(evo_rewrite.PassNotApplicable, match=r"flash\(backend=flash\) cannot serve site .*attention mask"):
+        evo_rewrite.rewrite(model, "flash(backend=flash)", example_inputs=(x, mask), device="cuda")
 
 
 def test_bf16_hf_llama_flash_matches():
@@ -70,7 +70,7 @@ def test_bf16_hf_llama_flash_matches():
     cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
                                    num_key_value_heads=1, vocab_size=128, attn_implementation="eager", use_cache=False)
     model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
-    result = rewriter.rewrite(model, "flash", device="cuda")
+    result = evo_rewrite.rewrite(model, "flash", device="cuda")
     rec = result.report.passes[0]
     assert rec.verified and rec.rewrites == 2, rec.failure
     assert rec.metrics["max_rel_error"] < 3e-2

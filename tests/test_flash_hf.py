@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import rewriter
+import evo_rewrite
 from hf_configs import ARCHITECTURES, EXPECTED_ATTENTION_SITES, build, main_output
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -18,7 +18,7 @@ def _loss(out):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_flash_fuses_every_site(arch):
     model = build(arch)
-    result = rewriter.rewrite(model, "flash")
+    result = evo_rewrite.rewrite(model, "flash")
     rec = result.report.passes[0]
     assert rec.verified, rec.failure
     expected = EXPECTED_ATTENTION_SITES[arch]
@@ -30,7 +30,7 @@ def test_flash_fuses_every_site(arch):
     assert rec.rewrites == expected == fused
     assert not any("softmax" in str(n.target) for n in result.program.graph.nodes)
     # both products of every site are gone (none kept alive for its shape: DeBERTa, Bloom)
-    assert _products(rewriter.prepare(model)) - _products(result.program) == 2 * expected
+    assert _products(evo_rewrite.prepare(model)) - _products(result.program) == 2 * expected
     _check_outputs_and_grads(model, result)
 
 
@@ -43,10 +43,10 @@ def _products(program) -> int:
 @pytest.mark.parametrize("arch", sorted(NOT_FUSABLE))
 def test_flash_softcap_fuses_soft_capped_sites(arch):
     """flash(softcap=true): each soft-capped site one evo_rewrite::softcap_attention node, same outputs and grads."""
-    from rewriter.ops import SOFTCAP_ATTENTION
+    from evo_rewrite.ops import SOFTCAP_ATTENTION
 
     model = build(arch)
-    result = rewriter.rewrite(model, "flash(softcap=true)")
+    result = evo_rewrite.rewrite(model, "flash(softcap=true)")
     rec = result.report.passes[0]
     assert rec.verified, rec.failure
     nodes = [n for n in result.program.graph.nodes if n.op == "call_function" and n.target is SOFTCAP_ATTENTION]

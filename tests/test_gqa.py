@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-import rewriter
+import evo_rewrite
 from hf_configs import build
-from rewriter import PassNotApplicable, PipelineError, zoo
+from evo_rewrite import PassNotApplicable, PipelineError, zoo
 
 
 def _gqa(model, spec, inputs=None, **kw):
-    result = rewriter.rewrite(model, spec, example_inputs=inputs, **kw)
+    result = evo_rewrite.rewrite(model, spec, example_inputs=inputs, **kw)
     return result, result.report.passes[0]
 
 
@@ -95,14 +95,14 @@ def test_fit_is_exact_under_rotary_when_nothing_is_merged_away():
 def test_kv_heads_that_do_not_divide():
     model, inputs = zoo.gpt()
     with pytest.raises(PassNotApplicable, match=r"site h\.0\.attn has 4 K/V heads, which 3 does not divide; valid kv_heads for it: 1, 2, 4"):
-        rewriter.rewrite(model, "gqa(kv_heads=3)", example_inputs=inputs)
+        evo_rewrite.rewrite(model, "gqa(kv_heads=3)", example_inputs=inputs)
 
 
 def test_bad_options():
     with pytest.raises(PipelineError, match=r"kv_heads must be given and >= 1"):
-        rewriter.parse_pipeline("gqa")
+        evo_rewrite.parse_pipeline("gqa")
     with pytest.raises(PipelineError, match=r"option method='median' is not valid; allowed: mean, fit"):
-        rewriter.parse_pipeline("gqa(kv_heads=2,method=median)")
+        evo_rewrite.parse_pipeline("gqa(kv_heads=2,method=median)")
 
 
 def test_sites_it_cannot_group_are_reported():
@@ -116,7 +116,7 @@ def test_sites_it_cannot_group_are_reported():
 def test_hf_checkpoint_output_reloads_with_fewer_kv_heads(tmp_path):
     import transformers
     build("llama").save_pretrained(tmp_path / "src")
-    result = rewriter.rewrite(str(tmp_path / "src"), "gqa(kv_heads=1,method=fit),flash")
+    result = evo_rewrite.rewrite(str(tmp_path / "src"), "gqa(kv_heads=1,method=fit),flash")
     out = result.save_hf(tmp_path / "out")
     model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
     assert model.config.num_key_value_heads == 1
@@ -128,14 +128,14 @@ def test_hf_checkpoint_output_reloads_with_fewer_kv_heads(tmp_path):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     # the source directory is untouched and a second write to the same place is refused
     assert transformers.AutoConfig.from_pretrained(tmp_path / "src").num_key_value_heads == 2
-    with pytest.raises(rewriter.OutputError, match="already exists"):
+    with pytest.raises(evo_rewrite.OutputError, match="already exists"):
         result.save_hf(tmp_path / "out")
 
 
 def test_hf_checkpoint_refused_when_not_expressible(tmp_path):
     build("bert").save_pretrained(tmp_path / "bert")
-    result = rewriter.rewrite(str(tmp_path / "bert"), "gqa(kv_heads=1)")
-    with pytest.raises(rewriter.UsageError, match="BertForMaskedLM's config has no num_key_value_heads"):
+    result = evo_rewrite.rewrite(str(tmp_path / "bert"), "gqa(kv_heads=1)")
+    with pytest.raises(evo_rewrite.UsageError, match="BertForMaskedLM's config has no num_key_value_heads"):
         result.save_hf(tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -143,7 +143,7 @@ def test_hf_checkpoint_refused_when_not_expressible(tmp_path):
 def test_cli_writes_hf_checkpoint_for_hf_source(tmp_path, capsys):
     import transformers
 
-    from rewriter.cli import main
+    from evo_rewrite.cli import main
 
     build("llama").save_pretrained(tmp_path / "src")
     out = tmp_path / "m.pt2"
@@ -158,15 +158,15 @@ def test_cli_writes_hf_checkpoint_for_hf_source(tmp_path, capsys):
 
 
 def test_cli_calibration_file(tmp_path, capsys):
-    from rewriter.cli import main
+    from evo_rewrite.cli import main
 
     calib = tmp_path / "calib.pt"
     torch.save([{"input_ids": torch.randint(0, 256, (4, 16)), "attention_mask": torch.ones(4, 16, dtype=torch.long)}], calib)
-    code = main(["rewriter.zoo:encoder", "--passes", "gqa(kv_heads=2,method=fit)", "--calibration", str(calib),
+    code = main(["evo_rewrite.zoo:encoder", "--passes", "gqa(kv_heads=2,method=fit)", "--calibration", str(calib),
                  "-o", str(tmp_path / "e.pt2"), "-q"])
     out = capsys.readouterr().out
     assert code == 0 and "calibration: 1 calibration batch(es): input_ids:int64[4, 16]" in out
     (tmp_path / "bad.pt").write_text("not a tensor file")
-    code = main(["rewriter.zoo:encoder", "--passes", "gqa(kv_heads=2,method=fit)", "--calibration", str(tmp_path / "bad.pt"),
+    code = main(["evo_rewrite.zoo:encoder", "--passes", "gqa(kv_heads=2,method=fit)", "--calibration", str(tmp_path / "bad.pt"),
                  "-o", str(tmp_path / "f.pt2"), "-q"])
     assert code == 2 and "--calibration" in capsys.readouterr().err and not (tmp_path / "f.pt2").exists()

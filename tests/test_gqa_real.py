@@ -2,7 +2,7 @@
 
 import torch
 
-import rewriter
+import evo_rewrite
 import real_models as rm
 
 
@@ -19,7 +19,7 @@ def test_fit_beats_mean_on_minilm_12_to_4():
         ref = [_embed(model(**b).last_hidden_state, b["attention_mask"]) for b in held]
     cosine = {}
     for method in ("mean", "fit"):
-        result = rewriter.rewrite(model, f"gqa(kv_heads=4,method={method})", example_inputs=dict(calibration[0]),
+        result = evo_rewrite.rewrite(model, f"gqa(kv_heads=4,method={method})", example_inputs=dict(calibration[0]),
                                   calibration=[dict(b) for b in calibration])
         assert result.report.model_after["kv_cache_bytes_per_token"] * 3 == result.report.model_before["kv_cache_bytes_per_token"]
         with torch.no_grad():

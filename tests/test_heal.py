@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import rewriter
-from rewriter import UsageError, PipelineError, zoo
-from rewriter.cli import main
+import evo_rewrite
+from evo_rewrite import UsageError, PipelineError, zoo
+from evo_rewrite.cli import main
 
 # A tiny causal LM and token data: gqa(kv_heads=1) loses accuracy that heal wins back.
 STEPS = 40
@@ -24,7 +24,7 @@ def _tokens(n=6000, seed=0):
 
 
 def _heal(model, inputs, pipeline, data=None, **kw):
-    return rewriter.rewrite(model, pipeline, inputs, heal_data=_tokens() if data is None else data, **kw)
+    return evo_rewrite.rewrite(model, pipeline, inputs, heal_data=_tokens() if data is None else data, **kw)
 
 
 def _heal_record(result):
@@ -37,7 +37,7 @@ def _heal_record(result):
 def healed():
     model, inputs = _gpt()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    grouped = rewriter.rewrite(model, "gqa(kv_heads=1)", inputs)
+    grouped = evo_rewrite.rewrite(model, "gqa(kv_heads=1)", inputs)
     result = _heal(model, inputs, f"gqa(kv_heads=1),heal(steps={STEPS},lr=3e-3,seq_len=32,batch=8)")
     return model, inputs, before, grouped, result
 
@@ -81,7 +81,7 @@ def test_heal_trains_only_what_the_lossy_pass_changed(healed):
 def test_healed_program_reloads(healed, tmp_path):
     _, _, _, _, result = healed
     path = result.save(tmp_path / "healed.pt2")
-    loaded = rewriter.load(path).program
+    loaded = evo_rewrite.load(path).program
     x = torch.randint(0, 256, (3, 20))
     with torch.no_grad():
         torch.testing.assert_close(loaded.module(x), result.module(x))
@@ -99,7 +99,7 @@ def test_train_all_changes_every_parameter_and_is_deterministic():
 
 def test_encoder_heal_with_block_matching_lifts_cosine():
     model, inputs = zoo.encoder(n_layer=2)
-    result = rewriter.rewrite(model, "share-layers,heal(steps=20,lr=3e-3,seq_len=16,layers=1.0)", inputs,
+    result = evo_rewrite.rewrite(model, "share-layers,heal(steps=20,lr=3e-3,seq_len=16,layers=1.0)", inputs,
                               heal_data=_tokens(4000))
     rec = _heal_record(result)
     info = rec.notes["heal"]
@@ -130,15 +130,15 @@ def test_heal_on_bf16_weights_is_refused():
 ])
 def test_bad_options(opt, match):
     with pytest.raises(PipelineError, match=match):
-        rewriter.parse_pipeline(f"gqa(kv_heads=2),heal({opt})")
+        evo_rewrite.parse_pipeline(f"gqa(kv_heads=2),heal({opt})")
 
 
 def test_data_errors(tmp_path):
     model, inputs = _gpt()
     with pytest.raises(UsageError, match="give heal_data"):
-        rewriter.rewrite(model, "gqa(kv_heads=2),heal", inputs)
+        evo_rewrite.rewrite(model, "gqa(kv_heads=2),heal", inputs)
     with pytest.raises(UsageError, match="no heal step"):
-        rewriter.rewrite(model, "gqa(kv_heads=2)", inputs, heal_data=_tokens())
+        evo_rewrite.rewrite(model, "gqa(kv_heads=2)", inputs, heal_data=_tokens())
     with pytest.raises(UsageError, match="outside the model's vocabulary of 256"):
         _heal(model, inputs, "gqa(kv_heads=2),heal(steps=1)", data=torch.arange(1000))
     with pytest.raises(UsageError, match="needs a tokenizer"):
@@ -155,7 +155,7 @@ def test_cli_heal_with_token_file(capsys, tmp_path):
     tokens = tmp_path / "tokens.npy"
     np.save(tokens, _tokens(3000).numpy())
     out, rep = tmp_path / "gpt.pt2", tmp_path / "r.json"
-    code = main(["rewriter.zoo:gpt", "--passes", "gqa(kv_heads=1),heal(steps=4,seq_len=16)", "--heal-data", str(tokens),
+    code = main(["evo_rewrite.zoo:gpt", "--passes", "gqa(kv_heads=1),heal(steps=4,seq_len=16)", "--heal-data", str(tokens),
                  "-o", str(out), "--report-json", str(rep)])
     stdout, err = capsys.readouterr()
     assert code == 0, err
@@ -165,14 +165,14 @@ def test_cli_heal_with_token_file(capsys, tmp_path):
 
 
 def test_cli_heal_errors(capsys, tmp_path):
-    code = main(["rewriter.zoo:gpt", "--passes", "gqa(kv_heads=2),heal", "-o", str(tmp_path / "a.pt2")])
+    code = main(["evo_rewrite.zoo:gpt", "--passes", "gqa(kv_heads=2),heal", "-o", str(tmp_path / "a.pt2")])
     _, err = capsys.readouterr()
     assert code == 2 and "give --heal-data" in err
-    code = main(["rewriter.zoo:gpt", "--passes", "gqa(kv_heads=2),heal", "--heal-data", str(tmp_path / "missing.txt"),
+    code = main(["evo_rewrite.zoo:gpt", "--passes", "gqa(kv_heads=2),heal", "--heal-data", str(tmp_path / "missing.txt"),
                  "-o", str(tmp_path / "a.pt2")])
     _, err = capsys.readouterr()
     assert code == 2 and "missing.txt: no such file or directory" in err
-    code = main(["rewriter.zoo:gpt", "--passes", "gqa(kv_heads=2)", "--tokenizer", str(tmp_path), "-o", str(tmp_path / "a.pt2")])
+    code = main(["evo_rewrite.zoo:gpt", "--passes", "gqa(kv_heads=2)", "--tokenizer", str(tmp_path), "-o", str(tmp_path / "a.pt2")])
     _, err = capsys.readouterr()
     assert code == 2 and "--tokenizer applies only with --heal-data" in err
     assert not list(tmp_path.iterdir())  # nothing written
@@ -184,7 +184,7 @@ def test_minilm_grouped_heal_on_real_text(tmp_path):
     rm.minilm_dir()  # the MiniLM package is a test dependency (see README); fail loudly if missing
     train = tmp_path / "train.txt"
     train.write_text("\n\n".join(rm.texts("calibration")[:60]))
-    result = rewriter.rewrite(str(rm.minilm_dir()), "gqa(kv_heads=2),heal(steps=40,lr=1e-3,seq_len=64,batch=8)",
+    result = evo_rewrite.rewrite(str(rm.minilm_dir()), "gqa(kv_heads=2),heal(steps=40,lr=1e-3,seq_len=64,batch=8)",
                               heal_data=[str(train)])
     info = _heal_record(result).notes["heal"]
     b, a = info["held_back_before"], info["held_back_after"]
@@ -195,7 +195,7 @@ def test_minilm_grouped_heal_on_real_text(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_heal_on_cuda_uses_bf16_autocast_and_still_heals():
     model, inputs = _gpt()
-    result = rewriter.rewrite(model, "gqa(kv_heads=1),heal(steps=40,lr=3e-3,seq_len=32)", inputs,
+    result = evo_rewrite.rewrite(model, "gqa(kv_heads=1),heal(steps=40,lr=3e-3,seq_len=32)", inputs,
                               heal_data=_tokens(), device="cuda")
     info = _heal_record(result).notes["heal"]
     assert info["precision"] == "bf16" and info["device"].startswith("cuda")
@@ -203,7 +203,7 @@ def test_heal_on_cuda_uses_bf16_autocast_and_still_heals():
 
 
 def test_bf16_autocast_failure_is_explained(monkeypatch):
-    from passes.heal import Heal
+    from evo_rewrite.passes.heal import Heal
 
     real = Heal._loss_backward
 

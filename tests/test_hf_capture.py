@@ -1,6 +1,6 @@
 """Capture every supported Hugging Face architecture (tiny random models) and check the result.
 
-For each architecture in tests/hf_configs.py: ``rewriter.rewrite(model, "")`` must capture it with
+For each architecture in tests/hf_configs.py: ``evo_rewrite.rewrite(model, "")`` must capture it with
 symbolic batch/sequence dimensions, the captured program must reproduce the eager transformers model at
 a second batch and sequence size (not the size it was captured at), and the program must survive a
 round trip through a .pt2 file.
@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 import transformers  # noqa: E402,F401 - part of the [test] extra; a missing install must fail, not skip
 
-import rewriter  # noqa: E402
+import evo_rewrite  # noqa: E402
 from hf_configs import ARCHITECTURES, build, main_output  # noqa: E402
 
 # Normalized max error (max |a - b| / max |a|) allowed between the eager model and the captured
@@ -48,7 +48,7 @@ def _check_matches_eager(model, program_out, inputs, what: str) -> None:
     assert err <= REL_TOL, f"{what}: max relative error {err:.3g} > {REL_TOL} against the eager model"
 
 
-def _sizes_changed(first: rewriter.Inputs, second: rewriter.Inputs, dynamic_dims) -> None:
+def _sizes_changed(first: evo_rewrite.Inputs, second: evo_rewrite.Inputs, dynamic_dims) -> None:
     """The second inputs differ from the first in every dimension the program marks symbolic."""
     for (a, b, dims) in zip(first.flat(), second.flat(), dynamic_dims):
         if not isinstance(a, torch.Tensor):
@@ -62,11 +62,11 @@ def test_capture_hf(arch, tmp_path):
     model = build(arch)
 
     if arch in EXPECTED_CAPTURE_FAILURES:
-        with pytest.raises(rewriter.CaptureError, match=EXPECTED_CAPTURE_FAILURES[arch]):
-            rewriter.rewrite(model, "")
+        with pytest.raises(evo_rewrite.CaptureError, match=EXPECTED_CAPTURE_FAILURES[arch]):
+            evo_rewrite.rewrite(model, "")
         return
 
-    result = rewriter.rewrite(model, "")
+    result = evo_rewrite.rewrite(model, "")
     program = result.program
     assert result.report.ok, result.report.table()
 
@@ -87,7 +87,7 @@ def test_capture_hf(arch, tmp_path):
     path = tmp_path / "m.pt2"
     written = result.save(path)
     assert os.path.isfile(written) and os.path.getsize(written) > 0
-    reloaded = rewriter.rewrite(str(path), "")
+    reloaded = evo_rewrite.rewrite(str(path), "")
     assert reloaded.report.ok, reloaded.report.table()
     assert reloaded.program.source.kind == "pt2"
     assert any(reloaded.program.dynamic_dims), f"{arch}: the reloaded .pt2 lost its symbolic dims"

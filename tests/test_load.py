@@ -8,13 +8,13 @@ import textwrap
 import pytest
 import torch
 
-import rewriter
-from rewriter import sources
-from rewriter import SourceError, zoo
+import evo_rewrite
+from evo_rewrite import sources
+from evo_rewrite import SourceError, zoo
 
 FACTORY = textwrap.dedent("""
     import torch
-    from rewriter import zoo
+    from evo_rewrite import zoo
 
     def with_inputs():
         return zoo.gpt(n_layer=2)
@@ -42,31 +42,31 @@ def _sha(path):
 
 
 def test_factory_with_inputs(factory_file):
-    loaded = rewriter.load(f"{factory_file}:with_inputs")
+    loaded = evo_rewrite.load(f"{factory_file}:with_inputs")
     assert loaded.source.kind == "factory" and isinstance(loaded.model, zoo.GPT)
     assert loaded.inputs.args[0].shape == (2, 16)
 
 
 def test_factory_module_only_uses_inputs_spec(factory_file):
-    loaded = rewriter.load(f"{factory_file}:module_only", inputs="idx:int64[3,10]")
+    loaded = evo_rewrite.load(f"{factory_file}:module_only", inputs="idx:int64[3,10]")
     ids = loaded.inputs.kwargs["idx"]
     assert ids.shape == (3, 10) and ids.max() < 256  # drawn below the embedding's vocabulary
 
 
 def test_package_module_factory():
-    loaded = rewriter.load("rewriter.zoo:encoder")
+    loaded = evo_rewrite.load("evo_rewrite.zoo:encoder")
     assert set(loaded.inputs.kwargs) == {"input_ids", "attention_mask"}
 
 
 def test_pt2_round_trip(tmp_path):
     model, inputs = zoo.gpt(n_layer=2)
-    path = rewriter.rewrite(model, "", example_inputs=inputs).save(tmp_path / "g.pt2")
-    loaded = rewriter.load(path)
+    path = evo_rewrite.rewrite(model, "", example_inputs=inputs).save(tmp_path / "g.pt2")
+    loaded = evo_rewrite.load(path)
     assert loaded.source.kind == "pt2" and loaded.program is not None
     x = torch.randint(0, 256, (3, 9))
     torch.testing.assert_close(loaded.program.module(x), model(x))
     # an output is again a source: rewrite it once more and save it elsewhere
-    again = rewriter.rewrite(path, "")
+    again = evo_rewrite.rewrite(path, "")
     assert again.report.ok and again.program.source.kind == "pt2"
     again.save(tmp_path / "g2.pt2")
 
@@ -76,7 +76,7 @@ def test_hf_directory(tmp_path):
     cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64)
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
-    loaded = rewriter.load(tmp_path / "gpt2")
+    loaded = evo_rewrite.load(tmp_path / "gpt2")
     assert loaded.source.kind == "hf" and loaded.source.hf_class == "GPT2LMHeadModel"
     assert loaded.model.config._attn_implementation == "eager"  # attention stays visible to the passes
     assert set(loaded.inputs.kwargs) == {"input_ids", "attention_mask"}
@@ -95,8 +95,8 @@ def test_pickle_needs_opt_in(tmp_path):
     path = tmp_path / "m.pt"
     torch.save(model, path)
     with pytest.raises(SourceError, match=r"is a pickled module: loading it runs code stored in the file.*--allow-pickle"):
-        rewriter.load(path)
-    loaded = rewriter.load(path, allow_pickle=True)
+        evo_rewrite.load(path)
+    loaded = evo_rewrite.load(path, allow_pickle=True)
     assert isinstance(loaded.model, zoo.GPT) and loaded.inputs.args[0].dtype == torch.int64
 
 
@@ -112,7 +112,7 @@ def test_malicious_pickle_does_not_run(tmp_path, monkeypatch):
     with open(path, "wb") as f:
         pickle.dump(_Evil(), f)
     with pytest.raises(SourceError, match="--allow-pickle"):
-        rewriter.load(path)
+        evo_rewrite.load(path)
     assert not marker.exists()
 
 
@@ -120,48 +120,48 @@ def test_state_dict_is_not_a_module(tmp_path):
     path = tmp_path / "sd.pt"
     torch.save(zoo.gpt(n_layer=1)[0].state_dict(), path)
     with pytest.raises(SourceError, match=r"holds .*dict.* not a module.*factory"):
-        rewriter.load(path)
+        evo_rewrite.load(path)
 
 
 def test_missing_path():
     with pytest.raises(SourceError, match=r"nope\.pt2: no such file or directory"):
-        rewriter.load("nope.pt2")
+        evo_rewrite.load("nope.pt2")
 
 
 def test_not_a_model(tmp_path):
     f = tmp_path / "notes.txt"
     f.write_text("hello")
     with pytest.raises(SourceError, match=r"notes\.txt: not a model evo-rewrite can read"):
-        rewriter.load(f)
+        evo_rewrite.load(f)
 
 
 def test_truncated_pt2(tmp_path):
     model, inputs = zoo.gpt(n_layer=1)
-    good = rewriter.rewrite(model, "", example_inputs=inputs).save(tmp_path / "g.pt2")
+    good = evo_rewrite.rewrite(model, "", example_inputs=inputs).save(tmp_path / "g.pt2")
     data = open(good, "rb").read()
     bad = tmp_path / "bad.pt2"
     bad.write_bytes(data[: len(data) // 2])
     before = _sha(bad)
     with pytest.raises(SourceError, match=r"bad\.pt2: not a readable \.pt2 ExportedProgram .*truncated"):
-        rewriter.load(bad)
+        evo_rewrite.load(bad)
     assert _sha(bad) == before
 
 
 def test_hf_dir_without_config(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="without config.json is not a Hugging Face model directory"):
-        rewriter.load(tmp_path / "empty")
+        evo_rewrite.load(tmp_path / "empty")
 
 
 def test_factory_errors(factory_file):
     with pytest.raises(SourceError, match=r"the factory raised ValueError: checkpoint path not set"):
-        rewriter.load(f"{factory_file}:raises")
+        evo_rewrite.load(f"{factory_file}:raises")
     with pytest.raises(SourceError, match=r"the factory returned int; it must return an nn\.Module"):
-        rewriter.load(f"{factory_file}:not_a_module")
+        evo_rewrite.load(f"{factory_file}:not_a_module")
     with pytest.raises(SourceError, match=r"has no callable named 'missing'"):
-        rewriter.load(f"{factory_file}:missing")
+        evo_rewrite.load(f"{factory_file}:missing")
     with pytest.raises(SourceError, match=r"cannot import module .no_such_pkg\.models."):
-        rewriter.load("no_such_pkg.models:gpt")
+        evo_rewrite.load("no_such_pkg.models:gpt")
 
 
 def test_module_without_inputs_asks_for_them():
@@ -181,5 +181,5 @@ def test_module_without_inputs_asks_for_them():
     ("x:int64[2,3]@5..5", "empty value range"),
 ])
 def test_bad_inputs_spec(spec, msg):
-    with pytest.raises(rewriter.UsageError, match=msg):
-        rewriter.parse_input_spec(spec)
+    with pytest.raises(evo_rewrite.UsageError, match=msg):
+        evo_rewrite.parse_input_spec(spec)

@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 
-import rewriter
-from rewriter import Thresholds, VerificationError, zoo
+import evo_rewrite
+from evo_rewrite import Thresholds, VerificationError, zoo
 
 
 def test_no_passes_round_trip(gpt_program):
-    program, report = rewriter.PassManager([]).run(gpt_program)
+    program, report = evo_rewrite.PassManager([]).run(gpt_program)
     assert report.ok and report.passes == []
     assert report.model_before == report.model_after
     assert len(report.verify_inputs) == 2  # example size and a second size
@@ -17,7 +17,7 @@ def test_no_passes_round_trip(gpt_program):
 
 def test_wrong_exact_pass_is_rolled_back_and_divergence_named(gpt_program):
     before = gpt_program(gpt_program.inputs)
-    program, report = rewriter.PassManager(rewriter.parse_pipeline("test-corrupt")).run(gpt_program)
+    program, report = evo_rewrite.PassManager(evo_rewrite.parse_pipeline("test-corrupt")).run(gpt_program)
     rec = report.passes[0]
     assert rec.rewrites == 1 and not rec.verified and rec.rolled_back
     assert "exact pass changed the outputs" in rec.failure
@@ -28,19 +28,19 @@ def test_wrong_exact_pass_is_rolled_back_and_divergence_named(gpt_program):
 
 
 def test_rollback_then_later_pass_still_runs(gpt_program):
-    _, report = rewriter.PassManager(rewriter.parse_pipeline("test-corrupt,test-noise(scale=1e-4)")).run(gpt_program)
+    _, report = evo_rewrite.PassManager(evo_rewrite.parse_pipeline("test-corrupt,test-noise(scale=1e-4)")).run(gpt_program)
     assert [p.verified for p in report.passes] == [False, True]
     assert report.passes[1].rewrites > 0
 
 
 def test_crashing_pass_is_rolled_back(gpt_program):
-    _, report = rewriter.PassManager(rewriter.parse_pipeline("test-crash")).run(gpt_program)
+    _, report = evo_rewrite.PassManager(evo_rewrite.parse_pipeline("test-crash")).run(gpt_program)
     rec = report.passes[0]
     assert rec.rolled_back and rec.failure == "pass raised RuntimeError: boom"
 
 
 def test_lossy_pass_reports_metrics_and_passes_without_threshold(gpt_program):
-    _, report = rewriter.PassManager(rewriter.parse_pipeline("test-noise(scale=0.05)")).run(gpt_program)
+    _, report = evo_rewrite.PassManager(evo_rewrite.parse_pipeline("test-noise(scale=0.05)")).run(gpt_program)
     m = report.passes[0].metrics
     assert report.ok
     assert m["max_abs_error"] > 0 and 0 < m["cosine"] < 1 and math.isfinite(m["sqnr_db"])
@@ -49,14 +49,14 @@ def test_lossy_pass_reports_metrics_and_passes_without_threshold(gpt_program):
 
 
 def test_lossy_pass_fails_past_threshold(gpt_program):
-    _, ok = rewriter.PassManager(rewriter.parse_pipeline("test-noise(scale=0.05)"), Thresholds(min_sqnr_db=0.0)).run(gpt_program)
+    _, ok = evo_rewrite.PassManager(evo_rewrite.parse_pipeline("test-noise(scale=0.05)"), Thresholds(min_sqnr_db=0.0)).run(gpt_program)
     assert ok.ok
-    _, bad = rewriter.PassManager(rewriter.parse_pipeline("test-noise(scale=0.05)"), Thresholds(min_sqnr_db=200.0)).run(gpt_program)
+    _, bad = evo_rewrite.PassManager(evo_rewrite.parse_pipeline("test-noise(scale=0.05)"), Thresholds(min_sqnr_db=200.0)).run(gpt_program)
     assert not bad.ok and bad.passes[0].failure.startswith("SQNR") and "--min-sqnr 200" in bad.passes[0].failure
 
 
 def test_pass_with_nothing_to_do_says_so(gpt_program):
-    _, report = rewriter.PassManager(rewriter.parse_pipeline("test-noise(mode=none)")).run(gpt_program)
+    _, report = evo_rewrite.PassManager(evo_rewrite.parse_pipeline("test-noise(mode=none)")).run(gpt_program)
     rec = report.passes[0]
     assert rec.rewrites == 0 and rec.verified and rec.message == "mode=none changes nothing"
     assert rec.skipped == [{"reason": "mode=none", "module": "", "node": ""}]
@@ -65,11 +65,11 @@ def test_pass_with_nothing_to_do_says_so(gpt_program):
 def test_strict_rewrite_raises_naming_pass_and_module():
     model, inputs = zoo.gpt()
     with pytest.raises(VerificationError, match=r"pass 'test-corrupt' was rolled back: exact pass changed the outputs.*first diverging module: h\.1\.attn\.c_proj"):
-        rewriter.rewrite(model, "test-corrupt", example_inputs=inputs, strict=True)
+        evo_rewrite.rewrite(model, "test-corrupt", example_inputs=inputs, strict=True)
 
 
 def test_report_json_schema(gpt_program):
-    _, report = rewriter.PassManager(rewriter.parse_pipeline("test-noise(scale=1e-3)")).run(gpt_program)
+    _, report = evo_rewrite.PassManager(evo_rewrite.parse_pipeline("test-noise(scale=1e-3)")).run(gpt_program)
     d = json.loads(report.to_json())
     assert d["schema_version"] == 1 and d["ok"] is True
     p = d["passes"][0]

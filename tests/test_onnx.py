@@ -9,12 +9,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import rewriter
+import evo_rewrite
 from hf_configs import ARCHITECTURES, EXPECTED_ATTENTION_SITES, build, main_output
-from rewriter import OutputError, UsageError, VerificationError, zoo
-from rewriter.cli import main as cli_main
-from targets import onnx as onnx_target
-from targets.onnx import save_onnx
+from evo_rewrite import OutputError, UsageError, VerificationError, zoo
+from evo_rewrite.cli import main as cli_main
+from evo_rewrite.targets import onnx as onnx_target
+from evo_rewrite.targets.onnx import save_onnx
 
 # soft-capped scores (tanh): flash(softcap=true) → evo_rewrite::softcap_attention → Attention(softcap) → GQA(softcap)
 SOFTCAP = {"gemma2"}
@@ -65,7 +65,7 @@ _CACHE = {}
 def _captured(arch):
     if arch not in _CACHE:
         model = build(arch)
-        _CACHE[arch] = (model, rewriter.prepare(model))
+        _CACHE[arch] = (model, evo_rewrite.prepare(model))
     return _CACHE[arch]
 
 
@@ -111,7 +111,7 @@ ONNX_FORM_ARCHS = ["llama", "falcon", "bart", "bloom", "gemma2"]
 def test_hf_flash_onnx_attention(arch, tmp_path):
     """After `flash`: the standard opset-23 Attention operator, with K/V at their grouped head count."""
     model, program = _captured(arch)
-    result = rewriter.rewrite(program, "flash")
+    result = evo_rewrite.rewrite(program, "flash")
     path = tmp_path / f"{arch}.onnx"
     rep = result.save_onnx(path, attention="onnx")
     assert result.report.onnx["path"] == str(path) and str(path) in result.report.outputs
@@ -141,7 +141,7 @@ def test_onnx_attention_fully_masked_rows_refused(tmp_path):
 @pytest.mark.parametrize("which", ["gpt", "encoder"])
 def test_zoo_models(which, attention, tmp_path):
     model, inputs = getattr(zoo, which)()
-    result = rewriter.rewrite(model, "flash", example_inputs=inputs)
+    result = evo_rewrite.rewrite(model, "flash", example_inputs=inputs)
     path = tmp_path / "m.onnx"
     rep = save_onnx(result.program, path, attention=attention)
     sites = result.report.passes[0].rewrites
@@ -157,7 +157,7 @@ def test_zoo_models(which, attention, tmp_path):
 
 def test_fp16_variant(tmp_path):
     model, inputs = zoo.gpt()
-    program = rewriter.rewrite(model, "flash", example_inputs=inputs).program
+    program = evo_rewrite.rewrite(model, "flash", example_inputs=inputs).program
     path = tmp_path / "gpt16.onnx"
     rep = save_onnx(program, path, dtype="fp16")
     assert rep.dtype == "fp16" and rep.fused == 4 and rep.tolerance == onnx_target.ORT_TOLERANCE["fp16"]
@@ -171,7 +171,7 @@ def test_fp16_variant(tmp_path):
 
 def test_external_data_and_atomic_write(tmp_path):
     model, inputs = zoo.gpt()
-    program = rewriter.prepare(model, inputs)
+    program = evo_rewrite.prepare(model, inputs)
     path = tmp_path / "gpt.onnx"
     rep = save_onnx(program, path, external_data=True)
     data = tmp_path / "gpt.onnx.data"
@@ -183,7 +183,7 @@ def test_external_data_and_atomic_write(tmp_path):
 
 def test_verification_failure_writes_nothing(tmp_path, monkeypatch):
     model, inputs = zoo.gpt()
-    program = rewriter.rewrite(model, "flash", example_inputs=inputs).program
+    program = evo_rewrite.rewrite(model, "flash", example_inputs=inputs).program
     monkeypatch.setitem(onnx_target.ORT_TOLERANCE, "fp32", 0.0)
     with pytest.raises(VerificationError, match=r"does not reproduce the PyTorch program in ONNX Runtime .*nothing was written"):
         save_onnx(program, tmp_path / "gpt.onnx")
@@ -211,7 +211,7 @@ def test_bad_options_and_paths(tmp_path, gpt_program, monkeypatch):
 
 def test_cli_target_onnx(tmp_path, capsys):
     out, js = tmp_path / "gpt.onnx", tmp_path / "r.json"
-    code = cli_main(["rewriter.zoo:gpt", "--passes", "flash", "--target", "onnx", "--onnx-attention", "onnx",
+    code = cli_main(["evo_rewrite.zoo:gpt", "--passes", "flash", "--target", "onnx", "--onnx-attention", "onnx",
                      "-o", str(out), "--report-json", str(js), "-q"])
     assert code == 0 and out.exists()
     printed = capsys.readouterr().out
@@ -219,14 +219,14 @@ def test_cli_target_onnx(tmp_path, capsys):
     assert "ORT vs PyTorch on arg0:int64[3, 11]" in printed
     report = json.loads(js.read_text())
     assert report["onnx"]["fused"] == 4 and report["onnx"]["attention"] == "onnx" and str(out) in report["outputs"]
-    assert cli_main(["rewriter.zoo:gpt", "--onnx-dtype", "fp16", "-o", str(tmp_path / "g.pt2"), "-q"]) == 2
+    assert cli_main(["evo_rewrite.zoo:gpt", "--onnx-dtype", "fp16", "-o", str(tmp_path / "g.pt2"), "-q"]) == 2
     assert "apply only with --target onnx" in capsys.readouterr().err
 
 
 def test_gqa_then_flash_keeps_grouped_heads(tmp_path):
     """`gqa,flash` on the zoo GPT (4 heads): GroupQueryAttention with kv_num_heads 2 in the graph, matching ORT."""
     model, inputs = zoo.gpt()
-    result = rewriter.rewrite(model, "gqa(kv_heads=2),flash", example_inputs=inputs)
+    result = evo_rewrite.rewrite(model, "gqa(kv_heads=2),flash", example_inputs=inputs)
     assert result.report.ok
     path = tmp_path / "gpt_gqa.onnx"
     rep = result.save_onnx(path)
@@ -257,7 +257,7 @@ def test_softcap_spelling_to_onnx(attention, tmp_path):
     from attention_spellings import Spelled
 
     torch.manual_seed(0)
-    program = rewriter.prepare(Spelled("softcap_tril_after").eval(), (torch.randn(2, 12, 32),))
+    program = evo_rewrite.prepare(Spelled("softcap_tril_after").eval(), (torch.randn(2, 12, 32),))
     rep = save_onnx(program, tmp_path / "s.onnx", attention=attention)
     assert rep.flash_applied == 1 and rep.fused == 1 and rep.unfused == [] and rep.max_rel_error <= 1e-4
     op = "GroupQueryAttention" if attention == "ort" else "Attention"  # MultiHeadAttention has no softcap
@@ -282,7 +282,7 @@ def test_hf_gqa_flash(arch, tmp_path):
     model, program = _captured(arch)
     heads, kv = _kv_heads(model)
     target = 2 if kv == heads else 1
-    result = rewriter.rewrite(program, f"gqa(kv_heads={target}),flash")
+    result = evo_rewrite.rewrite(program, f"gqa(kv_heads={target}),flash")
     assert result.report.ok, [p.failure for p in result.report.passes]
     grouped = result.report.passes[0].rewrites
     expected = EXPECTED_ATTENTION_SITES[arch]

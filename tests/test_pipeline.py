@@ -1,6 +1,6 @@
 import pytest
 
-from rewriter import PipelineError, format_pipeline, parse_pipeline
+from evo_rewrite import PipelineError, format_pipeline, parse_pipeline
 
 
 def test_empty_pipeline():

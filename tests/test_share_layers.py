@@ -4,25 +4,25 @@ import zipfile
 import pytest
 import torch
 
-import rewriter
+import evo_rewrite
 from hf_configs import build
-from rewriter import PipelineError, zoo
-from rewriter import repeated_blocks
-from passes.share_layers_fit import InputStats, Problem, fit_sets
-from targets.weights import load_safetensors, save_safetensors
+from evo_rewrite import PipelineError, zoo
+from evo_rewrite import repeated_blocks
+from evo_rewrite.passes.share_layers_fit import InputStats, Problem, fit_sets
+from evo_rewrite.targets.weights import load_safetensors, save_safetensors
 
 MATRIX = 64 * 192 + 64 * 64 + 64 * 256 + 256 * 64  # matrices of one zoo.gpt block
 
 
 @pytest.fixture(scope="module")
 def hf_programs():
-    return {arch: rewriter.prepare(build(arch)) for arch in ("bert", "llama")}
+    return {arch: evo_rewrite.prepare(build(arch)) for arch in ("bert", "llama")}
 
 
 def _run(source, spec, inputs=None, **kw):
-    if kw.get("calibration") is not None and isinstance(source, rewriter.Program):
+    if kw.get("calibration") is not None and isinstance(source, evo_rewrite.Program):
         source = source.clone()  # rewrite() attaches calibration to the program it is given: keep fixtures clean
-    result = rewriter.rewrite(source, spec, example_inputs=inputs, **kw)
+    result = evo_rewrite.rewrite(source, spec, example_inputs=inputs, **kw)
     return result, result.report.passes[0]
 
 
@@ -31,7 +31,7 @@ def _weights_read(program):
     out = {}
     for n in program.graph.nodes:
         if n.target is torch.ops.aten.linear.default and n.args[1].op == "get_attr":
-            out.setdefault(rewriter.module_path(n), []).append(n.args[1].target)
+            out.setdefault(evo_rewrite.module_path(n), []).append(n.args[1].target)
     return out
 
 
@@ -68,7 +68,7 @@ class _Odd(torch.nn.Module):
 
 
 def test_blocks_of_other_structure_are_not_grouped():
-    program = rewriter.prepare(_Odd().eval(), (torch.randn(2, 8),))
+    program = evo_rewrite.prepare(_Odd().eval(), (torch.randn(2, 8),))
     (g,) = repeated_blocks(program)
     assert g.container == "blocks" and g.indices == (0, 2)
 
@@ -113,7 +113,7 @@ def test_full_rank_residual_is_exact(arch, half, residual, gpt_program, hf_progr
     program = gpt_program if arch == "gpt" else hf_programs[arch]
     calibration = [program.second_inputs(seed=s) for s in (3, 4)]  # other batches: the fit is not the identity
     spec = f"share-layers(residual={residual},rank=256)"
-    result, rec = _run(program, spec, thresholds=rewriter.Thresholds(min_sqnr_db=80), calibration=calibration)
+    result, rec = _run(program, spec, thresholds=evo_rewrite.Thresholds(min_sqnr_db=80), calibration=calibration)
     assert rec.notes["init"] == "fit" and rec.notes["bias"] == "fit"
     assert rec.verified and rec.rewrites == len(repeated_blocks(program)[0].blocks)
     assert rec.metrics["max_rel_error"] < 1e-4
@@ -155,19 +155,19 @@ def test_no_repeated_blocks_is_reported():
 
 def test_bad_options():
     with pytest.raises(PipelineError, match=r"k must be >= 2 for strategy=every, got 1"):
-        rewriter.parse_pipeline("share-layers(strategy=every,k=1)")
+        evo_rewrite.parse_pipeline("share-layers(strategy=every,k=1)")
     with pytest.raises(PipelineError, match=r"rank must be >= 0 \(0: no per-layer residual\), got -1"):
-        rewriter.parse_pipeline("share-layers(rank=-1)")
+        evo_rewrite.parse_pipeline("share-layers(rank=-1)")
     with pytest.raises(PipelineError, match=r"option strategy='sequence' is not valid; allowed: all, every, cycle"):
-        rewriter.parse_pipeline("share-layers(strategy=sequence)")
+        evo_rewrite.parse_pipeline("share-layers(strategy=sequence)")
     with pytest.raises(PipelineError, match=r"rank as a fraction of the blocks' parameters must lie in \(0, 1\], got 1.5"):
-        rewriter.parse_pipeline("share-layers(rank=1.5)")
+        evo_rewrite.parse_pipeline("share-layers(rank=1.5)")
     with pytest.raises(PipelineError, match=r"option residual='asvd' is not valid; allowed: auto, activation, svd"):
-        rewriter.parse_pipeline("share-layers(residual=asvd)")
+        evo_rewrite.parse_pipeline("share-layers(residual=asvd)")
     with pytest.raises(PipelineError, match=r"option init='best' is not valid; allowed: auto, fit, mean, first"):
-        rewriter.parse_pipeline("share-layers(init=best)")
+        evo_rewrite.parse_pipeline("share-layers(init=best)")
     with pytest.raises(PipelineError, match=r"rank must be given and >= 1 \(the inner size E"):
-        rewriter.parse_pipeline("factorize-embeddings")
+        evo_rewrite.parse_pipeline("factorize-embeddings")
 
 
 def _pt2_entries(path, part):
@@ -185,8 +185,8 @@ def _pt2_graph_bytes(path):
 
 @pytest.mark.parametrize("rank", [0, 4])
 def test_saved_file_stores_shared_tensors_once(gpt_program, tmp_path, rank):
-    base = rewriter.rewrite(gpt_program, "")
-    shared = rewriter.rewrite(gpt_program, f"share-layers(rank={rank})")
+    base = evo_rewrite.rewrite(gpt_program, "")
+    shared = evo_rewrite.rewrite(gpt_program, f"share-layers(rank={rank})")
     residual = shared.report.passes[0].notes.get("residual parameters", 0)
     assert residual == 4 * rank * (192 + 64 + 64 + 64 + 256 + 64 + 64 + 256)
     claimed = shared.report.model_before["weight_bytes"] - shared.report.model_after["weight_bytes"]
@@ -217,7 +217,7 @@ def test_saved_file_stores_shared_tensors_once(gpt_program, tmp_path, rank):
 
 
 def test_safetensors_refuses_a_directory(gpt_program, tmp_path):
-    with pytest.raises(rewriter.OutputError, match=r"is a directory; give a file name ending in \.safetensors"):
+    with pytest.raises(evo_rewrite.OutputError, match=r"is a directory; give a file name ending in \.safetensors"):
         save_safetensors(gpt_program, tmp_path)
 
 
@@ -316,7 +316,7 @@ def test_calibration_inputs_are_used_without_padding(hf_programs, gpt_program):
     ids = program.second_inputs(seed=5)
     mask = torch.ones_like(ids.kwargs["attention_mask"])
     mask[0, -3:] = 0
-    calibration = [rewriter.Inputs(ids.args, {**ids.kwargs, "attention_mask": mask})]
+    calibration = [evo_rewrite.Inputs(ids.args, {**ids.kwargs, "attention_mask": mask})]
     _, rec = _run(program, "share-layers(rank=2)", calibration=calibration)
     assert (rec.notes["init"], rec.notes["residual"], rec.notes["bias"]) == ("fit", "activation", "fit")
     assert rec.notes["calibration"].startswith("1 calibration batch(es)")
@@ -360,7 +360,7 @@ def test_calibrated_sharing_beats_plain_sharing_on_minilm():
         pytest.skip(str(exc))
     calibration = rm.minilm_batches(rm.texts("calibration"), batch=16, max_len=64, tokenizer=tok, limit=32)
     held = rm.minilm_batches(rm.texts("eval"), batch=16, max_len=64, tokenizer=tok, limit=16)
-    program = rewriter.prepare(model, dict(held[0]))
+    program = evo_rewrite.prepare(model, dict(held[0]))
 
     def embed(fn):
         h, m = fn(**held[0])["last_hidden_state"], held[0]["attention_mask"].unsqueeze(-1).float()
@@ -371,7 +371,7 @@ def test_calibrated_sharing_beats_plain_sharing_on_minilm():
         cosine = {}
         for spec in ("share-layers(strategy=every,rank=0.05,init=mean,residual=svd,bias=keep)",
                      "share-layers(strategy=every,rank=0.05)"):
-            result = rewriter.rewrite(program, spec, calibration=[dict(b) for b in calibration])
+            result = evo_rewrite.rewrite(program, spec, calibration=[dict(b) for b in calibration])
             cosine[spec] = float(torch.nn.functional.cosine_similarity(embed(result.module), ref).mean())
     plain, fitted = cosine.values()
     assert fitted > plain + 0.2, cosine
@@ -380,7 +380,7 @@ def test_calibrated_sharing_beats_plain_sharing_on_minilm():
 # -- factorize-embeddings ---------------------------------------------------------------------------
 
 def test_factorize_tied_embedding(gpt_program):
-    result, rec = _run(gpt_program, "factorize-embeddings(rank=64)", thresholds=rewriter.Thresholds(min_sqnr_db=80))
+    result, rec = _run(gpt_program, "factorize-embeddings(rank=64)", thresholds=evo_rewrite.Thresholds(min_sqnr_db=80))
     assert rec.verified and rec.rewrites == 1 and rec.metrics["max_rel_error"] < 1e-4
     assert rec.notes["wte.weight"] == "256x64 -> 256x64 · 64x64; tied output head: 1; rank too high to save parameters"
     result, rec = _run(gpt_program, "factorize-embeddings(rank=16)")
@@ -397,7 +397,7 @@ def test_factorize_untied_and_hf(hf_programs):
     result, rec = _run(hf_programs["llama"], "factorize-embeddings(rank=8)")
     assert rec.rewrites == 1 and rec.notes["model.embed_tokens.weight"] == "128x32 -> 128x8 · 8x32"
     assert "lm_head.weight" in result.program.named_tensors()  # not tied: left alone
-    result, rec = _run(hf_programs["bert"], "factorize-embeddings(rank=32)", thresholds=rewriter.Thresholds(min_sqnr_db=80))
+    result, rec = _run(hf_programs["bert"], "factorize-embeddings(rank=32)", thresholds=evo_rewrite.Thresholds(min_sqnr_db=80))
     assert rec.verified and rec.metrics["max_rel_error"] < 1e-4
     assert "tied output head: 1" in rec.notes["bert.embeddings.word_embeddings.weight"]
     _, rec = _run(torch.nn.Linear(4, 4), "factorize-embeddings(rank=2)", (torch.randn(2, 4),))

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import rewriter
+import evo_rewrite
 from hf_configs import build
-from passes.tensor_parallel import TensorParallel, plan_rank
-from passes.tensor_parallel_ranks import local_shard, simulate
-from rewriter import PassNotApplicable, PipelineError, zoo
-from rewriter.verify import compare_outputs
-from targets.parallel import read_plan, shard
+from evo_rewrite.passes.tensor_parallel import TensorParallel, plan_rank
+from evo_rewrite.passes.tensor_parallel_ranks import local_shard, simulate
+from evo_rewrite import PassNotApplicable, PipelineError, zoo
+from evo_rewrite.verify import compare_outputs
+from evo_rewrite.targets.parallel import read_plan, shard
 
 ROOT = Path(__file__).resolve().parents[1]
 aten = torch.ops.aten
@@ -24,18 +24,18 @@ LINEAR_OPS = (aten.linear.default, aten.addmm.default, aten.mm.default, aten.mat
 @pytest.fixture(scope="module")
 def gpt():
     model, inputs = zoo.gpt()
-    return rewriter.prepare(model, inputs)
+    return evo_rewrite.prepare(model, inputs)
 
 
 @pytest.fixture(scope="module")
 def gpt_tp(gpt):
     """gqa, flash and tensor-parallel with sequence parallelism in one pipeline."""
-    return rewriter.rewrite(gpt, "gqa(kv_heads=2),flash,tensor-parallel(degree=2,sequence_parallel=true)", strict=True)
+    return evo_rewrite.rewrite(gpt, "gqa(kv_heads=2),flash,tensor-parallel(degree=2,sequence_parallel=true)", strict=True)
 
 
 @pytest.fixture(scope="module")
 def llama():
-    return rewriter.prepare(build("llama"))  # 4 query heads, 2 K/V heads, hidden 32, FFN 64, vocab 128
+    return evo_rewrite.prepare(build("llama"))  # 4 query heads, 2 K/V heads, hidden 32, FFN 64, vocab 128
 
 
 def _styles(plan):
@@ -83,7 +83,7 @@ def test_fused_projection_shards_each_part():
 @pytest.mark.parametrize("arch,styles", [("gpt2", {"colwise": 4, "rowwise": 4, "vocab": 1}),  # Conv1D (in, out)
                                          ("phi3", {"colwise": 4, "rowwise": 4, "vocab": 1})])  # fused qkv, gate_up
 def test_hf_fused_and_conv1d_layouts(arch, styles):
-    program = rewriter.prepare(build(arch))
+    program = evo_rewrite.prepare(build(arch))
     plan, _ = plan_rank(program, 2)
     got = [lin["style"] for lin in plan["linears"]]
     assert {s: got.count(s) for s in set(got)} == styles
@@ -131,16 +131,16 @@ def test_pass_reports_plan_and_runs_after_gqa_and_flash(gpt_tp):
 def test_degree_must_divide_heads_with_valid_degrees(llama, gpt):
     with pytest.raises(PassNotApplicable, match=r"site model\.layers\.0\.self_attn: 4 query heads, which 3 does not "
                        r"divide; valid degrees for this model: 1, 2$"):
-        rewriter.rewrite(llama, "tensor-parallel(degree=3)")
+        evo_rewrite.rewrite(llama, "tensor-parallel(degree=3)")
     with pytest.raises(PassNotApplicable, match=r"2 K/V heads, which 4 does not divide \(a degree above the K/V head "
                        r"count would leave ranks without K/V heads\); valid degrees for this model: 1, 2$"):
         TensorParallel(degree=4).run(llama.clone())
-    mqa = rewriter.rewrite(gpt, "gqa(kv_heads=1)").program
+    mqa = evo_rewrite.rewrite(gpt, "gqa(kv_heads=1)").program
     with pytest.raises(PassNotApplicable, match=r"h\.0\.attn: 1 K/V heads, which 2 does not divide.*valid degrees "
                        r"for this model: 1$"):
         TensorParallel(degree=2).run(mqa)  # after MQA there is no K/V head to split
     with pytest.raises(PipelineError, match="degree must be given"):
-        rewriter.parse_pipeline("tensor-parallel")
+        evo_rewrite.parse_pipeline("tensor-parallel")
 
 
 class SubLNAttention(torch.nn.Module):
@@ -162,9 +162,9 @@ class SubLNAttention(torch.nn.Module):
 def test_unshardable_op_is_named_and_degree_one_does_nothing():
     with pytest.raises(PassNotApplicable, match=r"tensor-parallel\(degree=2\): cannot shard sub_norm \(node layer_norm\): "
                        r"normalises over a sharded dimension"):
-        rewriter.rewrite(SubLNAttention().eval(), "tensor-parallel(degree=2)", example_inputs=(torch.randn(2, 8, 32),))
+        evo_rewrite.rewrite(SubLNAttention().eval(), "tensor-parallel(degree=2)", example_inputs=(torch.randn(2, 8, 32),))
     model, inputs = zoo.gpt(n_layer=1)
-    rec = rewriter.rewrite(model, "tensor-parallel(degree=1)", example_inputs=inputs).report.passes[0]
+    rec = evo_rewrite.rewrite(model, "tensor-parallel(degree=1)", example_inputs=inputs).report.passes[0]
     assert rec.rewrites == 0 and rec.message == "degree 1: nothing to shard"
 
 
@@ -180,7 +180,7 @@ class _OneRankMesh:
 
 def test_entry_point_refuses_a_plan_for_another_degree_or_graph(gpt_tp, llama):
     plan = gpt_tp.program.meta["tensor_parallel"]
-    with pytest.raises(rewriter.UsageError, match=r"the plan is for tensor-parallel degree 2, but 1 processes run; "
+    with pytest.raises(evo_rewrite.UsageError, match=r"the plan is for tensor-parallel degree 2, but 1 processes run; "
                        r"launch with torchrun --nproc-per-node 2"):
         shard(gpt_tp.program, _OneRankMesh(), plan)
 
@@ -191,18 +191,18 @@ def test_entry_point_refuses_a_plan_for_another_degree_or_graph(gpt_tp, llama):
         def get_group(self):
             return type("Group", (), {"group_name": "tp"})()
 
-    with pytest.raises(rewriter.UsageError, match="does not match the program's graph .*put tensor-parallel last"):
+    with pytest.raises(evo_rewrite.UsageError, match="does not match the program's graph .*put tensor-parallel last"):
         shard(llama, TwoRanks(), plan)
 
 
 def test_two_gloo_processes_match_unsharded(tmp_path, gpt_tp, llama):
     gpt_path, llama_path = tmp_path / "gpt.pt2", tmp_path / "llama.pt2"
     gpt_tp.save(gpt_path)
-    rewriter.rewrite(llama, "tensor-parallel(degree=2)", strict=True).save(llama_path)
+    evo_rewrite.rewrite(llama, "tensor-parallel(degree=2)", strict=True).save(llama_path)
     assert read_plan(gpt_path) == gpt_tp.program.meta["tensor_parallel"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "targets.parallel", str(gpt_path), str(llama_path), "--check", "--device", "cpu"],
+                           "-m", "evo_rewrite.targets.parallel", str(gpt_path), str(llama_path), "--check", "--device", "cpu"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for path in (gpt_path, llama_path):
