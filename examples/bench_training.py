@@ -119,7 +119,7 @@ def train(name, module, call, ids, dev, steps, warmup, estimate=None, log=print)
 def estimate(program, batch, seq):
     """The checkpoint pass's estimate of activation bytes at batch x seq (regions included), or None."""
     from evo_rewrite.passes.checkpoint_memory import inputs_at, profile
-    from evo_rewrite.passes.checkpoint_regions import find_regions, regions_of
+    from evo_rewrite.regions import find_regions, regions_of
 
     try:
         prof = profile(program, inputs_at(program, batch, seq))
@@ -234,7 +234,7 @@ def main():
     budget = int(args.budget_fraction * unbounded)
     bud = attempt("rewrite budget", lambda: rewrite(bf16.program, f"checkpoint(budget={budget}, batch={B}, seq={S})"))
     if bud is not None:
-        meta = bud.program.meta["checkpoint"]
+        meta = bud.program.annotations.checkpoint.estimate
         rec = variant(f"bf16,checkpoint(budget={budget / GB:.3g}GB)", bud.module, graph_call,
                       meta["estimate_bytes_after"])
         if rec is not None:

@@ -17,7 +17,7 @@ Selection (one of):
   estimated activation memory at ``batch`` x ``seq`` (default: the example inputs) to the budget;
   blocks are taken largest saving first, which is the fewest for savings that add up.
 
-The regions and their estimated savings go to the report and to ``program.meta["checkpoint"]``.
+The regions and their estimated savings go to the report and to ``program.annotations.checkpoint``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from evo_rewrite.errors import PassNotApplicable
 from evo_rewrite.pass_infra import Pass, PassResult, Skip, module_paths, register_pass
 from evo_rewrite.program import Program
 
+from evo_rewrite.regions import find_regions, set_regions
+
 from .checkpoint_memory import format_bytes, inputs_at, parse_bytes, profile
-from .checkpoint_regions import find_regions, install, regions_of
 
 
 @register_pass
@@ -68,7 +69,7 @@ class Checkpoint(Pass):
                                  "with a unit: 512MB, 12GB, 1.5GiB") from None
 
     def run(self, program: Program) -> PassResult:
-        existing = regions_of(program.module)
+        existing = program.annotations.checkpoint.paths if program.annotations.checkpoint else ()
         skipped: list[Skip] = []
         if self.modules:
             candidates = self._matching_modules(program)
@@ -116,11 +117,10 @@ class Checkpoint(Pass):
 
         wrap = {r.path for r in kept + chosen}
         paths = tuple(r.path for r in regions if r.path in wrap)
-        install(program.module, paths)
         notes, meta = self._describe(prof, kept, chosen, len(wanted), budget, inputs.describe())
         if replaced:
             notes["replaced regions"] = f"{', '.join(replaced)} (inside blocks now checkpointed whole)"
-        program.meta["checkpoint"] = {"regions": list(paths), **meta}
+        set_regions(program, paths, meta)
         return PassResult(program, len(chosen), skipped, notes=notes)
 
     def _matching_modules(self, program: Program) -> list[str]:

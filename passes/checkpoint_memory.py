@@ -28,7 +28,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from evo_rewrite.inputs import Inputs, like
 from evo_rewrite.program import Program
 
-from .checkpoint_regions import Region
+from evo_rewrite.regions import Region
 
 __all__ = ["ActivationProfile", "profile", "inputs_at", "format_bytes", "parse_bytes"]
 

@@ -23,15 +23,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-aten = torch.ops.aten
-SDPA = aten.scaled_dot_product_attention.default
+from evo_rewrite.sdpa import PINNED, call_pinned, pin  # noqa: F401 - pin: the flash pass pins through this module
 
-# backend -> (ATen op, takes a mask)
-PINNED = {
-    "cudnn": (aten._scaled_dot_product_cudnn_attention.default, True),
-    "flash": (aten._scaled_dot_product_flash_attention.default, False),
-    "efficient": (aten._scaled_dot_product_efficient_attention.default, True),
-}
 CHOICES = ("auto", "default", "cudnn", "flash", "efficient")
 _TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
 _CACHE: dict[tuple, "Choice"] = {}
@@ -52,16 +45,6 @@ class Choice:
     backend: str  # "default" or a key of PINNED
     ms: dict[str, float]  # mean forward ms over the measured lengths, per candidate
     rejected: dict[str, str]  # candidate -> why it was not usable
-
-
-def call_pinned(backend: str, q, k, v, mask, dropout_p: float, is_causal: bool, scale: float):
-    """Run one backend exactly as a pinned graph node does (output only)."""
-    op, takes_mask = PINNED[backend]
-    if backend == "flash":
-        return op(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
-    if backend == "cudnn":
-        return op(q, k, v, mask, True, dropout_p, is_causal, False, scale=scale)[0]
-    return op(q, k, v, mask, True, dropout_p, is_causal, scale=scale)[0]
 
 
 def _inputs(sig: Signature, batch: int, seq: int, device):
@@ -163,85 +146,3 @@ def signature(node: fx.Node) -> Signature | None:
         mv = mask.meta.get("val")
         kind = "key-padding" if mv is not None and mv.dim() == 4 and mv.shape[-2] == 1 else "full"
     return Signature(heads, kv_heads, head_dim, q.dtype, kind, bool(node.kwargs.get("enable_gqa")))
-
-
-def pin(graph: fx.Graph, node: fx.Node, backend: str) -> fx.Node:
-    """Replace an SDPA node by the backend's own op (+ getitem of its output)."""
-    if backend == "default":
-        return node
-    op, _ = PINNED[backend]
-    q, k, v = node.args[:3]
-    mask = node.args[3] if len(node.args) > 3 else None
-    dropout_p = node.args[4] if len(node.args) > 4 else 0.0
-    is_causal = node.args[5] if len(node.args) > 5 else False
-    scale = node.kwargs.get("scale")
-    with graph.inserting_before(node):
-        if backend == "flash":
-            call = graph.call_function(op, (q, k, v, dropout_p, is_causal, False), {"scale": scale})
-        elif backend == "cudnn":
-            call = graph.call_function(op, (q, k, v, mask, True, dropout_p, is_causal, False), {"scale": scale})
-        else:
-            call = graph.call_function(op, (q, k, v, mask, True, dropout_p, is_causal), {"scale": scale})
-        out = graph.call_function(__import__("operator").getitem, (call, 0))
-    for key in ("nn_module_stack", "stack_trace"):
-        if key in node.meta:
-            call.meta[key] = out.meta[key] = node.meta[key]
-    out.meta["val"] = node.meta.get("val")
-    node.replace_all_uses_with(out)
-    graph.erase_node(node)
-    return out
-
-
-def pinned_backend(node: fx.Node) -> str | None:
-    for name, (op, _) in PINNED.items():
-        if node.op == "call_function" and node.target is op:
-            return name
-    return None
-
-
-def unpin(graph: fx.Graph) -> dict[str, str]:
-    """Turn pinned backend calls back into portable SDPA calls; return {module path: backend}.
-
-    torch.export's serializer (2.11-2.13) cannot write the flash/cuDNN ops, which return SymInts,
-    so a .pt2 carries portable SDPA and records the choice; ``repin`` restores it on load.
-    """
-    from evo_rewrite.pass_infra import module_path
-
-    chosen = {}
-    for call in list(graph.nodes):
-        backend = pinned_backend(call)
-        if backend is None:
-            continue
-        if backend == "flash":
-            q, k, v, dropout_p, is_causal = call.args[:5]
-            mask = None
-        elif backend == "cudnn":
-            q, k, v, mask, _, dropout_p, is_causal = call.args[:7]
-        else:
-            q, k, v, mask, _, dropout_p, is_causal = call.args[:7]
-        with graph.inserting_before(call):
-            sdpa = graph.call_function(SDPA, (q, k, v, mask, dropout_p, is_causal), {"scale": call.kwargs.get("scale")})
-        for key in ("nn_module_stack", "stack_trace"):
-            if key in call.meta:
-                sdpa.meta[key] = call.meta[key]
-        getters = [u for u in call.users if u.target is __import__("operator").getitem]
-        for g in getters:
-            if g.args[1] == 0:
-                sdpa.meta["val"] = g.meta.get("val")
-                g.replace_all_uses_with(sdpa)
-            graph.erase_node(g)
-        graph.erase_node(call)
-        chosen[module_path(sdpa)] = backend
-    return chosen
-
-
-def repin(graph: fx.Graph, chosen: dict[str, str]) -> int:
-    """Pin the recorded backends again (programs loaded from .pt2 on CUDA)."""
-    from evo_rewrite.pass_infra import module_path
-
-    n = 0
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is SDPA and chosen.get(module_path(node)) in PINNED:
-            pin(graph, node, chosen[module_path(node)])
-            n += 1
-    return n

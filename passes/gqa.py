@@ -86,6 +86,9 @@ class GQA(Pass):
     kv_heads: int = 0
     method: Literal["mean", "fit"] = "mean"
 
+    def accepts(self) -> frozenset[str]:
+        return frozenset({"calibration"}) if self.method == "fit" else frozenset()
+
     def __post_init__(self):
         if self.kv_heads < 1:
             raise ValueError(f"kv_heads must be given and >= 1 (e.g. gqa(kv_heads=4)), got {self.kv_heads}")
@@ -156,7 +159,7 @@ class GQA(Pass):
         if self.method == "fit":
             from .gqa_fit import fit_merges
 
-            fitted = fit_merges(program, plans, self.kv_heads, program.meta.get("calibration"))
+            fitted = fit_merges(program, plans, self.kv_heads, program.annotations.calibration)
         # segments per weight target: (start, stop, new rows as (rows, in) tensor)
         edits: dict[str, list] = {}
         bias_edits: dict[str, list] = {}
@@ -198,7 +201,7 @@ class GQA(Pass):
         notes = {"projections rewritten": len(edits)}
         if self.method == "fit":
             notes["fitted sites"] = f"{n_fit} of {len(plans)} (others mean-pooled)" if n_fit < len(plans) else f"{n_fit} of {len(plans)}"
-            notes["calibration"] = program.meta.get("calibration_note", "the example inputs")
+            notes["calibration"] = getattr(program.annotations.calibration, "note", "the example inputs")
         return notes
 
     def _apply(self, program: Program, target: str, segs, is_bias: bool) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from evo_rewrite.inputs import Inputs
+from evo_rewrite.annotations import Calibration
 from evo_rewrite.projections import Projection, output_projection, trace_projection
 from evo_rewrite.verify import record
 
@@ -88,12 +88,12 @@ def _merge_rotary(blocks, energy, d):
     return m, maps
 
 
-def fit_merges(program, plans, kv_heads: int, calibration: list[Inputs] | None = None) -> dict:
+def fit_merges(program, plans, kv_heads: int, calibration: Calibration | None = None) -> dict:
     """New augmented rows for every K/V (and the matching Q and O blocks), per (site, role).
 
     Returns {(module, "k"|"v"): (rows (N·d × in), bias or None), (module, "q"): ..., (module, "o"): ...}.
     """
-    calibration = calibration or [program.inputs]
+    batches = list(calibration.batches) if calibration is not None else [program.inputs]
     # the query and output projections of each site, traced once
     qo = {id(plan): (trace_projection(plan.site.q), output_projection(plan.site)) for plan in plans}
     want = {}
@@ -104,7 +104,7 @@ def fit_merges(program, plans, kv_heads: int, calibration: list[Inputs] | None =
         if not isinstance(qp, str):
             want[_x_node(qp.projection).name] = None
     acts: dict[str, list[torch.Tensor]] = {k: [] for k in want}
-    for inputs in calibration:
+    for inputs in batches:
         vals = record(program.module, inputs, set(want))
         for k, v in vals.items():
             acts[k].append(v.detach().double().cpu().reshape(-1, v.shape[-1]))  # the fit runs on the CPU in float64

@@ -2,8 +2,8 @@
 
 The GQA paper uptrains its mean-pooled checkpoints and Relaxed Recursive Transformers uptrain after
 tying layers: training-free conversions of trained models lose too much to be used as they are. The
-best teacher is the original model, which the pass manager keeps: ``program.context["reference"]`` is
-the program before the first lossy pass of the pipeline.
+best teacher is the original model, which the pass manager keeps: ``program.annotations.reference``
+is the program before the first lossy pass of the pipeline.
 
 pattern  the tensors the lossy passes replaced (by identity: passes build new tensors, never change
          them in place) -- grouped K/V and refitted Q/O projections, shared weights and residuals;
@@ -26,6 +26,7 @@ tensors with) is never modified.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import random
 import time
@@ -36,7 +37,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from evo_rewrite.errors import PassNotApplicable
-from evo_rewrite.pass_infra import Pass, PassResult, option_error, register_pass
+from evo_rewrite.pass_infra import Pass, PassResult, Placement, option_error, register_pass
 from evo_rewrite.program import Program, copy_graph_module
 from evo_rewrite.verify import _module_outputs
 
@@ -50,7 +51,8 @@ class Heal(Pass):
 
     name: ClassVar[str] = "heal"
     exact: ClassVar[bool] = False
-    uses_reference: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset({"heal_data", "reference"})
+    placement: ClassVar[Placement] = Placement(after_lossy=True, not_after=("bf16",))
     summary: ClassVar[str] = ("distil the rewritten model toward the program before the lossy passes on --heal-data "
                               "(trains only what they changed)")
 
@@ -82,11 +84,11 @@ class Heal(Pass):
             raise option_error(self.name, "warmup", self.warmup, "a fraction in [0, 1)")
 
     def run(self, program: Program) -> PassResult:
-        data = program.context.get("heal_data")
+        data = program.annotations.heal_data
         if data is None:
             raise PassNotApplicable("heal needs unlabeled data to distil on: give --heal-data FILE|DIR (text or token "
                                     "ids) on the command line, or rewrite(..., heal_data=...) in Python")
-        reference: Program | None = program.context.get("reference")
+        reference: Program | None = program.annotations.reference
         if reference is None:
             return PassResult(program, 0, message="no lossy pass ran before heal: nothing to heal (put heal after "
                                                   "gqa, share-layers or factorize-embeddings)")
@@ -99,7 +101,7 @@ class Heal(Pass):
             raise PassNotApplicable(f"heal trains fp32 tensors, but {low[0]} is {program.get_tensor(low[0]).dtype} "
                                     "(a precision pass ran before heal); put bf16 after heal in the pipeline")
         device = next(iter(program.named_tensors().values())).device
-        log = program.context.get("log") or (lambda m: None)
+        log = logging.getLogger("evo_rewrite").info
         torch.manual_seed(self.seed)
         train, held = data.split(program, batch=self.batch, seq_len=self.seq_len, holdout=self.holdout,
                                  seed=self.seed, device=device)

@@ -104,6 +104,9 @@ class ShareLayers(Pass):
     bias: Literal["auto", "fit", "keep"] = "auto"
     vectors: Literal["keep", "share"] = "keep"
 
+    def accepts(self) -> frozenset[str]:
+        return frozenset({"calibration"})
+
     def __post_init__(self):
         if self.strategy in ("every", "cycle") and self.k < (2 if self.strategy == "every" else 1):
             raise ValueError(f"k must be >= {2 if self.strategy == 'every' else 1} for strategy={self.strategy}, got {self.k}")
@@ -164,7 +167,7 @@ class ShareLayers(Pass):
         example inputs -- random token ids, a few dozen tokens -- fitted worse than the plain mean, measured).
         Without a residual, sets of three or more blocks take the mean (with the bias refit): one matrix of
         least activation-weighted error for many layers fitted worse than their mean on MiniLM."""
-        calibrated = bool(program.meta.get("calibration"))
+        calibrated = program.annotations.calibration is not None
         fit_init = calibrated and (self.rank != 0 or max(len(s.blocks) for s in sets) == 2)
         return ((self.init if self.init != "auto" else "fit" if fit_init else "mean"),
                 (self.residual if self.residual != "auto" else "activation" if calibrated else "svd"),
@@ -227,9 +230,10 @@ class ShareLayers(Pass):
                   for s, n in matrices for b in s.blocks}
         stats = {}
         if init == "fit" or (self.rank and residual == "activation") or bias == "fit":
-            calibration = program.meta.get("calibration") or [program.inputs]
+            cal = program.annotations.calibration
+            calibration = list(cal.batches) if cal else [program.inputs]
             stats = collect_input_stats(program, list(biases), calibration)
-            notes["calibration"] = program.meta.get("calibration_note", "the example inputs")
+            notes["calibration"] = cal.note if cal else "the example inputs"
             notes["calibration tokens"] = max((st.n for st in stats.values()), default=0)
             missing = sum(w not in stats for w in biases)
             thin = sum(not st.enough for st in stats.values())

@@ -7,14 +7,14 @@ pattern  the attention sites (``evo_rewrite.attention``) with their q/k/v projec
          embeddings (tables indexed by a model input) and the LM head (a linear onto the vocabulary)
 check    before anything runs: query heads and K/V heads of every site (after any ``gqa``), FFN
          widths and fused-projection parts divisible by the degree, else an error naming the site
-         and the valid degrees; then the graph of one rank is built (passes/tensor_parallel_shard.py),
+         and the valid degrees; then the graph of one rank is built (rewriter/tensor_parallel.py),
          which fails on any op the sharding cannot pass through, and the N ranks are simulated in
          one process (passes/tensor_parallel_ranks.py: a thread per rank, collectives in memory)
          against the unsharded program
 rewrite  nothing in the single-process program: the plan — every linear layer once, as column-
          (``Shard(0)`` of an (out, in) weight), row- (``Shard(1)``, bias added after the all-reduce),
          vocabulary-parallel or replicated; every sharded tensor's DTensor placement; heads per rank
-         of every site — goes into ``program.meta["tensor_parallel"]``, the report and the ``.pt2``,
+         of every site — goes into ``program.annotations.tensor_parallel``, the report and the ``.pt2``,
          and ``torchrun --nproc-per-node N -m evo_rewrite.targets.parallel MODEL.pt2`` applies it on each rank
 """
 
@@ -23,22 +23,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
-import warnings
 from typing import ClassVar
 
 import torch
 import torch.fx as fx
 
 from evo_rewrite.attention import CASTS, RESHAPES, attention_sites, untranspose, val
+from evo_rewrite.annotations import TensorParallelPlan
 from evo_rewrite.blocks import repeated_blocks
 from evo_rewrite.errors import PassNotApplicable
-from evo_rewrite.pass_infra import Pass, PassResult, Skip, module_path, register_pass
+from evo_rewrite.pass_infra import Pass, PassResult, Placement, Skip, module_path, register_pass
 from evo_rewrite.program import Program
 from evo_rewrite.projections import Projection, output_projection, trace_projection
 from evo_rewrite.verify import compare_outputs, tolerance
 
 from .tensor_parallel_ranks import simulate
-from .tensor_parallel_shard import COLLECTIVES, SPLITS, LinearRole, is_pointwise, localize
+from evo_rewrite.tensor_parallel import (COLLECTIVES, SPLITS, LinearRole, copy_for_rank, is_pointwise, linear_layers,
+                                         localize)
 
 __all__ = ["TensorParallel", "plan_rank"]
 
@@ -47,18 +48,6 @@ aten = torch.ops.aten
 
 def _linear_input(n: fx.Node) -> fx.Node:
     return n.args[1] if n.target is aten.addmm.default else n.args[0]
-
-
-def _linears(graph: fx.Graph) -> dict[fx.Node, Projection]:
-    """Every linear-like op whose weight is a model tensor, in graph order."""
-    out = {}
-    for n in graph.nodes:
-        if n.op == "call_function" and n.target in (aten.linear.default, aten.addmm.default, aten.mm.default,
-                                                    aten.matmul.default):
-            p = trace_projection(n, max_depth=1)
-            if not isinstance(p, str) and p.projection.node is n:
-                out[n] = p.projection
-    return out
 
 
 def _block_of(program: Program):
@@ -186,7 +175,7 @@ class _Analysis:
 
 def _analyse(gm: fx.GraphModule, degree: int, block) -> _Analysis:
     g = gm.graph
-    linears = _linears(g)
+    linears = linear_layers(g)
     roles: dict[fx.Node, LinearRole] = {}
     attention, sizes, outs = [], [], set()
     parts: dict[fx.Node, list] = {}
@@ -279,12 +268,7 @@ def plan_rank(program: Program, degree: int, sequence_parallel: bool = False, ra
     The returned GraphModule shares the program's (full) tensors; ``plan["tensors"]`` says how each
     sharded one is cut (``local_shard``, or DTensor placements in ``targets/parallel.py``).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # deepcopy of pytree specs warns in torch 2.13
-        gm = fx.GraphModule(program.module, copy.deepcopy(program.graph))
-    for k in ("_in_spec", "_out_spec"):
-        if hasattr(program.module, k):
-            setattr(gm, k, getattr(program.module, k))
+    gm = copy_for_rank(program.module)
     a = _analyse(gm, degree, _block_of(program))
     _check_sizes(a.sizes, degree)
     sharded = {n: r for n, r in a.roles.items() if r.style != "replicate"}
@@ -365,6 +349,7 @@ class TensorParallel(Pass):
 
     name: ClassVar[str] = "tensor-parallel"
     exact: ClassVar[bool] = True
+    placement: ClassVar[Placement] = Placement(last=True)
     summary: ClassVar[str] = ("plan Megatron-style tensor parallelism (column/row/vocabulary-parallel, heads per rank) "
                               "for torchrun; simulated against the unsharded program")
     degree: int = 0
@@ -398,7 +383,7 @@ class TensorParallel(Pass):
                                        f"{inputs.describe()}: {problem or f'max relative error {rel:.3g}'}")
                 worst = max(worst, rel)
             checked.append(inputs.describe())
-        program.meta["tensor_parallel"] = plan
+        program.annotations.tensor_parallel = TensorParallelPlan(plan)
         count = {s: styles.count(s) for s in ("colwise", "rowwise", "vocab", "replicate")}
         notes = {"degree": self.degree, "sequence parallel": str(self.sequence_parallel).lower(),
                  "linear layers": f"{count['colwise']} column-, {count['rowwise']} row-, {count['vocab']} vocabulary-"

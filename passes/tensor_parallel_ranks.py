@@ -1,7 +1,5 @@
 """What each tensor-parallel rank holds, and the N ranks run in one process.
 
-``shard_dim_tensor`` / ``local_shard`` cut a tensor as the plan says (``targets/parallel.py`` does the
-same with DTensor placements); ``bind`` makes a runnable module of a rank's graph and tensors;
 ``simulate`` runs all N ranks' graphs in one process — a thread per rank, collectives exchanged in
 memory — so the ``tensor-parallel`` pass checks its plan against the unsharded program before
 anything is launched.
@@ -12,56 +10,11 @@ from __future__ import annotations
 import threading
 
 import torch
-import torch.fx as fx
 
 from evo_rewrite.program import Program
+from evo_rewrite.tensor_parallel import bind, local_shard
 
-__all__ = ["shard_dim_tensor", "local_shard", "bind", "simulate"]
-
-
-# -- tensors --------------------------------------------------------------------------------------
-
-def shard_dim_tensor(full: torch.Tensor, entry: dict, degree: int) -> torch.Tensor:
-    """The tensor whose equal chunks along ``entry["dim"]`` are the ranks' shards.
-
-    A fused projection (qkv) is sharded part by part: its segments are interleaved so that chunk r
-    holds rank r's rows of q, then of k, then of v; a plain ``Shard(dim)`` of the result gives each
-    rank its heads of every part.
-    """
-    segs = entry.get("segments")
-    if not segs:
-        return full
-    dim = entry["dim"]
-    pieces = [full.narrow(dim, a, b - a).chunk(degree, dim) for a, b in segs]
-    return torch.cat([p[r] for r in range(degree) for p in pieces], dim)
-
-
-def local_shard(full: torch.Tensor, entry: dict | None, degree: int, rank: int) -> torch.Tensor:
-    """Rank ``rank``'s piece of a tensor under the plan's entry (None: replicated)."""
-    if entry is None:
-        return full
-    return shard_dim_tensor(full, entry, degree).chunk(degree, entry["dim"])[rank]
-
-
-def bind(graph: fx.Graph, tensors: dict[str, torch.Tensor], like: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule running ``graph`` on ``tensors`` (by get_attr target), called like ``like``."""
-    root = torch.nn.Module()
-    for target, t in tensors.items():
-        *parents, leaf = target.split(".")
-        mod = root
-        for p in parents:
-            if not hasattr(mod, p):
-                mod.add_module(p, torch.nn.Module())
-            mod = getattr(mod, p)
-        if isinstance(t, torch.nn.Module):  # a higher-order op's body (torch 2.11 exports autocast regions so)
-            mod.add_module(leaf, t)
-        else:
-            mod.register_buffer(leaf, t)
-    gm = fx.GraphModule(root, graph, class_name="TensorParallelRank")
-    for k in ("_in_spec", "_out_spec"):
-        if hasattr(like, k):
-            setattr(gm, k, getattr(like, k))
-    return gm
+__all__ = ["simulate"]
 
 
 # -- single-process simulation of the N ranks --------------------------------------------------------

@@ -7,9 +7,11 @@ This module is the one place that says what users import::
     result.module(ids); result.report.table(); result.save("model.pt2")
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
-from .api import RewriteResult, prepare, rewrite
+from .annotations import (Annotations, AttentionBackends, Calibration, CheckpointRegions, KVCacheLayout, LayerCache,
+                          TensorParallelPlan)
+from .api import RewriteResult, prepare, rewrite, write
 from .attention import AttentionSite, find_attention
 from .blocks import repeated_blocks
 from .graph_capture import capture
@@ -19,11 +21,13 @@ from .figures import Figures, figures
 from .inputs import Inputs, parse_input_spec
 from .sources import load
 from .manager import PassManager
-from .pass_infra import Pass, PassResult, Skip, get_pass, module_path, register_pass, registered_passes
-from .pipeline import format_pipeline, parse_pipeline
+from .pass_infra import (Pass, PassResult, Placement, Skip, get_pass, module_path, register_pass,
+                         registered_passes)
+from .pipeline import check_pipeline, format_pipeline, parse_pipeline
 from .program import Program, SourceInfo
 from . import ops as _ops  # noqa: F401 - registers evo_rewrite:: operators, which .pt2 files may hold
 from .report import PassRecord, Report
+from .target_infra import Target, TargetReport, emit, get_target, parse_target, register_target, registered_targets
 from .verify import Thresholds
 
 __all__ = [
@@ -32,5 +36,7 @@ __all__ = [
     "module_path", "parse_pipeline", "format_pipeline", "PassManager", "Thresholds", "Report", "PassRecord",
     "Figures", "figures", "AttentionSite", "find_attention", "RewriteError", "UsageError", "PipelineError",
     "PassNotApplicable", "SourceError", "CaptureError", "VerificationError", "OutputError",
-    "repeated_blocks",
+    "repeated_blocks", "write", "Placement", "check_pipeline", "Target", "TargetReport", "register_target",
+    "registered_targets", "get_target", "parse_target", "emit", "Annotations", "CheckpointRegions",
+    "AttentionBackends", "TensorParallelPlan", "KVCacheLayout", "LayerCache", "Calibration",
 ]

@@ -8,33 +8,32 @@ from typing import Callable
 
 import torch
 
+from .annotations import Calibration
+from .errors import UsageError, VerificationError
 from .graph_capture import capture
 from .heal_data import attach_heal_data
-from .errors import UsageError, VerificationError
 from .inputs import Inputs, make_inputs, parse_input_spec
-from .sources import Loaded, hf_example_inputs, is_hf_model, load
 from .manager import PassManager
 from .pass_infra import Pass
-from .pipeline import parse_pipeline
+from .pipeline import check_pipeline, parse_pipeline
 from .program import Program, SourceInfo
 from .report import Report
+from .sources import Loaded, hf_example_inputs, is_hf_model, load
+from .target_infra import Target, TargetReport, emit, get_target, parse_target
 from .verify import Thresholds
 
-__all__ = ["RewriteResult", "rewrite", "to_inputs", "prepare", "set_calibration", "load_calibration"]
+__all__ = ["RewriteResult", "rewrite", "write", "to_inputs", "prepare", "set_calibration", "load_calibration",
+           "given_inputs"]
 
 
-def check_heal_data(passes: list[Pass], given: bool, flag: str = "heal_data") -> None:
-    """heal needs data, and data without heal is a mistake: say so before any loading."""
-    heals = any(p.name == "heal" for p in passes)
-    if heals and not given:
-        raise UsageError(f"the pipeline has heal, which distils on unlabeled data: give {flag} (text or token files)")
-    if given and not heals:
-        raise UsageError(f"{flag} is given but the pipeline has no heal step; add heal after the lossy passes, "
-                         "e.g. 'gqa(kv_heads=1),heal(steps=300)'")
+def given_inputs(calibration: bool, heal_data: bool, device: str = "cpu") -> set[str]:
+    """What the caller supplies, in the words of the pass contract (``pass_infra.NEEDS``)."""
+    return ({"calibration"} if calibration else set()) | ({"heal_data"} if heal_data else set()) | (
+        {"cuda"} if str(device).startswith("cuda") else set())
 
 
 def set_calibration(program: Program, calibration, device="cpu") -> None:
-    """Attach calibration inputs to the program (``program.meta``) for calibrated passes."""
+    """Attach calibration inputs to the program (its ``Calibration`` annotation) for calibrated passes."""
     if calibration is None:
         return
     if isinstance(calibration, (dict, Inputs, torch.Tensor)):
@@ -42,8 +41,8 @@ def set_calibration(program: Program, calibration, device="cpu") -> None:
     batches = [to_inputs(c).to(device) for c in calibration]
     if not batches:
         raise UsageError("calibration is empty; give at least one batch of inputs")
-    program.meta["calibration"] = batches
-    program.meta["calibration_note"] = f"{len(batches)} calibration batch(es): {batches[0].describe()}"
+    program.annotations.calibration = Calibration(
+        tuple(batches), f"{len(batches)} calibration batch(es): {batches[0].describe()}")
 
 
 def load_calibration(path: str):
@@ -71,35 +70,39 @@ class RewriteResult:
         """The rewritten module: call it like the original model."""
         return self.program.module
 
-    def save(self, path: str | os.PathLike) -> str:
-        """Write a checked ``.pt2``; a program with checkpoint regions is written as a directory of generated
-        source and safetensors weights instead (``targets/source.py``: a ``.pt2`` would drop the regions)."""
-        from evo_rewrite.passes.checkpoint_regions import regions_of
-        from evo_rewrite.targets.pytorch import save_pt2
-        from evo_rewrite.targets.source import save_source
-
-        written = (save_source if regions_of(self.program.module) else save_pt2)(self.program, path)
-        self.report.outputs.append(written)
+    def write(self, path: str | os.PathLike, target: str | Target = "pytorch", *,
+              log: Callable[[str], None] | None = None) -> TargetReport:
+        """Write the program with a target (text such as ``"onnx(dtype=fp16)"`` or a Target object), record it
+        in the report and return its TargetReport."""
+        written = write(self.program, path, target, log=log)
+        self.report.targets.append(written)
+        self.report.outputs += written.files
         return written
+
+    def save(self, path: str | os.PathLike, target: str | Target = "pytorch") -> str:
+        """``write`` and return the path written. The default ``pytorch`` target writes a checked ``.pt2``, or a
+        directory of generated source and safetensors weights when the program has checkpoint regions."""
+        return self.write(path, target).path
 
     def save_hf(self, path: str | os.PathLike) -> str:
-        """Write a Hugging Face checkpoint directory (GQA -> num_key_value_heads); see targets/hf.py."""
-        from evo_rewrite.targets.hf import save_hf
-
-        written = save_hf(self.program, path)
-        self.report.outputs.append(written)
-        return written
+        """Write a Hugging Face checkpoint directory (GQA -> num_key_value_heads): ``save(path, "hf")``."""
+        return self.save(path, "hf")
 
     def save_onnx(self, path: str | os.PathLike, *, attention: str | None = None, dtype: str = "fp32",
-                  external_data: bool | None = None):
-        """Write a checked ``.onnx`` (see ``targets/onnx.py``); record it in the report; return its OnnxReport."""
-        from evo_rewrite.targets.onnx import DEFAULT_ATTENTION, save_onnx
+                  external_data: bool | None = None) -> TargetReport:
+        """Write a checked ``.onnx`` (see ``targets/onnx.py``); return its report (``write(path, "onnx(...)")``)."""
+        cls = get_target("onnx")
+        opts = {"dtype": dtype, "external_data": external_data, **({"attention": attention} if attention else {})}
+        return self.write(path, cls(**opts))
 
-        rep = save_onnx(self.program, path, attention=attention or DEFAULT_ATTENTION, dtype=dtype,
-                        external_data=external_data)
-        self.report.onnx = rep.to_dict()
-        self.report.outputs += [rep.path] + ([rep.external_data] if rep.external_data else [])
-        return rep
+
+def write(program: Program, path: str | os.PathLike, target: str | Target = "pytorch", *,
+          log: Callable[[str], None] | None = None) -> TargetReport:
+    """Write ``program`` at ``path`` with ``target`` (text or object): the one function the CLI and Python use."""
+    target = parse_target(target) if isinstance(target, str) else target
+    if log:
+        log(f"writing {path} (target {target.spec()}: write, reload and check) ...")
+    return emit(program, target, path, log=log)
 
 
 def to_inputs(example_inputs) -> Inputs | None:
@@ -118,7 +121,7 @@ def prepare(source, example_inputs=None, *, allow_pickle: bool = False, device: 
             log: Callable[[str], None] | None = None) -> Program:
     """Load (if needed) and capture SOURCE: a path/spec string, an nn.Module, or a Program."""
     if isinstance(source, Program):
-        return source
+        return source.clone()  # the caller's program keeps its annotations (calibration, heal data)
     inputs = to_inputs(example_inputs) if not isinstance(example_inputs, str) else example_inputs
     if isinstance(source, torch.nn.Module):
         hf = is_hf_model(source)
@@ -158,7 +161,7 @@ def rewrite(source, pipeline: str | list[Pass] = "", example_inputs=None, *, all
     by default the Hugging Face source's own.
     """
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
-    check_heal_data(passes, heal_data is not None)
+    check_pipeline(passes, given_inputs(calibration is not None, heal_data is not None, device))
     program = prepare(source, example_inputs, allow_pickle=allow_pickle, device=device, log=log)
     set_calibration(program, calibration, device)
     attach_heal_data(program, heal_data, tokenizer)

@@ -302,7 +302,7 @@ def default_tokenizer(program, tokenizer=None):
 
 
 def attach_heal_data(program, heal_data, tokenizer=None) -> None:
-    """Give ``heal`` its data (``program.context["heal_data"]``): paths (text or token files), a HealData,
+    """Give ``heal`` its data (``program.annotations.heal_data``): paths (text or token files), a HealData,
     a list of strings (documents), or a tensor of token ids. Text is read with ``tokenizer`` (a directory
     or a tokenizer object), by default the Hugging Face source's own."""
     if heal_data is None:
@@ -323,4 +323,4 @@ def attach_heal_data(program, heal_data, tokenizer=None) -> None:
             raise UsageError(_NEED_TOKENIZER)
     elif data.tokenizer is None and tokenizer is not None:
         data.tokenizer = default_tokenizer(program, tokenizer)
-    program.context["heal_data"] = data
+    program.annotations.heal_data = data

@@ -1,25 +1,62 @@
-"""The pass manager: runs a pipeline, lints and verifies after every pass, rolls back failures."""
+"""The pass manager: runs a pipeline, lints and verifies after every pass, rolls back failures.
+
+It owns the invariants between passes: each pass gets a clone of the program; after it, the
+graph is linted, shapes are refreshed, the annotations are kept true to the graph (checkpoint
+regions still run, pinned attention backends recorded), and the outputs are compared with the
+program before it on every verification input. Heal's teacher — the program before the first
+lossy pass of *this* run — is set here, never inherited from an earlier run.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import time
 import traceback
 from typing import Callable
-
 
 from .errors import RewriteError
 from .figures import figures
 from .pass_infra import Pass, PassResult
 from .program import Program
+from .regions import keep_regions
 from .report import PassRecord, Report
+from .sdpa import record_pins
 from .verify import Thresholds, check, compare_outputs, first_divergence
 
 __all__ = ["PassManager"]
 
+LOG = logging.getLogger("evo_rewrite")
 
-def _run_both(program: Program, inputs):
+
+def _run_all(program: Program, inputs):
     return [program(i) for i in inputs]
+
+
+class _Forward(logging.Handler):
+    def __init__(self, log: Callable[[str], None]):
+        super().__init__(logging.INFO)
+        self.forward = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.forward(record.getMessage())
+
+
+@contextlib.contextmanager
+def _progress(log: Callable[[str], None] | None):
+    """Passes report progress on the ``evo_rewrite`` logger; a caller's ``log`` callable hears it for the run."""
+    if log is None:
+        yield
+        return
+    handler, level = _Forward(log), LOG.level
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        LOG.removeHandler(handler)
+        LOG.setLevel(level)
 
 
 @dataclasses.dataclass
@@ -33,6 +70,10 @@ class PassManager:
             self.log(msg)
 
     def run(self, program: Program) -> tuple[Program, Report]:
+        with _progress(self.log):
+            return self._run(program)
+
+    def _run(self, program: Program) -> tuple[Program, Report]:
         report = Report(pipeline=",".join(p.spec() for p in self.passes), inputs=program.inputs.describe())
         report.model_before = figures(program).as_dict()
         second = program.second_inputs()
@@ -40,7 +81,7 @@ class PassManager:
         report.verify_inputs = [c.describe() for c in checks]
         t0 = time.perf_counter()
         try:
-            ref = _run_both(program, checks)
+            ref = _run_all(program, checks)
         except Exception as exc:  # noqa: BLE001
             frame = traceback.extract_tb(exc.__traceback__)[-1]
             raise RewriteError(f"the captured program does not run on its verification inputs "
@@ -49,15 +90,18 @@ class PassManager:
                                "Give example inputs that the model accepts with --inputs.") from None
         report.baseline_seconds = time.perf_counter() - t0
         original, original_out = program, ref
-        program.context["log"] = self.log
+        reference = None  # heal's teacher: the program before the first lossy pass of this run (never an earlier run's)
         for i, p in enumerate(self.passes, 1):
-            if not p.exact and not p.uses_reference:
-                program.context.setdefault("reference", program)  # heal's teacher: before the first lossy pass
+            if not p.exact and "reference" not in p.requirements() and reference is None:
+                reference = program
             self._say(f"[{i}/{len(self.passes)}] {p.spec()} ...")
             rec = PassRecord(name=p.name, spec=p.spec(), exact=p.exact)
             t0 = time.perf_counter()
             try:
-                result: PassResult = p.run(program.clone())
+                work = program.clone()
+                work.annotations.reference = reference if "reference" in p.requirements() else None
+                result: PassResult = p.run(work)
+                result.program.annotations.reference = None  # served this pass; not carried on
             except RewriteError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a crashing pass is rolled back, not fatal
@@ -110,12 +154,23 @@ class PassManager:
         try:
             new.graph.lint()
             new.refresh_meta()
-            new_out = _run_both(new, checks)
+            keep_regions(new)
+            record_pins(new)
         except Exception as exc:  # noqa: BLE001
-            which = "the second-size input" if checks else "the example input"
-            return f"rewritten program fails to run ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}) on {which}", {}, None, None
+            return f"rewritten program is not a valid graph ({type(exc).__name__}: {_first_line(exc)})", {}, None, None
+        new_out = []
+        for i, inputs in enumerate(checks):
+            try:
+                new_out.append(new(inputs))
+            except Exception as exc:  # noqa: BLE001
+                which = "the example input" if i == 0 else f"the verification input {inputs.describe()}"
+                return f"rewritten program fails to run ({type(exc).__name__}: {_first_line(exc)}) on {which}", {}, None, None
         metrics, problem, dtype = _merge([compare_outputs(a, b, new.vocab_sizes()) for a, b in zip(ref, new_out)])
         return check(metrics, problem, dtype, p.exact, self.thresholds), metrics, dtype, new_out
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else ""
 
 
 def _merge(results):

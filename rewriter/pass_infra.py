@@ -4,6 +4,14 @@ Passes register under a kebab-case ``name``; the pipeline text maps ``name(opt=v
 the dataclass fields. Options are typed (``int``, ``float``, ``bool``, ``str``, ``Literal[...]``,
 ``Optional[...]``, ``tuple[str, ...]``) and validated in ``__post_init__``, so a bad option fails
 when the pipeline is parsed, naming the pass, the option and the allowed values.
+
+A pass also declares what it needs (``needs``: calibration data, heal data, a reference, a CUDA
+device) and where it may stand (``placement``: last, after a lossy pass, never after certain
+passes). ``pipeline.check_pipeline`` checks both before anything loads and names the pass and the
+rule, so no code outside a pass asks for it by name.
+
+Built-in passes register through the ``evo_rewrite.passes`` entry-point group, exactly as a
+third-party package's passes do: ``registered_passes()`` loads every entry point of the group.
 """
 
 from __future__ import annotations
@@ -17,7 +25,8 @@ import torch.fx as fx
 from .errors import PipelineError
 from .program import Program
 
-__all__ = ["Pass", "PassResult", "Skip", "register_pass", "registered_passes", "get_pass", "module_path", "option_error"]
+__all__ = ["Pass", "PassResult", "Skip", "Placement", "NEEDS", "register_pass", "registered_passes", "get_pass",
+           "module_path", "option_error", "load_entry_points"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +48,24 @@ class PassResult:
     message: str = ""  # said when rewrites == 0: why there was nothing to do
 
 
+# What a pass may need, and how a user supplies it (the pipeline check quotes this)
+NEEDS = {
+    "calibration": "calibration data (--calibration FILE.pt; Python: calibration=...)",
+    "heal_data": "unlabeled data to distil on (--heal-data PATH; Python: heal_data=...)",
+    "reference": "the program before the first lossy pass (the pass manager keeps it; needs a lossy pass before)",
+    "cuda": "a CUDA device (--device cuda; Python: device='cuda')",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a pass may stand in a pipeline."""
+
+    last: bool = False  # nothing may follow it (tensor-parallel: its plan describes the final graph)
+    after_lossy: bool = False  # a lossy pass must come before it (heal distils toward what was before them)
+    not_after: tuple[str, ...] = ()  # passes that must not come before it (heal trains fp32: not after bf16)
+
+
 @dataclasses.dataclass(frozen=True)
 class Pass:
     """Base of every pass. Subclasses are frozen dataclasses with class variables ``name`` and ``exact``."""
@@ -46,32 +73,50 @@ class Pass:
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
     summary: ClassVar[str] = ""
-    # True for passes that learn from the program before the lossy passes (heal) rather than being one
-    uses_reference: ClassVar[bool] = False
+    needs: ClassVar[frozenset[str]] = frozenset()  # keys of NEEDS
+    placement: ClassVar[Placement] = Placement()
 
     def run(self, program: Program) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def requirements(self) -> frozenset[str]:
+        """What this instance needs (options may add to the class's ``needs``)."""
+        return self.needs
+
+    def accepts(self) -> frozenset[str]:
+        """What this instance takes if given: its needs and optional inputs (calibrated passes: calibration)."""
+        return self.requirements()
+
     def spec(self) -> str:
         """The pipeline text of this pass with its non-default options."""
-        opts = []
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-            if v != default:
-                opts.append(f"{f.name}={_format_value(v)}")
-        return f"{self.name}({', '.join(opts)})" if opts else self.name
+        return spec_text(self)
 
     @classmethod
     def options(cls) -> list[tuple[str, str, Any]]:
         """(name, type text, default) of each option."""
-        hints = typing.get_type_hints(cls)
-        out = []
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            out.append((f.name, describe_type(hints[f.name]), default))
-        return out
+        return option_table(cls)
+
+
+def spec_text(obj) -> str:
+    """``name(opt=value, ...)`` of a pass or target with its non-default options."""
+    opts = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if v != default:
+            opts.append(f"{f.name}={_format_value(v)}")
+    return f"{obj.name}({', '.join(opts)})" if opts else obj.name
+
+
+def option_table(cls) -> list[tuple[str, str, Any]]:
+    """(name, type text, default) of each option of a pass or target class."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        out.append((f.name, describe_type(hints[f.name]), default))
+    return out
 
 
 def _format_value(v) -> str:
@@ -99,24 +144,56 @@ def option_error(pass_name: str, option: str, value, allowed: str) -> PipelineEr
 
 
 _REGISTRY: dict[str, type[Pass]] = {}
+ENTRY_POINT_GROUP = "evo_rewrite.passes"
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
+    if not isinstance(cls, type) or not issubclass(cls, Pass):
+        raise TypeError(f"register_pass takes a Pass subclass, not {cls!r}")
     if not cls.name or cls.name != cls.name.lower() or "_" in cls.name:
         raise ValueError(f"pass names are kebab-case: {cls.name!r}")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"pass {cls.name!r} registered twice")
+        raise ValueError(f"pass {cls.name!r} registered twice ({_REGISTRY[cls.name].__module__} and {cls.__module__})")
+    unknown = set(cls.needs) - set(NEEDS)
+    if unknown:
+        raise ValueError(f"pass {cls.name!r} needs {sorted(unknown)}; known needs: {sorted(NEEDS)}")
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def _load_builtin_passes() -> None:
-    import evo_rewrite.passes  # noqa: F401 - importing registers the built-in passes
-
-
 def registered_passes() -> dict[str, type[Pass]]:
-    _load_builtin_passes()
+    """Every pass: the built-in ones and any installed package's, through the entry-point group."""
+    load_entry_points(ENTRY_POINT_GROUP, register_pass, Pass)
     return dict(sorted(_REGISTRY.items()))
+
+
+_LOADED: set[tuple[str, str]] = set()
+
+
+def load_entry_points(group: str, register, base: type) -> None:
+    """Import every entry point of ``group`` once; a class that is a ``base`` is registered.
+
+    An entry point that fails to import is a PipelineError naming the distribution and the error, so
+    a broken plugin says so instead of hiding every pass.
+    """
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=group):
+        key = (group, ep.value)
+        if key in _LOADED:
+            continue
+        try:
+            obj = ep.load()
+        except Exception as exc:  # noqa: BLE001 - a plugin's import error, reported with its source
+            dist = getattr(getattr(ep, "dist", None), "name", "?")
+            raise PipelineError(f"entry point {ep.name} = {ep.value} (group {group}, package {dist}) failed to load: "
+                                f"{type(exc).__name__}: {exc}") from None
+        _LOADED.add(key)
+        if isinstance(obj, type) and issubclass(obj, base):
+            try:
+                register(obj)  # a no-op when its module's decorator registered it already
+            except ValueError as exc:
+                raise PipelineError(f"entry point {ep.name} = {ep.value} (group {group}): {exc}") from None
 
 
 def get_pass(name: str) -> type[Pass]:

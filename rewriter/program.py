@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .annotations import Annotations
 from .inputs import Inputs, like
 
 __all__ = ["Program", "SourceInfo"]
@@ -40,10 +40,9 @@ class Program:
     # (lo, hi) value range of each symbol, from torch.export's range constraints (hi None = unbounded)
     symbol_ranges: dict[str, tuple[int, int | None]] = dataclasses.field(default_factory=dict)
     applied: list[str] = dataclasses.field(default_factory=list)  # pipeline text of applied passes
-    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # pass-specific notes
-    # run-wide objects shared by every clone, never copied: the pass manager's "reference" (the
-    # program before the first lossy pass, heal's teacher) and "log"; the user's "heal_data"
-    context: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # what passes leave for later stages (checkpoint regions, attention backends, tensor-parallel plan,
+    # KV-cache layout, calibration, heal's data and teacher): see annotations.py
+    annotations: Annotations = dataclasses.field(default_factory=Annotations)
 
     @property
     def graph(self) -> fx.Graph:
@@ -58,11 +57,12 @@ class Program:
         """A copy with its own graph and module attributes; tensors are shared, not copied.
 
         Passes build new tensors rather than changing weights in place, so the program before a
-        pass stays intact for verification and rollback without doubling memory.
+        pass stays intact for verification and rollback without doubling memory. Annotations are
+        copied shallowly (they are frozen; a pass replaces one rather than changing it).
         """
         new_gm = copy_graph_module(self.module)
         return dataclasses.replace(
-            self, module=new_gm, applied=list(self.applied), meta=copy.deepcopy(self.meta),
+            self, module=new_gm, applied=list(self.applied), annotations=self.annotations.copy(),
             dynamic_dims=[dict(d) for d in self.dynamic_dims],
         )
 

@@ -1,9 +1,9 @@
 """The Report: data first (JSON), then a terminal table.
 
-JSON schema (``--report-json``; ``schema_version`` 1)::
+JSON schema (``--report-json``; ``schema_version`` 2)::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "tool": "evo-rewrite", "version": str, "torch": str,
       "source": str, "source_kind": str, "pipeline": str,
       "inputs": str,                       # example inputs, e.g. "input_ids:int64[2, 16]"
@@ -25,16 +25,12 @@ JSON schema (``--report-json``; ``schema_version`` 1)::
                        "attention_sites", "softmaxes"},
       "model_after":  {... same keys ...},
       "outputs": [str],                    # files written
-      "onnx": null | {                     # --target onnx (targets/onnx.py OnnxReport)
-          "path": str, "attention": "ort"|"onnx", "dtype": "fp32"|"fp16", "opset": int,
-          "ort_version": str, "provider": str,
-          "attention_sites": int, "fused": int, "fused_ops": {op: int},
-          "kv_heads": [{"node", "op", "heads", "kv_heads"}],
-          "unfused": [{"module", "node", "reason"}], "flash_applied": int,
-          "op_counts": {op: int}, "checks": [{"inputs", "max_abs_error", "max_rel_error"}],
-          "max_rel_error": float, "tolerance": float, "fp32_ops": [str],
-          "external_data": str | null, "bytes": int, "seconds": float, "notes": [str]
-      },
+      "targets": [{                        # what each target wrote (TargetReport.to_dict(); the onnx
+          "target": str, "path": str,      # target adds attention, dtype, opset, fused operators,
+          "files": [str], "bytes": int,    # ORT checks: targets/onnx.py OnnxReport)
+          "seconds": float, "notes": [str],
+          "prepared": [{...pass record of the target's prepare pipeline...}], ...
+      }],
       "ok": bool                           # every pass verified
     }
 """
@@ -86,7 +82,7 @@ class Report:
     outputs: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     baseline_seconds: float = 0.0
-    onnx: dict[str, Any] = dataclasses.field(default_factory=dict)  # the ONNX target's findings (OnnxReport)
+    targets: list[Any] = dataclasses.field(default_factory=list)  # TargetReport of every output written
 
     @property
     def ok(self) -> bool:
@@ -98,7 +94,7 @@ class Report:
     def to_dict(self) -> dict:
         import torch
 
-        from . import __version__
+        from ._version import __version__
 
         passes = []
         for p in self.passes:
@@ -107,12 +103,13 @@ class Report:
             d["metrics"] = {k: _finite(v) for k, v in p.metrics.items()}
             passes.append(d)
         return {
-            "schema_version": 1, "tool": "evo-rewrite", "version": __version__, "torch": torch.__version__,
+            "schema_version": 2, "tool": "evo-rewrite", "version": __version__, "torch": torch.__version__,
             "source": self.source, "source_kind": self.source_kind, "pipeline": self.pipeline,
             "inputs": self.inputs, "verify_inputs": self.verify_inputs, "passes": passes,
             "end_to_end": {k: _finite(v) for k, v in self.end_to_end.items()},
             "model_before": self.model_before, "model_after": self.model_after,
-            "outputs": self.outputs, "onnx": self.onnx or None, "notes": self.notes, "ok": self.ok,
+            "outputs": self.outputs, "targets": [t.to_dict() for t in self.targets], "notes": self.notes,
+            "ok": self.ok,
         }
 
     def to_json(self) -> str:
@@ -155,35 +152,13 @@ class Report:
             e = self.end_to_end
             lines.append("")
             lines.append("against the source: " + ", ".join(f"{k} {_fmt(v, '.3g')}" for k, v in e.items() if isinstance(v, (int, float))))
-        if self.onnx:
-            lines += [""] + _onnx_lines(self.onnx)
+        for t in self.targets:
+            lines += ["", f"target   {t.target} -> {t.path} ({t.bytes:,} bytes, {t.seconds:.1f} s)"] + t.lines()
         for o in self.outputs:
             lines.append(f"wrote    {o}")
         for n in self.notes:
             lines.append(f"note     {n}")
         return "\n".join(lines)
-
-
-def _onnx_lines(o: dict) -> list[str]:
-    fused = ", ".join(f"{op} {n}" for op, n in o.get("fused_ops", {}).items()) or "none"
-    kv = sorted({(h["heads"], h["kv_heads"]) for h in o.get("kv_heads", [])}, key=str)
-    lines = [f"onnx     {o['attention']} attention, {o['dtype']}, opset {o['opset']}, ONNX Runtime {o['ort_version']} "
-             f"({o['provider']})",
-             f"    fused attention operators / attention sites: {o['fused']} / {o['attention_sites']} ({fused})"
-             + (f"; heads/kv_heads {', '.join(f'{h}/{k}' for h, k in kv)}" if kv else "")]
-    if o.get("flash_applied"):
-        lines.append(f"    flash run by the target first: {o['flash_applied']} sites fused")
-    for u in o.get("unfused", [])[:4]:
-        lines.append(f"    not fused {u['module'] or u['node']}: {u['reason']}")
-    for c in o.get("checks", []):
-        lines.append(f"    ORT vs PyTorch on {c['inputs']}: max abs err {_fmt(c['max_abs_error'], '.2e')}, "
-                     f"max rel err {_fmt(c['max_rel_error'], '.2e')} (tolerance {o['tolerance']:g})")
-    top = list(o.get("op_counts", {}).items())[:10]
-    lines.append(f"    operators ({sum(o.get('op_counts', {}).values())}): " + ", ".join(f"{k} {v}" for k, v in top)
-                 + (", ..." if len(o.get("op_counts", {})) > 10 else ""))
-    for n in o.get("notes", []):
-        lines.append(f"    note: {n}")
-    return lines
 
 
 def _fmt(v, spec) -> str:

@@ -5,9 +5,9 @@ SOURCE is one of
   * ``path/to/hf_dir``             a Hugging Face model directory (config.json + weights), read offline
   * ``file.py:factory`` or ``pkg.module:factory``  a callable returning a module, or (module, inputs)
   * ``model.pt``                   a pickled nn.Module; loads only with ``allow_pickle=True``
-  * ``path/to/out_dir``            a program with checkpoint regions as evo-rewrite wrote it (generated
-                                   ``model.py`` + safetensors + evo_rewrite.json): loading runs that generated
-                                   code (evo-rewrite wrote it at the user's request; nothing is unpickled)
+  * ``path/to/out_dir``            a directory a registered target wrote and reads back (``Target.can_read``
+                                   / ``Target.read``): the pytorch target's generated source for programs
+                                   with checkpoint regions
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-import json
 import os
 import pickle
 import re
@@ -25,13 +24,13 @@ from pathlib import Path
 
 import torch
 
+from .annotations import METADATA_FILE, read_metadata
 from .errors import SourceError
 from .inputs import Inputs, make_inputs, parse_input_spec
 from .program import Program, SourceInfo
+from .sdpa import restore_pins
 
 __all__ = ["Loaded", "load", "hf_example_inputs", "METADATA_FILE"]
-
-METADATA_FILE = "evo_rewrite.json"
 _PICKLE_EXT = {".pt", ".pth", ".bin", ".pkl", ".pickle"}
 
 
@@ -62,8 +61,9 @@ def load(source: str | os.PathLike, *, inputs: str | Inputs | None = None, allow
     """Load SOURCE and its example inputs. Raises SourceError with what to do on any bad source."""
     src = str(source)
     path = Path(src)
-    if path.is_dir() and (path / METADATA_FILE).is_file() and (path / "model.py").is_file():
-        loaded = _load_generated(path)
+    written = _load_written(path) if path.is_dir() and (path / METADATA_FILE).is_file() else None
+    if written is not None:
+        loaded = written
     elif path.is_dir():
         loaded = _load_hf(path)
     elif path.is_file() and path.suffix == ".pt2":
@@ -95,11 +95,8 @@ def load(source: str | os.PathLike, *, inputs: str | Inputs | None = None, allow
         loaded.model.to(device)
     if loaded.program is not None and str(device) != "cpu":
         loaded.program.module.to(device)
-        if torch.device(device).type == "cuda" and loaded.program.meta.get("sdpa_backends"):
-            from evo_rewrite.passes.flash_backends import repin  # the .pt2 recorded the flash pass's backend choice
-
-            repin(loaded.program.graph, loaded.program.meta["sdpa_backends"])
-            loaded.program.module.recompile()
+        if torch.device(device).type == "cuda":
+            restore_pins(loaded.program)  # the output recorded the flash pass's backend choice
     if loaded.inputs is not None:
         loaded.inputs = loaded.inputs.to(device)
         if loaded.program is not None:
@@ -118,23 +115,20 @@ def _load_pt2(path: Path) -> Loaded:
     except Exception as exc:  # noqa: BLE001 - any failure here means the file is not a usable .pt2
         raise SourceError(f"{path}: not a readable .pt2 ExportedProgram ({_describe_exc(exc)}). The file may be "
                           "truncated or written by another tool; re-export it with torch.export.save.") from None
-    meta = {}
-    if extra.get(METADATA_FILE):
-        try:
-            meta = json.loads(extra[METADATA_FILE])
-        except json.JSONDecodeError:
-            meta = {}
+    try:
+        recorded = read_metadata(extra.get(METADATA_FILE), kind="pt2", path=str(path))
+    except ValueError as exc:
+        raise SourceError(f"{path}: its {METADATA_FILE} entry is not evo-rewrite metadata ({exc}); re-export the "
+                          "model or remove the entry") from None
     ex = getattr(ep, "example_inputs", None)
     if ex is not None:
         inputs = Inputs(tuple(ex[0]), dict(ex[1]))
     else:
         inputs = _inputs_from_placeholders(ep)
-    info = SourceInfo(kind="pt2", path=str(path), model_class=meta.get("model_class"),
-                      hf_config=meta.get("hf_config"), hf_class=meta.get("hf_class"))
-    program = program_from_exported(ep, inputs, info)
-    program.applied = list(meta.get("applied", []))
-    program.meta["sdpa_backends"] = meta.get("sdpa_backends") or {}
-    return Loaded(source=info, inputs=inputs, program=program)
+    program = program_from_exported(ep, inputs, recorded.source)
+    program.applied = recorded.applied
+    program.annotations = recorded.annotations
+    return Loaded(source=recorded.source, inputs=inputs, program=program)
 
 
 def _inputs_from_placeholders(ep) -> Inputs:
@@ -155,11 +149,15 @@ def _inputs_from_placeholders(ep) -> Inputs:
 
 # ---- generated source (a program with checkpoint regions; targets/source.py) ------------------
 
-def _load_generated(path: Path) -> Loaded:
-    from evo_rewrite.targets.source import load_source
+def _load_written(path: Path) -> Loaded | None:
+    """A directory a registered target wrote and can read back (generated source), or None."""
+    from .target_infra import registered_targets
 
-    program, _ = load_source(path)
-    return Loaded(source=program.source, inputs=program.inputs, program=program)
+    for cls in registered_targets().values():
+        if cls.can_read(path):
+            program = cls.read(path)
+            return Loaded(source=program.source, inputs=program.inputs, program=program)
+    return None
 
 
 # ---- pickle ----------------------------------------------------------------------------------

@@ -1,7 +1,3 @@
-"""Emitters: write a rewritten Program as files other tools run."""
-
-from .hf import save_hf
-from .onnx import OnnxReport, save_onnx
-from .pytorch import save_pt2
-
-__all__ = ["save_pt2", "save_onnx", "OnnxReport", "save_hf"]
+"""Built-in targets, one module each: pytorch (.pt2 / generated source), hf, onnx, safetensors; and the
+tensor-parallel runtime (``python -m evo_rewrite.targets.parallel``). They register through the
+``evo_rewrite.targets`` entry-point group (pyproject.toml), as a third-party package's targets do."""

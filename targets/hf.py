@@ -4,65 +4,79 @@ runtime that reads HF checkpoints get the smaller KV cache.
 
 The weights come from the rewritten program (named by module path, as in the source model), the
 config is the source's with ``num_key_value_heads`` set; the directory is reloaded with
-``from_pretrained``, checked against the program on the example inputs, and only then moved into
-place.
+``from_pretrained`` and checked against the program on the example inputs before it is moved into
+place (``evo_rewrite.target_infra.emit``). Written only when asked for: ``--target hf`` or
+``--hf-output DIR``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from evo_rewrite.attention import attention_sites
-from evo_rewrite.errors import OutputError, UsageError, VerificationError
+from evo_rewrite.errors import UsageError, VerificationError
 from evo_rewrite.program import Program
+from evo_rewrite.target_infra import Target, TargetReport, emit, register_target
 from evo_rewrite.verify import compare_outputs, tolerance
 
-__all__ = ["save_hf", "hf_expressible"]
+__all__ = ["HuggingFaceTarget", "save_hf", "hf_expressible"]
 
-# passes whose result a transformers config can describe (flash changes no weight)
-_EXPRESSIBLE = {"gqa", "flash"}
+
+def _config(program: Program, transformers):
+    cls = getattr(transformers, program.source.hf_class)
+    config = cls.config_class.from_dict(dict(program.source.hf_config))
+    kv = {site.kv_heads for site in attention_sites(program.module) if site.kv_heads}
+    if len(kv) == 1 and hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = kv.pop()
+    config.use_cache = True
+    return cls, config
 
 
 def hf_expressible(program: Program) -> str | None:
-    """None when the program can be written as an HF checkpoint, else the reason it cannot."""
+    """None when the program can be written as an HF checkpoint, else the reason it cannot.
+
+    Decided from the program, not from which passes ran: the source's class, built (on the meta device)
+    from the source's config with the program's K/V head count, must take exactly the program's weights
+    with their shapes. The written checkpoint is then checked against the program by running it.
+    """
     s = program.source
     if not s.hf_config or not s.hf_class:
         return "the source is not a Hugging Face model"
-    others = [a for a in program.applied if a.split("(")[0] not in _EXPRESSIBLE]
-    if others:
-        return f"{', '.join(others)} cannot be expressed in a transformers config"
-    if any(a.startswith("gqa") for a in program.applied):
-        if "num_key_value_heads" not in s.hf_config:
-            return f"{s.hf_class}'s config has no num_key_value_heads"
-        kv = {site.kv_heads for site in attention_sites(program.module)}
-        if len(kv) != 1:
-            return f"sites have different K/V head counts {sorted(kv)}"
+    try:
+        import transformers
+    except ImportError:
+        return "transformers is not installed: pip install 'evo-rewrite[hf]'"
+    kv = {site.kv_heads for site in attention_sites(program.module) if site.kv_heads}
+    if len(kv) > 1:
+        return f"sites have different K/V head counts {sorted(kv)}, which one num_key_value_heads cannot say"
+    cls, config = _config(program, transformers)
+    if kv and kv != {getattr(config, "num_key_value_heads", next(iter(kv)))}:
+        return f"{s.hf_class}'s config has no num_key_value_heads"
+    with torch.device("meta"):
+        model = cls(config)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(t.shape) for k, t in program.named_tensors().items() if isinstance(t, torch.nn.Parameter)}
+    extra = [k for k in have if k not in want]
+    if extra:
+        return (f"the program has weights {s.hf_class} does not ({', '.join(extra[:3])}"
+                f"{' ...' if len(extra) > 3 else ''}): a transformers config cannot express this rewrite")
+    wrong = [k for k in have if want[k] != have[k]]
+    if wrong:
+        return f"weight {wrong[0]} has shape {list(have[wrong[0]])}, {s.hf_class} with this config expects {list(want[wrong[0]])}"
     return None
 
 
-def save_hf(program: Program, out_dir: str | os.PathLike) -> str:
+def _build(program: Program):
+    """The transformers model holding the program's weights, ready for save_pretrained."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    reason = hf_expressible(program)
-    if reason:
-        raise UsageError(f"cannot write a Hugging Face checkpoint: {reason}")
-    out = Path(out_dir)
-    if out.exists():
-        raise OutputError(f"{out} already exists; choose another directory for the Hugging Face checkpoint")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {out}: directory {parent} is missing or not writable")
-    cls = getattr(transformers, program.source.hf_class)
-    config = cls.config_class.from_dict(dict(program.source.hf_config))
-    if any(a.startswith("gqa") for a in program.applied):
-        config.num_key_value_heads = attention_sites(program.module)[0].kv_heads
-    config.use_cache = True
+    cls, config = _config(program, transformers)
     tensors = program.named_tensors()
     state = {k: v.detach() for k, v in tensors.items()}
     first = next(t for t in state.values() if t.is_floating_point())
@@ -80,22 +94,50 @@ def save_hf(program: Program, out_dir: str | os.PathLike) -> str:
     if missing:
         raise VerificationError(f"the rewritten program does not provide {missing[:3]} for {cls.__name__}")
     model.tie_weights()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    try:
-        model.save_pretrained(tmp)
-        reloaded = cls.from_pretrained(tmp, attn_implementation="eager", local_files_only=True, dtype=dtype).to(device).eval()
+    return cls, model, dtype, device
+
+
+@register_target
+@dataclasses.dataclass(frozen=True)
+class HuggingFaceTarget(Target):
+    """A Hugging Face checkpoint directory (config + safetensors) that from_pretrained loads."""
+
+    name: ClassVar[str] = "hf"
+    summary: ClassVar[str] = ("a Hugging Face checkpoint directory, when the rewrite fits the source's config "
+                              "(GQA -> num_key_value_heads)")
+    suffix: ClassVar[str] = ""
+
+    def validate(self, program: Program | None) -> None:
+        if program is None:
+            return
+        reason = hf_expressible(program)
+        if reason:
+            raise UsageError(f"cannot write a Hugging Face checkpoint: {reason}")
+
+    def output_name(self, program: Program, stem: str) -> str:
+        return f"{stem}.rewritten-hf"
+
+    def write(self, program: Program, path: Path) -> TargetReport:
+        cls, model, _, _ = _build(program)
+        model.save_pretrained(path)
+        return TargetReport()
+
+    def check(self, program: Program, path: Path, report: TargetReport) -> None:
+        cls = getattr(__import__("transformers"), program.source.hf_class)
+        first = next(t for t in program.named_tensors().values() if t.is_floating_point())
+        reloaded = cls.from_pretrained(path, attn_implementation="eager", local_files_only=True,
+                                       dtype=first.dtype).to(first.device).eval()
         inputs = program.inputs
         with torch.no_grad():
             ref = program(inputs)
             got = reloaded(*inputs.args, **inputs.kwargs, use_cache=False)
         key = next(iter(ref)) if isinstance(ref, dict) else 0  # the first output (logits / last_hidden_state)
-        ref_t, got_t = ref[key], got[key]
-        metrics, problem, dtype = compare_outputs(ref_t, got_t)
+        metrics, problem, dtype = compare_outputs(ref[key], got[key])
         if problem or metrics.get("max_rel_error", 0) > tolerance(dtype):
             raise VerificationError(f"the Hugging Face checkpoint does not reproduce the rewritten program: "
                                     f"{problem or 'max relative error %.3g' % metrics['max_rel_error']}")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(out)
+
+
+def save_hf(program: Program, out_dir: str | os.PathLike) -> str:
+    """Write, reload and check a Hugging Face checkpoint directory; return its path."""
+    return emit(program, HuggingFaceTarget(), out_dir).path

@@ -2,9 +2,9 @@
 
 How a Program becomes ONNX:
 
-1. Attention must be fused first. A program that still holds matmul → softmax → matmul attention
-   (no ``flash`` in its pipeline, or soft-capped sites plain ``flash`` leaves) gets
-   ``flash(softcap=true)`` here, verified like any pass: soft-capped sites (Gemma2) become
+1. Attention must be fused first. For a program that still holds matmul → softmax → matmul attention
+   (no ``flash`` in its pipeline, or soft-capped sites plain ``flash`` leaves) the target asks for
+   ``flash(softcap=true)`` (``OnnxTarget.prepare``), which the pass manager runs, verified like any pass: soft-capped sites (Gemma2) become
    ``evo_rewrite::softcap_attention`` nodes (rewriter/ops.py). Sites ``flash`` cannot express at all
    stay unfused and are reported with the reason.
 2. ``evo_rewrite.targets.pytorch.export_program`` re-exports the program with its symbolic batch and sequence
@@ -30,7 +30,7 @@ How a Program becomes ONNX:
 5. The model is written to a temporary directory beside the output (weights as external data when
    asked, or automatically above :data:`EXTERNAL_DATA_AUTO_BYTES`), loaded in ONNX Runtime
    (CPUExecutionProvider), run at the example size and at another size against the PyTorch
-   program, and only then moved into place.
+   program, and only then moved into place (``evo_rewrite.target_infra.emit``).
 """
 
 from __future__ import annotations
@@ -38,12 +38,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import shutil
 import tempfile
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -53,13 +51,13 @@ from evo_rewrite.attention import SDPA_OPS, find_attention
 from evo_rewrite.errors import OutputError, RewriteError, UsageError, VerificationError
 from evo_rewrite.ops import SOFTCAP_ATTENTION, onnx_translations
 from evo_rewrite.program import Program
+from evo_rewrite.target_infra import Target, TargetReport, emit, register_target
 from evo_rewrite.verify import compare_outputs
 
 from .onnx_rules import (MS_DOMAIN, eliminate_common_subexpressions, lower_attention_to_ort, pack_qkv, remove_reshape_pairs,
                          repair_for_ort, rms_norm_to_ort, rule_classes, static_dim)
-from .paths import check_output_file
 
-__all__ = ["save_onnx", "to_onnx", "OnnxReport", "AttentionToOrt", "ATTENTION_FORMS", "DEFAULT_ATTENTION",
+__all__ = ["OnnxTarget", "save_onnx", "to_onnx", "OnnxReport", "AttentionToOrt", "ATTENTION_FORMS", "DEFAULT_ATTENTION",
            "DTYPES", "EXTERNAL_DATA_AUTO_BYTES", "OPSET"]
 
 OPSET = 23
@@ -78,30 +76,27 @@ FUSED_OPS = {"onnx": {("", "Attention")},
                      ("", "Attention")}}
 
 
-@dataclasses.dataclass
-class OnnxReport:
-    """What the ONNX target wrote and how it checked it (``Report.onnx`` holds ``to_dict()``)."""
+@dataclasses.dataclass(kw_only=True)
+class OnnxReport(TargetReport):
+    """What the ONNX target wrote and how it checked it (``to_dict()`` lands in the report's targets)."""
 
-    path: str
-    attention: str  # the requested form: "onnx" or "ort"
-    dtype: str
-    opset: int
-    ort_version: str
-    provider: str
-    attention_sites: int  # attention sites in the program (fused or not)
-    fused: int  # attention operators in the ONNX graph
-    fused_ops: dict[str, int]  # operator -> count, e.g. {"GroupQueryAttention": 2}
-    kv_heads: list[dict]  # per fused operator: node, op, heads, kv_heads
-    unfused: list[dict]  # attention sites left as matmul/softmax: module, reason
-    flash_applied: int  # sites the target fused itself (program had no flash)
-    op_counts: dict[str, int]
-    checks: list[dict]  # per input set: inputs, max_abs_error, max_rel_error
-    tolerance: float
+    attention: str = DEFAULT_ATTENTION  # the requested form: "onnx" or "ort"
+    dtype: str = "fp32"
+    opset: int = OPSET
+    ort_version: str = ""
+    provider: str = PROVIDER
+    attention_sites: int = 0  # attention sites in the program (fused or not)
+    fused: int = 0  # attention operators in the ONNX graph
+    fused_ops: dict[str, int] = dataclasses.field(default_factory=dict)  # e.g. {"GroupQueryAttention": 2}
+    kv_heads: list[dict] = dataclasses.field(default_factory=list)  # per fused operator: node, op, heads, kv_heads
+    unfused: list[dict] = dataclasses.field(default_factory=list)  # attention sites left as matmul/softmax: module, reason
+    flash_applied: int = 0  # sites the target's prepare pipeline fused (program had no flash)
+    op_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    checks: list[dict] = dataclasses.field(default_factory=list)  # per input set: inputs, max_abs_error, max_rel_error
+    tolerance: float = 0.0
     fp32_ops: list[str] = dataclasses.field(default_factory=list)  # fp16: "op count" the EP runs in fp32 (no kernel)
     external_data: str | None = None
-    bytes: int = 0
-    seconds: float = 0.0
-    notes: list[str] = dataclasses.field(default_factory=list)
+    user_inputs: list[str] = dataclasses.field(default_factory=list)  # the ONNX graph's input names
 
     @property
     def max_rel_error(self) -> float:
@@ -112,29 +107,41 @@ class OnnxReport:
         d["max_rel_error"] = self.max_rel_error
         return d
 
+    def fold_prepared(self, records: list) -> None:
+        super().fold_prepared(records)
+        for rec in records:
+            self.flash_applied += rec.rewrites if rec.verified else 0
+            reasons = {s["node"]: s["reason"] for s in rec.skipped}
+            for u in self.unfused:
+                u["reason"] = (f"flash was rolled back: {rec.failure}" if not rec.verified
+                               else reasons.get(u["node"], u["reason"]))
+        if self.external_data:
+            self.external_data = str(Path(self.path).parent / Path(self.external_data).name)
+
+    def lines(self) -> list[str]:
+        fused = ", ".join(f"{op} {n}" for op, n in self.fused_ops.items()) or "none"
+        kv = sorted({(h["heads"], h["kv_heads"]) for h in self.kv_heads}, key=str)
+        lines = [f"    {self.attention} attention, {self.dtype}, opset {self.opset}, ONNX Runtime {self.ort_version} "
+                 f"({self.provider})",
+                 f"    fused attention operators / attention sites: {self.fused} / {self.attention_sites} ({fused})"
+                 + (f"; heads/kv_heads {', '.join(f'{h}/{k}' for h, k in kv)}" if kv else "")]
+        if self.flash_applied:
+            lines.append(f"    flash run by the target first: {self.flash_applied} sites fused")
+        for u in self.unfused[:4]:
+            lines.append(f"    not fused {u['module'] or u['node']}: {u['reason']}")
+        for c in self.checks:
+            lines.append(f"    ORT vs PyTorch on {c['inputs']}: max abs err {c['max_abs_error']:.2e}, "
+                         f"max rel err {c['max_rel_error']:.2e} (tolerance {self.tolerance:g})")
+        top = list(self.op_counts.items())[:10]
+        lines.append(f"    operators ({sum(self.op_counts.values())}): " + ", ".join(f"{k} {v}" for k, v in top)
+                     + (", ..." if len(self.op_counts) > 10 else ""))
+        return lines + [f"    note: {n}" for n in self.notes]
+
 
 def __getattr__(name):
     if name == "AttentionToOrt":
         return rule_classes()[0]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _ensure_fused(program: Program, log) -> tuple[Program, int, dict[str, str]]:
-    """Run ``flash`` when the program still has unfused attention; return (program, fused here, skip reasons)."""
-    pending = [r for r in find_attention(program.module) if r.site is not None and not r.site.fused]
-    if not pending:
-        return program, 0, {}
-    from evo_rewrite.manager import PassManager
-    from evo_rewrite.pipeline import parse_pipeline
-
-    if log:
-        log(f"ONNX target: {len(pending)} attention sites are not fused; running flash first ...")
-    fused, report = PassManager(parse_pipeline("flash(softcap=true)")).run(program)
-    rec = report.passes[0]
-    reasons = {s["node"]: s["reason"] for s in rec.skipped}
-    if not rec.verified:
-        reasons = {r.node.name: f"flash was rolled back: {rec.failure}" for r in pending}
-    return fused, rec.rewrites if rec.verified else 0, reasons
 
 
 def _output_names(program: Program) -> list[str] | None:
@@ -317,10 +324,6 @@ def _check(path: str, program: Program, user_inputs: list[str], dtype: str) -> t
     return checks, tol, ort.__version__
 
 
-def _check_path(out: Path, program: Program) -> Path:
-    return check_output_file(out, program.source.path, suffix=".onnx")
-
-
 def _validate(attention: str, dtype: str, external_data) -> None:
     if attention not in ATTENTION_FORMS:
         raise UsageError(f"unknown ONNX attention form {attention!r}; choose one of {', '.join(ATTENTION_FORMS)} "
@@ -336,6 +339,81 @@ def _validate(attention: str, dtype: str, external_data) -> None:
                          f"{EXTERNAL_DATA_AUTO_BYTES // 2**20} MiB), not {external_data!r}")
 
 
+@register_target
+@dataclasses.dataclass(frozen=True)
+class OnnxTarget(Target):
+    """An .onnx model for ONNX Runtime, every attention site one fused operator, checked in ONNX Runtime."""
+
+    name: ClassVar[str] = "onnx"
+    summary: ClassVar[str] = ("ONNX for ONNX Runtime: attention as MultiHeadAttention/GroupQueryAttention (ort) or "
+                              "the ONNX Attention operator (onnx); checked in ONNX Runtime at two sizes")
+    suffix: ClassVar[str] = ".onnx"
+
+    attention: str = DEFAULT_ATTENTION  # ort | onnx
+    dtype: str = "fp32"  # fp32 | fp16
+    external_data: bool | None = None  # weights in <OUT>.data; None: automatic above 1.5 GiB
+
+    def __post_init__(self):
+        _validate(self.attention, self.dtype, self.external_data)
+
+    def prepare(self, program: Program) -> str:
+        pending = [r for r in find_attention(program.module) if r.site is not None and not r.site.fused]
+        return "flash(softcap=true)" if pending else ""
+
+    def write(self, program: Program, path: Path) -> OnnxReport:
+        import onnx_ir as ir
+
+        model, facts = to_onnx(program, attention=self.attention)
+        notes = []
+        if facts["exported_attention"] != facts["sdpa"]:
+            notes.append(f"torch.onnx lowered {facts['exported_attention']} of {facts['sdpa']} SDPA calls to Attention")
+        if facts["packed"]:
+            notes.append(f"{facts['packed']} self-attention sites take their Q/K/V projections packed into one weight "
+                         "(com.microsoft.Attention)")
+        if facts["ort_fusions"]:
+            notes.append("onnxscript optimize_for_ort: " + ", ".join(f"{k} {v}" for k, v in facts["ort_fusions"].items()))
+        if facts["repaired"]["rotary_caches"]:
+            notes.append(f"{facts['repaired']['rotary_caches']} RotaryEmbedding nodes got their batch-1 cos/sin caches "
+                         "expanded to the batch (onnxscript's opset-23 rotary fusion leaves them at batch 1, which ONNX "
+                         "Runtime rejects)")
+        if facts["repaired"]["attention_masks"] and self.attention == "onnx":
+            notes.append(f"{facts['repaired']['attention_masks']} Attention masks expanded over the query axis (ONNX "
+                         "Runtime's CPU Attention kernel does not broadcast them)")
+        if self.dtype == "fp16":
+            model = ir.serde.deserialize_model(_to_fp16(ir.serde.serialize_model(model)))
+        nbytes = _initializer_bytes(model)
+        external = self.external_data if self.external_data is not None else nbytes > EXTERNAL_DATA_AUTO_BYTES
+        data_name = f"{path.name}.data" if external else None
+        counts = collections.Counter(_op_name(n) for n in model.graph)
+        fused_nodes = [n for n in model.graph if (_domain(n), n.op_type) in FUSED_OPS[self.attention]]
+        unfused = [{"module": r.module, "node": r.node.name, "reason": "left unfused by flash"}
+                   for r in find_attention(program.module) if r.site is not None and not r.site.fused]
+        left_as_attention = counts.get("Attention", 0)
+        if self.attention == "ort" and left_as_attention:
+            notes.append(f"{left_as_attention} Attention nodes have no ORT contrib equivalent and stay standard Attention")
+        try:
+            ir.save(model, path, external_data=data_name) if data_name else ir.save(model, path)
+        except ValueError as exc:  # protobuf's 2 GiB limit
+            raise OutputError(f"cannot write {path.name} as one file ({exc}); use external data "
+                              "(onnx(external_data=true) / --onnx-external-data)") from None
+        return OnnxReport(
+            attention=self.attention, dtype=self.dtype, attention_sites=sum(1 for r in find_attention(program.module)
+                                                                            if r.site is not None),
+            fused=len(fused_nodes), fused_ops=dict(collections.Counter(_fused_name(n) for n in fused_nodes)),
+            kv_heads=[_heads(n) for n in fused_nodes], unfused=unfused, op_counts=dict(counts.most_common()),
+            external_data=data_name, notes=notes, user_inputs=facts["user_inputs"])
+
+    def check(self, program: Program, path: Path, report: OnnxReport) -> None:
+        report.checks, report.tolerance, report.ort_version = _check(str(path), program, report.user_inputs, self.dtype)
+        if self.dtype == "fp16":
+            with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+                report.fp32_ops = _fp32_on_ep(str(path), scratch)
+            if report.fp32_ops:
+                report.notes.append(f"fp16 on {PROVIDER}: weights are stored in fp16, but ONNX Runtime has no fp16 "
+                                    "kernel for these operators and runs them in fp32 behind casts it inserts: "
+                                    + ", ".join(report.fp32_ops))
+
+
 def save_onnx(program: Program, path: str | os.PathLike, *, attention: str = DEFAULT_ATTENTION, dtype: str = "fp32",
               external_data: bool | None = None, log: Callable[[str], None] | None = None) -> OnnxReport:
     """Write ``program`` as ONNX to ``path`` (atomically, checked in ONNX Runtime at two sizes).
@@ -346,86 +424,7 @@ def save_onnx(program: Program, path: str | os.PathLike, *, attention: str = DEF
     1.5 GiB). Raises UsageError for bad options, OutputError for an unwritable path and
     VerificationError when ONNX Runtime does not reproduce the program.
     """
-    import onnx_ir as ir
-
-    t0 = time.perf_counter()
-    _validate(attention, dtype, external_data)
-    out = Path(path)
-    parent = _check_path(out, program)
-    sites_before = [r for r in find_attention(program.module) if r.site is not None]
-    program, flash_applied, reasons = _ensure_fused(program, log)
-    if log:
-        log(f"exporting to ONNX (opset {OPSET}, attention={attention}, {dtype}) ...")
-    model, facts = to_onnx(program, attention=attention)
-    notes = []
-    if facts["exported_attention"] != facts["sdpa"]:
-        notes.append(f"torch.onnx lowered {facts['exported_attention']} of {facts['sdpa']} SDPA calls to Attention")
-    if facts["packed"]:
-        notes.append(f"{facts['packed']} self-attention sites take their Q/K/V projections packed into one weight "
-                     "(com.microsoft.Attention)")
-    if facts["ort_fusions"]:
-        notes.append("onnxscript optimize_for_ort: " + ", ".join(f"{k} {v}" for k, v in facts["ort_fusions"].items()))
-    if facts["repaired"]["rotary_caches"]:
-        notes.append(f"{facts['repaired']['rotary_caches']} RotaryEmbedding nodes got their batch-1 cos/sin caches "
-                     "expanded to the batch (onnxscript's opset-23 rotary fusion leaves them at batch 1, which ONNX "
-                     "Runtime rejects)")
-    if facts["repaired"]["attention_masks"] and attention == "onnx":
-        notes.append(f"{facts['repaired']['attention_masks']} Attention masks expanded over the query axis (ONNX "
-                     "Runtime's CPU Attention kernel does not broadcast them)")
-    fp32_ops: list[str] = []
-    if dtype == "fp16":
-        model = ir.serde.deserialize_model(_to_fp16(ir.serde.serialize_model(model)))
-    nbytes = _initializer_bytes(model)
-    external = external_data if external_data is not None else nbytes > EXTERNAL_DATA_AUTO_BYTES
-    data_name = f"{out.name}.data" if external else None
-
-    counts = collections.Counter(_op_name(n) for n in model.graph)
-    fused_nodes = [n for n in model.graph if (_domain(n), n.op_type) in FUSED_OPS[attention]]
-    kv_heads = [_heads(n) for n in fused_nodes]
-    unfused = []
-    for r in find_attention(program.module):
-        if r.site is not None and not r.site.fused:
-            unfused.append({"module": r.module, "node": r.node.name,
-                            "reason": reasons.get(r.node.name, "left unfused by flash")})
-    left_as_attention = counts.get("Attention", 0)
-    if attention == "ort" and left_as_attention:
-        notes.append(f"{left_as_attention} Attention nodes have no ORT contrib equivalent and stay standard Attention")
-
-    tmpdir = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-    try:
-        tmp_model = os.path.join(tmpdir, out.name)
-        try:
-            ir.save(model, tmp_model, external_data=data_name) if data_name else ir.save(model, tmp_model)
-        except OSError as exc:
-            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
-        except ValueError as exc:  # protobuf's 2 GiB limit
-            raise OutputError(f"cannot write {out} as one file ({exc}); use external data "
-                              "(--onnx-external-data / external_data=True)") from None
-        if log:
-            log(f"checking {out.name} in ONNX Runtime ({PROVIDER}) at two sizes ...")
-        checks, tol, ort_version = _check(tmp_model, program, facts["user_inputs"], dtype)
-        if dtype == "fp16":
-            fp32_ops = _fp32_on_ep(tmp_model, tmpdir)
-            if fp32_ops:
-                notes.append(f"fp16 on {PROVIDER}: weights are stored in fp16, but ONNX Runtime has no fp16 kernel "
-                             f"for these operators and runs them in fp32 behind casts it inserts: {', '.join(fp32_ops)}")
-        size = sum(os.path.getsize(os.path.join(tmpdir, f)) for f in os.listdir(tmpdir))
-        try:
-            if data_name:
-                os.replace(os.path.join(tmpdir, data_name), parent / data_name)
-            os.replace(tmp_model, out)
-        except OSError as exc:
-            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-
-    fused_ops = collections.Counter(_fused_name(n) for n in fused_nodes)
-    return OnnxReport(
-        path=str(out), attention=attention, dtype=dtype, opset=OPSET, ort_version=ort_version, provider=PROVIDER,
-        attention_sites=len(sites_before), fused=len(fused_nodes), fused_ops=dict(fused_ops), kv_heads=kv_heads,
-        unfused=unfused, flash_applied=flash_applied, op_counts=dict(counts.most_common()), checks=checks,
-        tolerance=tol, fp32_ops=fp32_ops, external_data=str(parent / data_name) if data_name else None,
-        bytes=size, seconds=time.perf_counter() - t0, notes=notes)
+    return emit(program, OnnxTarget(attention or DEFAULT_ATTENTION, dtype, external_data), path, log=log)
 
 
 def _fused_name(node) -> str:

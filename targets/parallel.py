@@ -4,13 +4,14 @@
     torchrun --nproc-per-node 2 -m evo_rewrite.targets.parallel model.pt2 [more.pt2 ...] [--inputs SPEC] [--device cuda]
              [--check] [--repeat K]
 
-The ``.pt2`` carries the plan the ``tensor-parallel`` pass derived and checked (its
-``evo_rewrite.json``). On every rank this module loads the program, derives the plan again from
-the loaded graph and refuses to run if it differs from the stored one (a pass ran after
-``tensor-parallel``, or the degree is not the number of processes), places every tensor with
+The ``.pt2`` carries the plan the ``tensor-parallel`` pass derived and checked: the program's
+``TensorParallelPlan`` annotation, restored when the file is loaded. On every rank this module
+applies that plan to the loaded graph (``evo_rewrite.tensor_parallel.rank_graph``) and refuses to run
+if it does not fit (a pass ran after ``tensor-parallel``, or the degree is not the number of
+processes), places every tensor with
 DTensor — ``distribute_tensor(weight, mesh, [Shard(0)])`` for column-parallel and
 vocabulary-parallel weights, ``[Shard(1)]`` for row-parallel ones, ``[Replicate()]`` for the rest,
-scattered from rank 0 — and runs the rank's graph (``passes/tensor_parallel_shard.py``) on the
+scattered from rank 0 — and runs the rank's graph on the
 local shards (``DTensor.to_local()``), with ``torch.ops._c10d_functional`` collectives on the
 mesh's process group. ``--check`` also runs the unsharded program on each rank and compares.
 
@@ -24,7 +25,7 @@ are ordinary DTensors, e.g. for ``torch.distributed.checkpoint``).
 Python::
 
     mesh = evo_rewrite.targets.parallel.init_mesh("cuda")
-    sharded = evo_rewrite.targets.parallel.shard(program, mesh, plan=program.meta["tensor_parallel"])
+    sharded = evo_rewrite.targets.parallel.shard(program, mesh, plan=program.annotations.tensor_parallel)
     logits = sharded.module(input_ids=ids)["logits"]
 """
 
@@ -32,11 +33,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
-import zipfile
 
 import torch
 import torch.distributed as dist
@@ -45,11 +44,11 @@ import torch.utils._pytree as pytree
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from evo_rewrite.passes.tensor_parallel import plan_rank
-from evo_rewrite.passes.tensor_parallel_ranks import bind, shard_dim_tensor
+from evo_rewrite.annotations import TensorParallelPlan
 from evo_rewrite.errors import RewriteError, UsageError
 from evo_rewrite.inputs import Inputs
 from evo_rewrite.program import Program
+from evo_rewrite.tensor_parallel import bind, rank_graph, shard_dim_tensor
 
 __all__ = ["ShardedProgram", "init_mesh", "shard", "read_plan", "broadcast_inputs", "retarget", "main"]
 
@@ -76,13 +75,10 @@ def init_mesh(device: str = "cuda") -> DeviceMesh:
     return init_device_mesh(device, (world,), mesh_dim_names=("tp",))
 
 
-def read_plan(path: str | os.PathLike) -> dict | None:
-    """The tensor-parallel plan stored in a ``.pt2`` written by evo-rewrite, or None."""
-    from evo_rewrite.sources import METADATA_FILE
-
-    with zipfile.ZipFile(path) as z:
-        name = next((n for n in z.namelist() if n.endswith("/" + METADATA_FILE)), None)
-        return json.loads(z.read(name)).get("tensor_parallel") if name else None
+def read_plan(program: Program) -> dict | None:
+    """The tensor-parallel plan a program carries (restored from its .pt2), or None."""
+    ann = program.annotations.tensor_parallel
+    return ann.plan if ann is not None else None
 
 
 def retarget(graph: fx.Graph, device: torch.device) -> None:
@@ -103,29 +99,22 @@ def mesh_device(mesh: DeviceMesh) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
 
 
-def _signature(plan: dict) -> tuple:
-    return (plan["degree"], plan["sequence_parallel"],
-            tuple((x["module"], x["weight"], x["style"], str(x["segments"])) for x in plan["linears"]),
-            tuple(sorted((k, v["placement"], str(v["segments"])) for k, v in plan["tensors"].items())))
-
-
-def shard(program: Program, mesh: DeviceMesh, plan: dict | None = None,
-          sequence_parallel: bool = False) -> ShardedProgram:
+def shard(program: Program, mesh: DeviceMesh, plan: dict | TensorParallelPlan | None = None) -> ShardedProgram:
     """This rank's program and its tensors placed on ``mesh`` (degree = mesh size).
 
-    ``plan``: the stored plan to hold the program to (its ``sequence_parallel`` is used); the plan
-    is always derived again from the program, and a difference is an error.
+    ``plan``: default the program's own ``TensorParallelPlan`` annotation (the ``tensor-parallel`` pass's);
+    applied to the graph as it is, and an error when it does not fit.
     """
     degree, rank = mesh.size(), mesh.get_local_rank()
-    if plan is not None:
-        if plan["degree"] != degree:
-            raise UsageError(f"the plan is for tensor-parallel degree {plan['degree']}, but {degree} processes run; "
-                             f"launch with torchrun --nproc-per-node {plan['degree']}")
-        sequence_parallel = plan["sequence_parallel"]
-    new_plan, gm = plan_rank(program, degree, sequence_parallel, rank, mesh.get_group().group_name)
-    if plan is not None and _signature(plan) != _signature(new_plan):
-        raise UsageError("the stored tensor-parallel plan does not match the program's graph (did a pass run after "
-                         "tensor-parallel?); put tensor-parallel last in the pipeline and rewrite again")
+    plan = plan if plan is not None else program.annotations.tensor_parallel
+    if plan is None:
+        raise UsageError("the program holds no tensor-parallel plan: rewrite it with tensor-parallel(degree=N) last "
+                         "in --passes and save it as .pt2")
+    plan = plan.plan if isinstance(plan, TensorParallelPlan) else plan
+    if plan["degree"] != degree:
+        raise UsageError(f"the plan is for tensor-parallel degree {plan['degree']}, but {degree} processes run; "
+                         f"launch with torchrun --nproc-per-node {plan['degree']}")
+    gm = rank_graph(program, plan, rank, mesh.get_group().group_name)
     retarget(gm.graph, mesh_device(mesh))
     tensors, dtensors = {}, {}
     for n in gm.graph.nodes:
@@ -139,13 +128,13 @@ def shard(program: Program, mesh: DeviceMesh, plan: dict | None = None,
             tensors[n.target] = full
             continue
         full = full.detach()
-        entry = new_plan["tensors"].get(n.target)
+        entry = plan["tensors"].get(n.target)
         placement = Shard(entry["dim"]) if entry else Replicate()
         src = shard_dim_tensor(full, entry, degree) if entry else full
         # weights come from rank 0 (every rank read the same file; this makes it so regardless)
         dt = distribute_tensor(src, mesh, [placement], src_data_rank=0 if full.is_floating_point() else None)
         dtensors[n.target], tensors[n.target] = dt, dt.to_local()
-    return ShardedProgram(bind(gm.graph, tensors, program.module), new_plan, dtensors)
+    return ShardedProgram(bind(gm.graph, tensors, program.module), plan, dtensors)
 
 
 def broadcast_inputs(inputs: Inputs, device) -> Inputs:
@@ -171,11 +160,11 @@ def run_one(path: str, mesh: DeviceMesh, args) -> tuple[list[str], int]:
     from evo_rewrite.verify import compare_outputs, tolerance
 
     rank = mesh.get_local_rank()
-    plan = read_plan(path) if zipfile.is_zipfile(path) else None
+    program = load(path, inputs=args.inputs).program
+    plan = read_plan(program) if program is not None else None
     if plan is None:
         raise UsageError(f"{path} holds no tensor-parallel plan: rewrite it with tensor-parallel(degree=N) last in "
                          "--passes and save it as .pt2")
-    program = load(path, inputs=args.inputs).program
     device = mesh_device(mesh)
     sharded = shard(program, mesh, plan)
     inputs = broadcast_inputs(program.inputs, device)

@@ -1,41 +1,41 @@
 """PyTorch target: a ``.pt2`` ExportedProgram that ``torch.export.load`` runs without the original class.
 
-A program with activation-checkpoint regions is not written here (export would inline them): it is
-written as generated source with safetensors weights by ``targets/source.py``.
+A program with activation-checkpoint regions (its ``CheckpointRegions`` annotation) is written as a
+directory of generated source with safetensors weights instead (``targets/source.py``): export would
+inline the regions.
 
 The program is re-exported with the same symbolic batch/sequence dimensions, saved with an
-``evo_rewrite.json`` entry (source, applied pipeline) so the file is again a source, reloaded and run
-at the example size and at another size against the in-memory program, and only then moved into
-place (atomically: a temporary file in the same directory, then ``os.replace``).
+``evo_rewrite.json`` entry (``evo_rewrite.annotations.write_metadata``: source, applied pipeline,
+annotations) so the file is again a source, reloaded and run at the example size and at another size
+against the in-memory program, and only then moved into place (``evo_rewrite.target_infra.emit``).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
-import tempfile
 import warnings
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
+from evo_rewrite.annotations import METADATA_FILE, write_metadata
 from evo_rewrite.errors import OutputError
 from evo_rewrite.program import Program
+from evo_rewrite.sdpa import portable
+from evo_rewrite.target_infra import Target, TargetReport, emit, register_target
 
-from .paths import check_output_file, check_reproduces
+from .paths import check_reproduces
 
-__all__ = ["save_pt2", "export_program"]
+__all__ = ["PyTorchTarget", "save_pt2", "export_program"]
 
 
 def export_program(program: Program) -> torch.export.ExportedProgram:
-    from evo_rewrite.passes.flash_backends import pinned_backend, unpin
-
-    if any(pinned_backend(n) for n in program.graph.nodes):
-        program = program.clone()
-        program.meta["sdpa_backends"] = unpin(program.graph)
-        program.module.recompile()
+    """Re-export the program with its symbolic dimensions (portable SDPA calls: see evo_rewrite.sdpa)."""
+    program = portable(program)
     flat, spec = pytree.tree_flatten((program.inputs.args, program.inputs.kwargs))
     dyn_flat = [{d: Dim.AUTO for d in dims} or None if isinstance(t, torch.Tensor) else None
                 for t, dims in zip(flat, program.dynamic_dims + [{}] * (len(flat) - len(program.dynamic_dims)))]
@@ -50,52 +50,61 @@ def export_program(program: Program) -> torch.export.ExportedProgram:
                                    dynamic_shapes=dynamic_shapes, strict=False)
 
 
-def _metadata(program: Program) -> str:
-    from evo_rewrite.passes.flash_backends import pinned_backend
+@register_target
+@dataclasses.dataclass(frozen=True)
+class PyTorchTarget(Target):
+    """A .pt2 ExportedProgram; generated source + safetensors when the program has checkpoint regions."""
 
-    pinned = {}
-    for n in program.graph.nodes:
-        b = pinned_backend(n)
-        if b:
-            from evo_rewrite.pass_infra import module_path
+    name: ClassVar[str] = "pytorch"
+    summary: ClassVar[str] = (".pt2 ExportedProgram (torch.export.load runs it without the original class); a directory "
+                              "of generated source + safetensors when the program has checkpoint regions")
+    suffix: ClassVar[str] = ".pt2"
 
-            pinned[module_path(n)] = b
-    s = program.source
-    return json.dumps({"tool": "evo-rewrite", "source_kind": s.kind, "source": s.path, "model_class": s.model_class,
-                       "hf_class": s.hf_class, "hf_config": s.hf_config, "applied": program.applied,
-                       "dynamic_dims": program.dynamic_dims, "sdpa_backends": pinned,
-                       "tensor_parallel": program.meta.get("tensor_parallel")}, default=str)
+    def is_directory(self, program: Program) -> bool:
+        return program.annotations.checkpoint is not None
 
+    def output_name(self, program: Program, stem: str) -> str:
+        return f"{stem}.rewritten" + ("" if self.is_directory(program) else ".pt2")
 
-def _check_loaded(path: str, program: Program) -> None:
-    loaded = torch.export.load(path).module()
-    check_reproduces(program, lambda i: loaded(*i.args, **i.kwargs), "the saved .pt2")
+    def write(self, program: Program, path: Path) -> TargetReport:
+        if self.is_directory(program):
+            from .source import write_source
+
+            write_source(program, path)
+            return TargetReport(notes=["generated source + safetensors: the program has checkpoint regions, which "
+                                       "a .pt2 would drop"])
+        ep = export_program(program)
+        torch.export.save(ep, str(path), extra_files={METADATA_FILE: write_metadata(program)})
+        return TargetReport()
+
+    @classmethod
+    def can_read(cls, path: Path) -> bool:
+        from .source import is_source_dir
+
+        return is_source_dir(path)
+
+    @classmethod
+    def read(cls, path: Path) -> Program:
+        from .source import load_source
+
+        return load_source(path)[0]
+
+    def check(self, program: Program, path: Path, report: TargetReport) -> None:
+        if self.is_directory(program):
+            from .source import check_source
+
+            check_source(program, path)
+            return
+        loaded = torch.export.load(str(path)).module()
+        check_reproduces(program, lambda i: loaded(*i.args, **i.kwargs), "the saved .pt2")
 
 
 def save_pt2(program: Program, path: str | os.PathLike, *, check: bool = True) -> str:
-    """Write ``program`` to ``path`` atomically; return the path written."""
-    from evo_rewrite.sources import METADATA_FILE
-
-    from evo_rewrite.passes.checkpoint_regions import regions_of
-
+    """Write ``program`` to ``path`` as a checked .pt2; return the path written."""
     out = Path(path)
-    if regions_of(program.module):
+    if program.annotations.checkpoint is not None:
         raise OutputError(f"cannot write {out}: the program has activation-checkpoint regions, which a .pt2 would "
                           "silently drop (torch.export inlines them); write it as generated source with "
                           "evo_rewrite.targets.source.save_source(program, DIRECTORY) (RewriteResult.save and the CLI do so "
                           "for a path without .pt2)")
-    parent = check_output_file(out, program.source.path, suffix=".pt2", what="another -o")
-    ep = export_program(program)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.pt2", dir=parent)
-    os.close(fd)
-    try:
-        torch.export.save(ep, tmp, extra_files={METADATA_FILE: _metadata(program)})
-        if check:
-            _check_loaded(tmp, program)
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return str(out)
+    return emit(program, PyTorchTarget(), out, directory=False, check=check).path

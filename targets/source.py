@@ -14,8 +14,10 @@ as a directory::
       evo_rewrite.json    source, applied pipeline, regions, input/output pytree specs, parameter
                           names, aliases, and each node's module provenance (for evo_rewrite.load)
 
-It is written to a temporary directory beside OUT, loaded back (``model.py`` executed), run at the
-example size and at another size against the program, and only then renamed into place.
+It is written by the ``pytorch`` target through ``evo_rewrite.target_infra.emit``: into a temporary
+directory beside OUT, loaded back (``model.py`` executed), run at the example size and at another size
+against the program, and only then renamed into place. ``evo_rewrite.json`` also records the SHA-256
+of ``model.py`` so the loader can refuse a file changed since it was written.
 
 ``evo_rewrite.load(OUT)`` reads it back: it executes ``model.py`` (code evo-rewrite generated at the
 user's request; nothing is unpickled), reads the tensors with safetensors, captures the module with
@@ -28,11 +30,9 @@ from __future__ import annotations
 
 import builtins
 import difflib
+import hashlib
 import importlib.util
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -40,11 +40,15 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.graph import CodeGen, _PyTreeCodeGen, _custom_builtins
 
+from evo_rewrite.annotations import METADATA_FILE, read_metadata, write_metadata
 from evo_rewrite.errors import OutputError, SourceError, VerificationError
 from evo_rewrite.inputs import Inputs
 from evo_rewrite.program import Program
+from evo_rewrite.regions import find_regions, outline, region_graph, set_regions, slug
+from evo_rewrite.sdpa import portable
+from evo_rewrite.target_infra import emit
 
-from .paths import check_output_file, check_reproduces
+from .paths import check_reproduces
 
 __all__ = ["save_source", "load_source", "is_source_dir", "FORMAT"]
 
@@ -89,10 +93,8 @@ def _indent(src: str, n: int = 4) -> str:
 
 def generate(program: Program) -> tuple[str, dict]:
     """The text of model.py and the layout facts evo_rewrite.json records (tensor names, specs)."""
-    from evo_rewrite.passes.checkpoint_regions import find_regions, outline, region_graph, regions_of, slug
-
     gm = program.module
-    regions = find_regions(gm.graph, regions_of(gm))
+    regions = find_regions(gm.graph, program.annotations.checkpoint.paths if program.annotations.checkpoint else ())
     classes, imports = [], []
     for r in regions:
         g = region_graph(r, weights_under=r.path)
@@ -204,78 +206,49 @@ def _provenance(program: Program) -> list:
 
 def is_source_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
-    return (p / MODEL_FILE).is_file() and (p / _metadata_name()).is_file()
+    return (p / MODEL_FILE).is_file() and (p / METADATA_FILE).is_file()
 
 
-def _metadata_name() -> str:
-    from evo_rewrite.sources import METADATA_FILE
-
-    return METADATA_FILE
-
-
-def save_source(program: Program, path: str | os.PathLike, *, check: bool = True) -> str:
-    """Write ``program`` (with its checkpoint regions) as a source directory at ``path``; return the path."""
-    from evo_rewrite.passes.flash_backends import pinned_backend, unpin
-
-    from .pytorch import _metadata
-
-    out = Path(path)
+def write_source(program: Program, out: Path) -> None:
+    """Write ``program`` (with its checkpoint regions) as a source directory at ``out`` (a fresh path)."""
     if out.suffix == ".pt2":
-        raise OutputError(f"{out}: a program with activation-checkpoint regions is written as a directory of generated "
-                          "source and safetensors weights (a .pt2 would silently drop the regions: torch.export inlines "
-                          f"them); give a directory path, e.g. {out.with_suffix('')}")
-    if out.exists():
-        raise OutputError(f"{out} already exists; remove it or choose another output directory")
-    from evo_rewrite.passes.checkpoint_regions import regions_of
-
-    recorded = tuple(program.meta.get("checkpoint", {}).get("regions", ()))
-    if recorded and recorded != regions_of(program.module):
-        raise OutputError(f"the program's checkpoint regions {list(recorded)} are no longer in its module "
-                          f"({list(regions_of(program.module))}): a pass after checkpoint rebuilt the graph module; "
-                          "put checkpoint later in the pipeline")
-    parent = check_output_file(out, program.source.path, what="another output directory")
+        raise OutputError(f"{out.name}: a program with activation-checkpoint regions is written as a directory of "
+                          "generated source and safetensors weights (a .pt2 would silently drop the regions: "
+                          f"torch.export inlines them); give a directory path, e.g. {out.with_suffix('').name}")
     st = _safetensors()
-    meta = json.loads(_metadata(program))  # records the flash pass's backend choice; the source calls portable SDPA
-    if any(pinned_backend(n) for n in program.graph.nodes):
-        program = program.clone()
-        unpin(program.graph)
-        program.module.recompile()
+    program = portable(program)  # the source calls portable SDPA; the annotation keeps the backend choice
     text, layout = generate(program)
     tensors = program.named_tensors()
     unique = {n: tensors[n].detach().contiguous() for n in layout["tensors"] if n not in layout["aliases"]}
     flat, in_spec = pytree.tree_flatten((program.inputs.args, program.inputs.kwargs))
-    meta.update(layout, format=FORMAT, checkpoint=program.meta.get("checkpoint", {}),
-                inputs_spec=pytree.treespec_dumps(in_spec),
-                inputs_nontensor={str(i): x for i, x in enumerate(flat) if not isinstance(x, torch.Tensor)},
-                provenance=_provenance(program))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    try:
-        (tmp / MODEL_FILE).write_text(text)
-        st.save_file({k: v.cpu() for k, v in unique.items()}, str(tmp / WEIGHTS_FILE))
-        st.save_file({str(i): x.detach().cpu().contiguous() for i, x in enumerate(flat) if isinstance(x, torch.Tensor)},
-                     str(tmp / INPUTS_FILE))
-        (tmp / _metadata_name()).write_text(json.dumps(meta, indent=1, default=str))
-        if check:
-            _check_written(tmp, program)
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(out)
+    meta = write_metadata(program, **layout, format=FORMAT, inputs_spec=pytree.treespec_dumps(in_spec),
+                          inputs_nontensor={str(i): x for i, x in enumerate(flat) if not isinstance(x, torch.Tensor)},
+                          provenance=_provenance(program), model_sha256=hashlib.sha256(text.encode()).hexdigest())
+    out.mkdir()
+    (out / MODEL_FILE).write_text(text)
+    st.save_file({k: v.cpu() for k, v in unique.items()}, str(out / WEIGHTS_FILE))
+    st.save_file({str(i): x.detach().cpu().contiguous() for i, x in enumerate(flat) if isinstance(x, torch.Tensor)},
+                 str(out / INPUTS_FILE))
+    (out / METADATA_FILE).write_text(meta)
 
 
-def _check_written(directory: Path, program: Program) -> None:
+def check_source(program: Program, directory: Path) -> None:
+    """Load the written directory back (its model.py, which this process just generated) and compare."""
     device = next((t.device for t in program.named_tensors().values()), torch.device("cpu"))
-    from evo_rewrite.passes.checkpoint_regions import regions_of
-
+    regions = program.annotations.checkpoint.paths if program.annotations.checkpoint else ()
     calls = (directory / MODEL_FILE).read_text().count("torch.utils.checkpoint.checkpoint(")
-    if calls != len(regions_of(program.module)):
+    if calls != len(regions):
         raise VerificationError(f"the generated source calls checkpoint {calls} times; the program has "
-                                f"{len(regions_of(program.module))} regions")
+                                f"{len(regions)} regions")
     module = _import_model(directory).load(str(directory), device=device)
     check_reproduces(program, lambda i: module(*i.args, **i.kwargs), "the generated source")
+
+
+def save_source(program: Program, path: str | os.PathLike, *, check: bool = True) -> str:
+    """Write ``program`` (with its checkpoint regions) as a checked source directory at ``path``; return the path."""
+    from .pytorch import PyTorchTarget
+
+    return emit(program, PyTorchTarget(), path, directory=True, check=check).path
 
 
 # ---- reading --------------------------------------------------------------------------------------
@@ -290,17 +263,16 @@ def _import_model(directory: Path):
 
 def load_source(path: str | os.PathLike):
     """Read a source directory: (Program with its regions, metadata). Raises SourceError for a bad directory."""
-    from evo_rewrite.passes.checkpoint_regions import install
     from evo_rewrite.graph_capture import capture
-    from evo_rewrite.program import SourceInfo
 
     directory = Path(path)
     try:
-        meta = json.loads((directory / _metadata_name()).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{directory}: unreadable {_metadata_name()} ({exc}); rewrite the model again") from None
+        recorded = read_metadata((directory / METADATA_FILE).read_text(), kind="generated", path=str(directory))
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{directory}: unreadable {METADATA_FILE} ({exc}); rewrite the model again") from None
+    meta = recorded.raw
     if meta.get("format") != FORMAT:
-        raise SourceError(f"{directory}: {_metadata_name()} says format {meta.get('format')!r}, expected {FORMAT!r}; "
+        raise SourceError(f"{directory}: {METADATA_FILE} says format {meta.get('format')!r}, expected {FORMAT!r}; "
                           "write it again with this version of evo-rewrite")
     try:
         st = _safetensors()
@@ -315,15 +287,12 @@ def load_source(path: str | os.PathLike):
     flat = [stored[str(i)] if str(i) in stored else meta["inputs_nontensor"][str(i)] for i in range(spec.num_leaves)]
     args, kwargs = pytree.tree_unflatten(flat, spec)
     inputs = Inputs(tuple(args), dict(kwargs))
-    info = SourceInfo(kind="generated", path=str(directory), model_class=meta.get("model_class"),
-                      hf_config=meta.get("hf_config"), hf_class=meta.get("hf_class"))
-    program = capture(module, inputs, source=info)
+    program = capture(module, inputs, source=recorded.source)
     _restore_provenance(program, meta.get("provenance") or [])
-    install(program.module, tuple(meta["regions"]))
-    program.applied = list(meta.get("applied", []))
-    program.meta["sdpa_backends"] = meta.get("sdpa_backends") or {}
-    if meta.get("checkpoint"):
-        program.meta["checkpoint"] = meta["checkpoint"]
+    program.applied = recorded.applied
+    program.annotations = recorded.annotations
+    ann = recorded.annotations.checkpoint
+    set_regions(program, ann.paths if ann else tuple(meta.get("regions") or ()), ann.estimate if ann else None)
     return program, meta
 
 

@@ -16,20 +16,20 @@ stored name) and come back as the same tensor from ``load_safetensors``. The gra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from evo_rewrite.errors import OutputError
+from evo_rewrite.errors import OutputError, VerificationError
 from evo_rewrite.figures import _storage_key
 from evo_rewrite.program import Program
+from evo_rewrite.target_infra import Target, TargetReport, emit, register_target
 
-from .paths import check_output_file
-
-__all__ = ["save_safetensors", "load_safetensors", "unique_tensors"]
+__all__ = ["SafetensorsTarget", "save_safetensors", "load_safetensors", "unique_tensors"]
 
 FORMAT = "evo-rewrite-weights/1"
 
@@ -58,30 +58,38 @@ def unique_tensors(program: Program) -> tuple[dict[str, torch.Tensor], dict[str,
     return stored, aliases
 
 
+@register_target
+@dataclasses.dataclass(frozen=True)
+class SafetensorsTarget(Target):
+    """The program's tensors as one safetensors file, each distinct tensor once (shared layers stay shared)."""
+
+    name: ClassVar[str] = "safetensors"
+    summary: ClassVar[str] = "the program's weights as one safetensors file, each tensor once (aliases in its metadata)"
+    suffix: ClassVar[str] = ".safetensors"
+
+    def write(self, program: Program, path: Path) -> TargetReport:
+        st = _safetensors()
+        stored, aliases = unique_tensors(program)
+        state, seen = {}, set()
+        for name, t in stored.items():
+            t = t.detach().cpu().contiguous()
+            ptr = t.untyped_storage().data_ptr()
+            state[name] = t.clone() if ptr in seen else t  # distinct views of one storage: stored apart
+            seen.add(ptr)
+        meta = {"format": FORMAT, "aliases": json.dumps(aliases), "applied": json.dumps(program.applied)}
+        st.save_file(state, str(path), metadata=meta)
+        return TargetReport(notes=[f"{len(stored)} tensors, {len(aliases)} aliases"] if aliases else [])
+
+    def check(self, program: Program, path: Path, report: TargetReport) -> None:
+        got = load_safetensors(path)
+        for name, t in program.named_tensors().items():
+            if name not in got or not torch.equal(got[name], t.detach().cpu()):
+                raise VerificationError(f"the written safetensors file does not hold {name} as the program does")
+
+
 def save_safetensors(program: Program, path: str | os.PathLike) -> str:
     """Write the program's tensors to ``path`` (.safetensors), each distinct tensor once; return the path."""
-    st = _safetensors()
-    out = Path(path)
-    parent = check_output_file(out, program.source.path, suffix=".safetensors", what="another path")
-    stored, aliases = unique_tensors(program)
-    state, seen = {}, set()
-    for name, t in stored.items():
-        t = t.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        state[name] = t.clone() if ptr in seen else t  # distinct views of one storage: stored apart
-        seen.add(ptr)
-    meta = {"format": FORMAT, "aliases": json.dumps(aliases), "applied": json.dumps(program.applied)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.safetensors", dir=parent)
-    os.close(fd)
-    try:
-        st.save_file(state, tmp, metadata=meta)
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return str(out)
+    return emit(program, SafetensorsTarget(), path).path
 
 
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:

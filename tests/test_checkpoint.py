@@ -13,7 +13,7 @@ from evo_rewrite import OutputError, PassNotApplicable, PipelineError, zoo
 from evo_rewrite.cli import main
 from evo_rewrite.pass_infra import module_paths
 from evo_rewrite.passes.checkpoint_memory import inputs_at, profile
-from evo_rewrite.passes.checkpoint_regions import find_regions, region_modules, regions_of
+from evo_rewrite.regions import find_regions, region_modules, regions_of
 
 
 def _grads(module, x):
@@ -82,7 +82,7 @@ def test_every_and_module_globs(gpt):
     assert regions_of(r.module) == ("h.0", "h.2") and r.report.passes[0].rewrites == 2
     r = evo_rewrite.rewrite(model, "checkpoint(modules=[h.*.mlp, h.3])", example_inputs=inputs, strict=True)
     assert regions_of(r.module) == ("h.0.mlp", "h.1.mlp", "h.2.mlp", "h.3")  # outermost match wins
-    assert r.program.meta["checkpoint"]["regions"] == ["h.0.mlp", "h.1.mlp", "h.2.mlp", "h.3"]
+    assert list(r.program.annotations.checkpoint.paths) == ["h.0.mlp", "h.1.mlp", "h.2.mlp", "h.3"]
     # a second checkpoint adds to the regions and skips what is already wrapped
     again = evo_rewrite.rewrite(r.program, "checkpoint", strict=True)
     rec = again.report.passes[0]
@@ -138,7 +138,7 @@ def test_budget_picks_fewest_blocks_on_uneven_model_and_estimate_matches_measure
     rec = r.report.passes[0]
     assert regions_of(r.module) == ("blocks.1", "blocks.3") and rec.rewrites == 2
     assert rec.notes["budget"].endswith("estimated") and base > budget
-    meta = r.program.meta["checkpoint"]
+    meta = r.program.annotations.checkpoint.estimate
     assert meta["estimate_bytes_after"] == est[("blocks.1", "blocks.3")] <= budget == meta["budget_bytes"]
 
     # measured: what autograd saves outside the regions, the inputs checkpoint keeps, and the output

@@ -71,7 +71,7 @@ def test_strict_rewrite_raises_naming_pass_and_module():
 def test_report_json_schema(gpt_program):
     _, report = evo_rewrite.PassManager(evo_rewrite.parse_pipeline("test-noise(scale=1e-3)")).run(gpt_program)
     d = json.loads(report.to_json())
-    assert d["schema_version"] == 1 and d["ok"] is True
+    assert d["schema_version"] == 2 and d["ok"] is True and d["targets"] == []
     p = d["passes"][0]
     for key in ("name", "rewrites", "skipped", "verified", "max_abs_error", "rolled_back", "metrics"):
         assert key in p

@@ -114,7 +114,7 @@ def test_hf_flash_onnx_attention(arch, tmp_path):
     result = evo_rewrite.rewrite(program, "flash")
     path = tmp_path / f"{arch}.onnx"
     rep = result.save_onnx(path, attention="onnx")
-    assert result.report.onnx["path"] == str(path) and str(path) in result.report.outputs
+    assert result.report.targets[-1].path == str(path) and str(path) in result.report.outputs
     expected = EXPECTED_ATTENTION_SITES[arch]
     heads, kv = _kv_heads(model)
     # soft-capped sites: the user's flash leaves them, the target fuses them with flash(softcap=true)
@@ -218,7 +218,8 @@ def test_cli_target_onnx(tmp_path, capsys):
     assert "fused attention operators / attention sites: 4 / 4 (Attention 4)" in printed
     assert "ORT vs PyTorch on arg0:int64[3, 11]" in printed
     report = json.loads(js.read_text())
-    assert report["onnx"]["fused"] == 4 and report["onnx"]["attention"] == "onnx" and str(out) in report["outputs"]
+    onnx = report["targets"][0]
+    assert onnx["target"] == "onnx" and onnx["fused"] == 4 and onnx["attention"] == "onnx" and str(out) in report["outputs"]
     assert cli_main(["evo_rewrite.zoo:gpt", "--onnx-dtype", "fp16", "-o", str(tmp_path / "g.pt2"), "-q"]) == 2
     assert "apply only with --target onnx" in capsys.readouterr().err
 

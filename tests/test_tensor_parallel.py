@@ -122,7 +122,7 @@ def test_pass_reports_plan_and_runs_after_gqa_and_flash(gpt_tp):
     assert rec.notes["heads per rank"] == "2/1 (q/kv)"
     assert rec.notes["collectives per forward"] == "all_gather 10, reduce_scatter 9"  # 2 per block + LM head in/out
     assert "max rel error" in rec.notes["simulated ranks vs unsharded"]
-    plan = gpt_tp.program.meta["tensor_parallel"]
+    plan = gpt_tp.program.annotations.tensor_parallel.plan
     assert rec.notes["plan"] == plan and gpt_tp.report.to_dict()["passes"][-1]["notes"]["plan"]["degree"] == 2
     assert plan["tensors"]["h.0.attn.c_attn.weight"]["segments"] == [[0, 64], [64, 96], [96, 128]]  # q | grouped k | v
     assert {a["fused"] for a in plan["attention"]} == {True}  # flash ran first: SDPA sites, sharded by heads
@@ -179,7 +179,7 @@ class _OneRankMesh:
 
 
 def test_entry_point_refuses_a_plan_for_another_degree_or_graph(gpt_tp, llama):
-    plan = gpt_tp.program.meta["tensor_parallel"]
+    plan = gpt_tp.program.annotations.tensor_parallel.plan
     with pytest.raises(evo_rewrite.UsageError, match=r"the plan is for tensor-parallel degree 2, but 1 processes run; "
                        r"launch with torchrun --nproc-per-node 2"):
         shard(gpt_tp.program, _OneRankMesh(), plan)
@@ -199,7 +199,7 @@ def test_two_gloo_processes_match_unsharded(tmp_path, gpt_tp, llama):
     gpt_path, llama_path = tmp_path / "gpt.pt2", tmp_path / "llama.pt2"
     gpt_tp.save(gpt_path)
     evo_rewrite.rewrite(llama, "tensor-parallel(degree=2)", strict=True).save(llama_path)
-    assert read_plan(gpt_path) == gpt_tp.program.meta["tensor_parallel"]
+    assert read_plan(evo_rewrite.load(gpt_path).program) == gpt_tp.program.annotations.tensor_parallel.plan
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "evo_rewrite.targets.parallel", str(gpt_path), str(llama_path), "--check", "--device", "cpu"],

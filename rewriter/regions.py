@@ -29,10 +29,10 @@ import torch
 import torch.fx as fx
 from torch.fx.graph import _PyTreeCodeGen
 
-from evo_rewrite.pass_infra import module_paths
+from .pass_infra import module_paths
 
 __all__ = ["Region", "find_regions", "outline", "region_graph", "CheckpointCodeGen", "install", "slug",
-           "regions_of", "region_modules"]
+           "regions_of", "region_modules", "set_regions", "keep_regions"]
 
 _OUTSIDE = ("placeholder", "get_attr", "output")
 
@@ -204,8 +204,24 @@ def install(gm: fx.GraphModule, paths: tuple[str, ...]) -> None:
 
 
 def regions_of(gm: fx.GraphModule) -> tuple[str, ...]:
+    """The regions the module's code generator runs (the mechanism; the program's annotation is the record)."""
     cg = gm.graph._codegen
     return cg.regions if isinstance(cg, CheckpointCodeGen) else ()
+
+
+def set_regions(program, paths: tuple[str, ...], estimate: dict | None = None) -> None:
+    """Record ``paths`` as the program's checkpoint regions and make its module run them so."""
+    from .annotations import CheckpointRegions
+
+    install(program.module, tuple(paths))
+    program.annotations.checkpoint = CheckpointRegions(tuple(paths), dict(estimate or {})) if paths else None
+
+
+def keep_regions(program) -> None:
+    """After a pass: the module runs the regions the annotation records (a pass may have rebuilt the module)."""
+    ann = program.annotations.checkpoint
+    if ann is not None and regions_of(program.module) != ann.paths:
+        install(program.module, ann.paths)
 
 
 def region_modules(gm: fx.GraphModule) -> dict[str, fx.GraphModule]:

@@ -1,6 +1,8 @@
-"""The graph one tensor-parallel rank runs, derived from the whole program and its linear layers' roles.
+"""Applying a tensor-parallel plan: the graph one rank runs, and the tensors it holds.
 
-``passes/tensor_parallel.py`` decides what each linear layer is (column-parallel q/k/v and FFN
+The plan is the program's ``TensorParallelPlan`` annotation, which ``passes/tensor_parallel.py``
+derives and checks; :func:`rank_graph` applies a stored plan to a (reloaded) program, so the
+runtime (``targets/parallel.py``) never derives it again. ``passes/tensor_parallel.py`` decides what each linear layer is (column-parallel q/k/v and FFN
 up/gate projections, vocabulary-parallel LM head, the rest replicated); this module makes the
 local graph of one rank from that:
 
@@ -22,18 +24,21 @@ only constants that depend on the rank (its vocabulary and sequence offsets) dif
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import operator
+import warnings
 
 import torch
 import torch.fx as fx
 
-from evo_rewrite.attention import CASTS, DROPOUT, MATMUL_OPS, RESHAPES, SDPA_OPS, SOFTMAX_OPS, val
-from evo_rewrite.errors import PassNotApplicable
-from evo_rewrite.pass_infra import module_path
-from evo_rewrite.projections import Projection
+from .attention import CASTS, DROPOUT, MATMUL_OPS, RESHAPES, SDPA_OPS, SOFTMAX_OPS, val
+from .errors import PassNotApplicable, UsageError
+from .pass_infra import module_path
+from .projections import Projection, trace_projection
 
-__all__ = ["LinearRole", "localize", "COLLECTIVES", "SPLITS", "is_pointwise"]
+__all__ = ["LinearRole", "localize", "COLLECTIVES", "SPLITS", "is_pointwise", "linear_layers", "rank_graph",
+           "copy_for_rank", "shard_dim_tensor", "local_shard", "bind"]
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
@@ -529,3 +534,102 @@ def localize(gm: fx.GraphModule, roles: dict[fx.Node, LinearRole], embeddings: d
     loc.run()
     gm.graph.eliminate_dead_code()
     return {"rowwise": loc.rowwise, "collectives": loc.counts}
+
+
+
+# -- tensors --------------------------------------------------------------------------------------
+
+def shard_dim_tensor(full: torch.Tensor, entry: dict, degree: int) -> torch.Tensor:
+    """The tensor whose equal chunks along ``entry["dim"]`` are the ranks' shards.
+
+    A fused projection (qkv) is sharded part by part: its segments are interleaved so that chunk r
+    holds rank r's rows of q, then of k, then of v; a plain ``Shard(dim)`` of the result gives each
+    rank its heads of every part.
+    """
+    segs = entry.get("segments")
+    if not segs:
+        return full
+    dim = entry["dim"]
+    pieces = [full.narrow(dim, a, b - a).chunk(degree, dim) for a, b in segs]
+    return torch.cat([p[r] for r in range(degree) for p in pieces], dim)
+
+
+def local_shard(full: torch.Tensor, entry: dict | None, degree: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s piece of a tensor under the plan's entry (None: replicated)."""
+    if entry is None:
+        return full
+    return shard_dim_tensor(full, entry, degree).chunk(degree, entry["dim"])[rank]
+
+
+def bind(graph: fx.Graph, tensors: dict[str, torch.Tensor], like: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule running ``graph`` on ``tensors`` (by get_attr target), called like ``like``."""
+    root = torch.nn.Module()
+    for target, t in tensors.items():
+        *parents, leaf = target.split(".")
+        mod = root
+        for p in parents:
+            if not hasattr(mod, p):
+                mod.add_module(p, torch.nn.Module())
+            mod = getattr(mod, p)
+        if isinstance(t, torch.nn.Module):  # a higher-order op's body (torch 2.11 exports autocast regions so)
+            mod.add_module(leaf, t)
+        else:
+            mod.register_buffer(leaf, t)
+    gm = fx.GraphModule(root, graph, class_name="TensorParallelRank")
+    for k in ("_in_spec", "_out_spec"):
+        if hasattr(like, k):
+            setattr(gm, k, getattr(like, k))
+    return gm
+
+
+def linear_layers(graph: fx.Graph) -> dict[fx.Node, Projection]:
+    """Every linear-like op whose weight is a model tensor, in graph order."""
+    out = {}
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in (aten.linear.default, aten.addmm.default, aten.mm.default,
+                                                    aten.matmul.default):
+            p = trace_projection(n, max_depth=1)
+            if not isinstance(p, str) and p.projection.node is n:
+                out[n] = p.projection
+    return out
+
+
+def copy_for_rank(module: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with a copy of ``module``'s graph (to localise) and the same tensors."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deepcopy of pytree specs warns in torch 2.13
+        gm = fx.GraphModule(module, copy.deepcopy(module.graph))
+    for k in ("_in_spec", "_out_spec"):
+        if hasattr(module, k):
+            setattr(gm, k, getattr(module, k))
+    return gm
+
+
+def rank_graph(program, plan: dict, rank: int, group: str) -> fx.GraphModule:
+    """Rank ``rank``'s graph of ``program`` under a stored ``plan``, collectives on process group ``group``.
+
+    Raises UsageError when the plan does not describe the program (a pass ran after ``tensor-parallel``).
+    """
+    gm = copy_for_rank(program.module)
+    linears = linear_layers(gm.graph)
+    by_weight = {p.weight: (n, p) for n, p in linears.items()}
+    stale = UsageError("the stored tensor-parallel plan does not match the program's graph (did a pass run after "
+                       "tensor-parallel?); put tensor-parallel last in the pipeline and rewrite again")
+    roles = {}
+    for lin in plan["linears"]:
+        if lin["style"] not in ("colwise", "vocab"):
+            continue
+        if lin["weight"] not in by_weight:
+            raise stale
+        n, proj = by_weight[lin["weight"]]
+        segs = [tuple(s) for s in lin["segments"]] if lin["segments"] else None
+        roles[n] = LinearRole(proj, lin["role"], lin["style"], segs, lin["module"])
+    styles = {e["weight"]: e["style"] for e in plan["embeddings"]}
+    embeddings = {n: styles[n.args[0].target] for n in gm.graph.nodes
+                  if n.op == "call_function" and n.target is aten.embedding.default
+                  and getattr(n.args[0], "target", None) in styles}
+    result = localize(gm, roles, embeddings, int(plan["degree"]), rank, group, bool(plan["sequence_parallel"]))
+    rows = {linears[n].weight for n in result["rowwise"] if n in linears}
+    if rows != {lin["weight"] for lin in plan["linears"] if lin["style"] == "rowwise"}:
+        raise stale
+    return gm

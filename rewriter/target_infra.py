@@ -1,0 +1,306 @@
+"""The target contract: a frozen dataclass of options, one ``write(program, path) -> TargetReport``.
+
+Targets register under a kebab-case ``name`` (``register_target``; built-in ones and any installed
+package's through the ``evo_rewrite.targets`` entry-point group) and are chosen by text, like
+passes: ``onnx(attention=ort,dtype=fp16)``. A target may ask for a pipeline to run first
+(``prepare``: the ONNX target wants attention fused); it runs through the pass manager, verified
+like any pass, and its records land in the report.
+
+:func:`emit` is the one way anything is written: it checks the output path before any work (never
+the source, nothing inside a source directory, never a non-regular file), lets the target write
+into a fresh temporary directory beside the output, has the target check what it wrote by loading
+it back, and only then moves it into place. On any error — or SIGTERM, or Ctrl-C — the temporary
+directory is removed and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import OutputError, PipelineError
+from .program import Program
+
+__all__ = ["Target", "TargetReport", "register_target", "registered_targets", "get_target", "parse_target", "emit",
+           "check_output", "write_text_atomic", "ENTRY_POINT_GROUP"]
+
+ENTRY_POINT_GROUP = "evo_rewrite.targets"
+
+
+@dataclasses.dataclass(kw_only=True)
+class TargetReport:
+    """What a target wrote: data first (``to_dict``), then terminal lines (``lines``)."""
+
+    target: str = ""
+    path: str = ""
+    files: list[str] = dataclasses.field(default_factory=list)  # every file or directory written
+    bytes: int = 0
+    seconds: float = 0.0
+    notes: list[str] = dataclasses.field(default_factory=list)
+    prepared: list[dict] = dataclasses.field(default_factory=list)  # records of the target's prepare pipeline
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def lines(self) -> list[str]:
+        """Terminal lines beyond 'wrote PATH' (targets with findings override this)."""
+        return [f"    note: {n}" for n in self.notes]
+
+    def fold_prepared(self, records: list) -> None:
+        """Take in the verified records of ``prepare``'s pipeline (PassRecord objects)."""
+        self.prepared = [dataclasses.asdict(r) for r in records]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Base of every target. Subclasses are frozen dataclasses with class variables ``name`` and ``suffix``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    suffix: ClassVar[str] = ""  # of a file output ("" for a directory)
+
+    def validate(self, program: Program | None) -> None:
+        """Refuse (UsageError) what this target cannot write, before any work; ``program`` is None when the
+        check runs before loading (option combinations only)."""
+
+    def prepare(self, program: Program) -> str:
+        """Pipeline text to run (verified) before writing; '' for none."""
+        return ""
+
+    def is_directory(self, program: Program) -> bool:
+        """Whether this target writes a directory for ``program`` (default: when it has no file suffix)."""
+        return not self.suffix
+
+    def output_name(self, program: Program, stem: str) -> str:
+        """The default output name for a source called ``stem``."""
+        return f"{stem}.rewritten{self.suffix}"
+
+    def write(self, program: Program, path: Path) -> TargetReport:  # pragma: no cover - abstract
+        """Write ``program`` at ``path`` (inside a temporary directory emit made) and return what was written."""
+        raise NotImplementedError
+
+    def check(self, program: Program, path: Path, report: TargetReport) -> None:
+        """Load what ``write`` wrote at ``path`` and compare it with ``program``; raise VerificationError if it differs."""
+
+    @classmethod
+    def can_read(cls, path: Path) -> bool:
+        """Whether ``path`` is an output of this target that :meth:`read` turns back into a Program."""
+        return False
+
+    @classmethod
+    def read(cls, path: Path) -> Program:  # pragma: no cover - only for targets whose can_read says yes
+        raise NotImplementedError
+
+    def spec(self) -> str:
+        from .pass_infra import spec_text
+
+        return spec_text(self)
+
+    @classmethod
+    def options(cls) -> list[tuple[str, str, Any]]:
+        from .pass_infra import option_table
+
+        return option_table(cls)
+
+
+_REGISTRY: dict[str, type[Target]] = {}
+
+
+def register_target(cls: type[Target]) -> type[Target]:
+    if not isinstance(cls, type) or not issubclass(cls, Target):
+        raise TypeError(f"register_target takes a Target subclass, not {cls!r}")
+    if not cls.name or cls.name != cls.name.lower() or "_" in cls.name:
+        raise ValueError(f"target names are kebab-case: {cls.name!r}")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"target {cls.name!r} registered twice ({_REGISTRY[cls.name].__module__} and {cls.__module__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered_targets() -> dict[str, type[Target]]:
+    """Every target: built-in ones and any installed package's, through the entry-point group."""
+    from .pass_infra import load_entry_points
+
+    load_entry_points(ENTRY_POINT_GROUP, register_target, Target)
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_target(name: str) -> type[Target]:
+    reg = registered_targets()
+    if name not in reg:
+        import difflib
+
+        close = difflib.get_close_matches(name, reg, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise PipelineError(f"unknown target '{name}'.{hint} Known targets: {', '.join(reg) or '(none)'} "
+                            "(evo-rewrite --list-targets shows their options)")
+    return reg[name]
+
+
+def parse_target(text: str) -> Target:
+    """``onnx(attention=ort,dtype=fp16)`` -> an OnnxTarget; options are typed and checked like a pass's."""
+    from .pipeline import parse_item
+
+    return parse_item(text.strip(), get_target, "target")
+
+
+# ---- where a target may write ------------------------------------------------------------------
+
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        path.relative_to(directory)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output(out: str | os.PathLike, sources: list[str | os.PathLike | None] = (), *, suffix: str = "",
+                 directory: bool = False, what: str = "another -o") -> Path:
+    """Raise OutputError unless ``out`` may be written; return its (existing, writable) parent directory.
+
+    Refused: a path that resolves (symbolic links followed) to a source or into a source directory, a
+    source that resolves into it; an existing directory where a file goes, and any existing path where
+    a directory goes; an existing special file (device, FIFO, socket); a missing or read-only parent.
+    """
+    out = Path(out)
+    real = Path(os.path.realpath(out))
+    for src in sources:
+        if not src:
+            continue
+        s = Path(str(src).rsplit(":", 1)[0] if ":" in str(src) and not Path(str(src)).exists() else str(src))
+        if not s.exists():
+            continue
+        rs = Path(os.path.realpath(s))
+        if real == rs:
+            raise OutputError(f"refusing to overwrite the source {src} (with {out}); choose {what}")
+        if (rs.is_dir() and _inside(real, rs)) or (real.is_dir() and _inside(rs, real)):
+            raise OutputError(f"refusing to write {out}: it lies inside the source {src} (or holds it); "
+                              f"choose {what} outside it")
+    if out.exists() or out.is_symlink():
+        if directory:
+            raise OutputError(f"{out} already exists; remove it or choose {what}")
+        if out.is_dir():
+            hint = f"; give a file name ending in {suffix}" if suffix else "; give a file name"
+            raise OutputError(f"{out} is a directory{hint}")
+        if not out.is_file():
+            raise OutputError(f"refusing to write {out}: it is not a regular file (a device, pipe or socket); "
+                              f"choose {what}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write {out}: directory {parent} is not writable; choose {what}")
+    return parent
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM during a write raises KeyboardInterrupt, so the cleanup below runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _size(p: Path) -> int:
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size if p.exists() else 0
+
+
+def emit(program: Program, target: Target, out: str | os.PathLike, *, log=None, directory: bool | None = None,
+         check: bool = True) -> TargetReport:
+    """Run ``target.prepare``'s pipeline, write to a temporary directory beside ``out``, check, move into place.
+
+    ``directory``: whether ``out`` is a directory (default: ``target.is_directory(program)``). Every file the
+    target wrote next to its main output (ONNX external data) moves with it. Returns the TargetReport with
+    final paths. Raises OutputError (exit 5) for a path it may not write, UsageError for options the
+    program cannot take, VerificationError when the written output does not reproduce the program.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    is_dir = target.is_directory(program) if directory is None else directory
+    target.validate(program)
+    parent = check_output(out, [program.source.path], suffix=target.suffix, directory=is_dir)
+    records = []
+    pipeline = target.prepare(program)
+    if pipeline:
+        from .manager import PassManager
+        from .pipeline import parse_pipeline
+
+        if log:
+            log(f"target {target.name}: running {pipeline} first ...")
+        prepared, prep_report = PassManager(parse_pipeline(pipeline), log=log).run(program)
+        records = prep_report.passes
+        program = prepared
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    try:
+        with _terminate_as_interrupt():
+            staged = tmp / out.name
+            try:
+                report = target.write(program, staged)
+                if check:
+                    target.check(program, staged, report)
+            except OSError as exc:
+                raise OutputError(_disk_message(out, exc)) from None
+            # files beside the main output (ONNX external data) first, the main output last
+            entries = [e for e in tmp.iterdir() if e != staged] + [staged]
+            moved = []
+            try:
+                for entry in entries:
+                    os.replace(entry, parent / entry.name)
+                    moved.append(parent / entry.name)
+            except OSError as exc:
+                raise OutputError(_disk_message(out, exc)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report.target = report.target or target.name
+    report.path = str(out)
+    report.files = [str(moved[-1])] + [str(p) for p in moved[:-1]]
+    report.bytes = sum(_size(p) for p in moved)
+    report.seconds = time.perf_counter() - t0
+    report.fold_prepared(records)
+    return report
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> str:
+    """A small text output (the JSON report): temporary file beside it, then renamed into place."""
+    out = Path(path)
+    parent = check_output(out, what="another path")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    try:
+        with _terminate_as_interrupt(), os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise OutputError(_disk_message(out, exc)) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return str(out)
+
+
+def _disk_message(out: Path, exc: OSError) -> str:
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        free = shutil.disk_usage(out.parent if str(out.parent) else ".").free
+        return (f"cannot write {out}: no space left on the device ({free / 2**20:.0f} MiB free); free some space "
+                "or write elsewhere")
+    return f"cannot write {out}: {exc.strerror or exc}"
