@@ -241,7 +241,7 @@ class Bf16(Pass):
                                       f"(saves {weight_bytes:,} bytes against fp32)",
             "io": "floating outputs cast back to their dtype" if self.keep_io else "outputs left in their computed dtype",
         }
-        program.meta.setdefault("bf16", {})["weights"] = bf16_weights
+        notes["bf16 weight names"] = bf16_weights  # JSON report only (a list)
         return PassResult(program, counts["bf16 (matmul-class)"], notes=notes)
 
 

@@ -67,9 +67,9 @@ class Target:
     summary: ClassVar[str] = ""
     suffix: ClassVar[str] = ""  # of a file output ("" for a directory)
 
-    def validate(self, program: Program | None) -> None:
-        """Refuse (UsageError) what this target cannot write, before any work; ``program`` is None when the
-        check runs before loading (option combinations only)."""
+    def validate(self, program: Program | None, out: Path | None = None) -> None:
+        """Refuse (UsageError, OutputError) what this target cannot write, before any work; ``program`` and
+        ``out`` are None when the check runs before loading (option combinations only)."""
 
     def prepare(self, program: Program) -> str:
         """Pipeline text to run (verified) before writing; '' for none."""
@@ -236,7 +236,7 @@ def emit(program: Program, target: Target, out: str | os.PathLike, *, log=None, 
     t0 = time.perf_counter()
     out = Path(out)
     is_dir = target.is_directory(program) if directory is None else directory
-    target.validate(program)
+    target.validate(program, out)
     parent = check_output(out, [program.source.path], suffix=target.suffix, directory=is_dir)
     records = []
     pipeline = target.prepare(program)

@@ -55,8 +55,9 @@ def hf_expressible(program: Program) -> str | None:
     if len(kv) > 1:
         return f"sites have different K/V head counts {sorted(kv)}, which one num_key_value_heads cannot say"
     cls, config = _config(program, transformers)
-    if kv and kv != {getattr(config, "num_key_value_heads", next(iter(kv)))}:
-        return f"{s.hf_class}'s config has no num_key_value_heads"
+    heads = getattr(config, "num_attention_heads", None)
+    if kv and not hasattr(config, "num_key_value_heads") and kv != {heads}:
+        return f"{s.hf_class}'s config has no num_key_value_heads (the program has {kv.pop()} K/V heads, {heads} query heads)"
     with torch.device("meta"):
         model = cls(config)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -107,7 +108,7 @@ class HuggingFaceTarget(Target):
                               "(GQA -> num_key_value_heads)")
     suffix: ClassVar[str] = ""
 
-    def validate(self, program: Program | None) -> None:
+    def validate(self, program: Program | None, out: Path | None = None) -> None:
         if program is None:
             return
         reason = hf_expressible(program)

@@ -60,6 +60,12 @@ class PyTorchTarget(Target):
                               "of generated source + safetensors when the program has checkpoint regions")
     suffix: ClassVar[str] = ".pt2"
 
+    def validate(self, program: Program | None, out: Path | None = None) -> None:
+        if program is not None and out is not None and self.is_directory(program) and out.suffix == ".pt2":
+            raise OutputError(f"{out}: a program with activation-checkpoint regions is written as a directory of "
+                              "generated source and safetensors weights (a .pt2 would silently drop the regions: "
+                              f"torch.export inlines them); give a directory path, e.g. {out.with_suffix('')}")
+
     def is_directory(self, program: Program) -> bool:
         return program.annotations.checkpoint is not None
 

@@ -211,10 +211,6 @@ def is_source_dir(path: str | os.PathLike) -> bool:
 
 def write_source(program: Program, out: Path) -> None:
     """Write ``program`` (with its checkpoint regions) as a source directory at ``out`` (a fresh path)."""
-    if out.suffix == ".pt2":
-        raise OutputError(f"{out.name}: a program with activation-checkpoint regions is written as a directory of "
-                          "generated source and safetensors weights (a .pt2 would silently drop the regions: "
-                          f"torch.export inlines them); give a directory path, e.g. {out.with_suffix('').name}")
     st = _safetensors()
     program = portable(program)  # the source calls portable SDPA; the annotation keeps the backend choice
     text, layout = generate(program)

@@ -147,13 +147,22 @@ def test_cli_writes_hf_checkpoint_for_hf_source(tmp_path, capsys):
 
     build("llama").save_pretrained(tmp_path / "src")
     out = tmp_path / "m.pt2"
+    # written only when asked for: the .pt2 alone by default
     code = main([str(tmp_path / "src"), "--passes", "gqa(kv_heads=1)", "-o", str(out), "-q"])
+    assert code == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2", "src"]
+    out.unlink()
+    code = main([str(tmp_path / "src"), "--passes", "gqa(kv_heads=1)", "-o", str(out), "--hf-output",
+                 str(tmp_path / "m-hf"), "-q"])
     assert code == 0, capsys.readouterr().err
     assert f"wrote    {tmp_path / 'm-hf'}" in capsys.readouterr().out
     assert transformers.AutoConfig.from_pretrained(tmp_path / "m-hf").num_key_value_heads == 1
+    # --target hf alone writes only the checkpoint
+    code = main([str(tmp_path / "src"), "--passes", "gqa(kv_heads=1)", "--target", "hf", "-o", str(tmp_path / "h"), "-q"])
+    assert code == 0 and (tmp_path / "h" / "config.json").is_file()
     # a second run refuses before doing any work, and writes nothing
     out.unlink()
-    code = main([str(tmp_path / "src"), "--passes", "gqa(kv_heads=1)", "-o", str(out), "-q"])
+    code = main([str(tmp_path / "src"), "--passes", "gqa(kv_heads=1)", "-o", str(out), "--hf-output",
+                 str(tmp_path / "m-hf"), "-q"])
     assert code == 5 and "m-hf already exists" in capsys.readouterr().err and not out.exists()
 
 

@@ -109,11 +109,10 @@ def test_encoder_heal_with_block_matching_lifts_cosine():
     assert "held back: before pooled cosine" in result.report.table()
 
 
-def test_heal_without_a_lossy_pass_says_so():
+def test_heal_without_a_lossy_pass_is_refused_at_parse_time():
     model, inputs = _gpt()
-    result = _heal(model, inputs, "flash,heal(steps=2)")
-    rec = _heal_record(result)
-    assert rec.rewrites == 0 and "no lossy pass ran before heal" in rec.message
+    with pytest.raises(PipelineError, match=r"pass 'heal\(steps=2\)' \(position 2 of 2\) must come after a lossy pass"):
+        _heal(model, inputs, "flash,heal(steps=2)")
 
 
 def test_heal_on_bf16_weights_is_refused():
@@ -135,9 +134,9 @@ def test_bad_options(opt, match):
 
 def test_data_errors(tmp_path):
     model, inputs = _gpt()
-    with pytest.raises(UsageError, match="give heal_data"):
+    with pytest.raises(UsageError, match=r"pass 'heal' \(position 2 of 2\) needs unlabeled data to distil on"):
         evo_rewrite.rewrite(model, "gqa(kv_heads=2),heal", inputs)
-    with pytest.raises(UsageError, match="no heal step"):
+    with pytest.raises(UsageError, match="unlabeled data to distil on was given, but no pass in the pipeline takes it"):
         evo_rewrite.rewrite(model, "gqa(kv_heads=2)", inputs, heal_data=_tokens())
     with pytest.raises(UsageError, match="outside the model's vocabulary of 256"):
         _heal(model, inputs, "gqa(kv_heads=2),heal(steps=1)", data=torch.arange(1000))
@@ -167,7 +166,7 @@ def test_cli_heal_with_token_file(capsys, tmp_path):
 def test_cli_heal_errors(capsys, tmp_path):
     code = main(["evo_rewrite.zoo:gpt", "--passes", "gqa(kv_heads=2),heal", "-o", str(tmp_path / "a.pt2")])
     _, err = capsys.readouterr()
-    assert code == 2 and "give --heal-data" in err
+    assert code == 2 and "needs unlabeled data to distil on (--heal-data PATH" in err
     code = main(["evo_rewrite.zoo:gpt", "--passes", "gqa(kv_heads=2),heal", "--heal-data", str(tmp_path / "missing.txt"),
                  "-o", str(tmp_path / "a.pt2")])
     _, err = capsys.readouterr()
