@@ -179,8 +179,9 @@ def test_cli_heal_errors(capsys, tmp_path):
 
 def test_minilm_grouped_heal_on_real_text(tmp_path):
     """Real weights, real text, text files through the tokenizer of the HF source: heal lifts the cosine."""
-    rm = pytest.importorskip("real_models")
-    rm.minilm_dir()  # the MiniLM package is a test dependency (see README); fail loudly if missing
+    import real_models as rm
+
+    rm.minilm_dir()  # the MiniLM package is a test dependency: missing, this fails with its install command
     train = tmp_path / "train.txt"
     train.write_text("\n\n".join(rm.texts("calibration")[:60]))
     result = evo_rewrite.rewrite(str(rm.minilm_dir()), "gqa(kv_heads=2),heal(steps=40,lr=1e-3,seq_len=64,batch=8)",
