@@ -189,6 +189,9 @@ def load_entry_points(group: str, register, base: type) -> None:
             raise PipelineError(f"entry point {ep.name} = {ep.value} (group {group}, package {dist}) failed to load: "
                                 f"{type(exc).__name__}: {exc}") from None
         _LOADED.add(key)
+        if isinstance(obj, type) and issubclass(obj, base) and obj.name != ep.name:
+            raise PipelineError(f"entry point {ep.name} = {ep.value} (group {group}) names a class called "
+                                f"{obj.name!r}; the entry point's name must be the {base.__name__.lower()}'s name")
         if isinstance(obj, type) and issubclass(obj, base):
             try:
                 register(obj)  # a no-op when its module's decorator registered it already
