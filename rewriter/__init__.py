@@ -23,6 +23,7 @@ from .pass_infra import Pass, PassResult, Skip, get_pass, module_path, register_
 from .pipeline import format_pipeline, parse_pipeline
 from .program import Program, SourceInfo
 from . import ops as _ops  # noqa: F401 - registers evo_rewrite:: operators, which .pt2 files may hold
+from . import fused_ops as _fused_ops  # noqa: F401 - registers the fuse pass's evo_rewrite:: operators
 from .report import PassRecord, Report
 from .verify import Thresholds
 
