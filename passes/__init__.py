@@ -7,3 +7,4 @@ from . import bf16  # noqa: F401
 from . import heal  # noqa: F401
 from . import checkpoint  # noqa: F401
 from . import tensor_parallel  # noqa: F401
+from . import fuse  # noqa: F401
