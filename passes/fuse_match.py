@@ -179,11 +179,15 @@ def match_norm(anchor: fx.Node) -> NormSite | None:
         x, mu = centred_in.args[0], centred_in.args[1]
         if mu.args[0] is not x or not _dim_list_last(mu, mu.args[1]):
             return None
-        if sq_in != "var" and sq_in is not centred_in:
+        same = sq_in is centred_in or (_call(sq_in, aten.sub.Tensor) and sq_in.args[:2] == centred_in.args[:2]
+                                       and not sq_in.kwargs and not centred_in.kwargs)  # (x - mu) written twice
+        if sq_in != "var" and not same:
             raise Miss("the variance is not of the centred input")
         if sq_in == "var" and stat.args[0] not in (x, centred_in):
             raise Miss("the variance is not of the normalised input")
         kind, inner = "layer", [mu, centred_in, *inner_stat, ve, anchor, scale_op]
+        if sq_in != "var" and sq_in is not centred_in:
+            inner.insert(0, sq_in)
         upcast = False
     else:
         kind = "rms"
