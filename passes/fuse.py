@@ -68,7 +68,7 @@ class Fuse(Pass):
         counts["rotary"] = len(rotary_sites)
         counts["rotary q/k pairs"] = self._rewrite_rotary(g, rotary_sites)
         _toposort(g)
-        g.eliminate_dead_code()
+        _eliminate_dead_code(g)
         program.module.recompile()
         total = sum(counts[k] for k in KINDS)
         notes = {k: v for k, v in counts.items() if v}
@@ -179,6 +179,20 @@ def _copy_meta(src: fx.Node, dst: fx.Node, value: bool = True) -> None:
             dst.meta[key] = src.meta[key]
     if value and "val" in src.meta:
         dst.meta["val"] = src.meta["val"]
+
+
+def _eliminate_dead_code(g: fx.Graph) -> None:
+    """Dead-code elimination that also drops export's metadata asserts on values nothing else reads
+    (the asserts are side effects to FX, so they would keep the replaced subgraphs alive)."""
+    assert_op = aten._assert_tensor_metadata.default
+    while True:
+        g.eliminate_dead_code()
+        dead_asserts = [u for n in g.nodes if n.users and all(u.target is assert_op for u in n.users)
+                        for u in n.users]
+        if not dead_asserts:
+            return
+        for u in dead_asserts:
+            g.erase_node(u)
 
 
 def _toposort(g: fx.Graph) -> None:
