@@ -134,6 +134,9 @@ def _gated_impl(a, b, act):
     liger = _liger_for(a, b)
     if liger is not None and a.shape == b.shape and a.dtype == b.dtype and act in ("silu", "gelu_tanh"):
         fn = liger.LigerSiLUMulFunction if act == "silu" else liger.LigerGELUMulFunction
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            # Liger's backward writes da, db into the saved a and b; give it copies, not the graph's tensors
+            a, b = a.clone(), b.clone()
         return fn.apply(a, b)
     return _gated_ref(a, b, act)
 
