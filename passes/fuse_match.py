@@ -16,7 +16,6 @@ loss       cross_entropy(linear(h, W, b) [cast, flatten], target) — anchor: th
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.fx as fx
@@ -475,7 +474,3 @@ def match_loss(anchor: fx.Node) -> LossSite | None:
     bias = logits.args[2] if len(logits.args) > 2 else None
     return LossSite(hidden, weight, bias, args["target"], int(args["ignore_index"]), _REDUCTIONS[args["reduction"]],
                     upcast, anchor, [anchor, *chain, logits], module_path(logits))
-
-
-def is_finite(x) -> bool:
-    return isinstance(x, float) and math.isfinite(x)
