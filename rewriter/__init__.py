@@ -26,6 +26,7 @@ from .pass_infra import (Pass, PassResult, Placement, Skip, get_pass, module_pat
 from .pipeline import check_pipeline, format_pipeline, parse_pipeline
 from .program import Program, SourceInfo
 from . import ops as _ops  # noqa: F401 - registers evo_rewrite:: operators, which .pt2 files may hold
+from . import fused_ops as _fused_ops  # noqa: F401 - registers the fuse pass's evo_rewrite:: operators
 from .report import PassRecord, Report
 from .target_infra import Target, TargetReport, emit, get_target, parse_target, register_target, registered_targets
 from .verify import Thresholds

@@ -49,11 +49,12 @@ import torch.utils._pytree as pytree
 
 from evo_rewrite.attention import SDPA_OPS, find_attention
 from evo_rewrite.errors import OutputError, RewriteError, UsageError, VerificationError
-from evo_rewrite.ops import SOFTCAP_ATTENTION, onnx_translations
+from evo_rewrite.ops import SOFTCAP_ATTENTION
 from evo_rewrite.program import Program
 from evo_rewrite.target_infra import Target, TargetReport, emit, register_target
 from evo_rewrite.verify import compare_outputs
 
+from .onnx_fuse import translation_table
 from .onnx_rules import (MS_DOMAIN, eliminate_common_subexpressions, lower_attention_to_ort, pack_qkv, remove_reshape_pairs,
                          repair_for_ort, rms_norm_to_ort, rule_classes, static_dim)
 
@@ -189,7 +190,7 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
         quiet.setLevel(logging.ERROR)
         try:
             onnx_program = torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
-                                             report=False, verify=False, custom_translation_table=onnx_translations())
+                                             report=False, verify=False, custom_translation_table=translation_table())
         except Exception as exc:  # noqa: BLE001 - exporter failures are the model's, say which op
             msg = str(exc).strip().splitlines()
             raise RewriteError(f"torch.onnx.export cannot export this program: {msg[0] if msg else type(exc).__name__}"
