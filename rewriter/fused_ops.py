@@ -180,25 +180,37 @@ def _lce_impl(hidden, weight, bias, target, ignore_index, reduction, upcast):
 # autograd: recompute the implementation differentiably, back-propagate through it
 # --------------------------------------------------------------------------------------------
 
-def _recompute_grads(impl, n_tensors: int):
-    """A backward formula for an operator whose first ``n_tensors`` inputs are tensors (or None)."""
+def _recompute_grads(impl, n_tensors: int, ref=None):
+    """A backward formula for an operator whose first ``n_tensors`` inputs are tensors (or None).
+
+    Back-propagates through ``impl`` (Liger's kernels on CUDA); an input the kernel gives no gradient for
+    (Liger's RoPE treats cos/sin as constants) gets it from the differentiable reference ``ref`` instead.
+    """
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*[t for t in inputs[:n_tensors]])
         ctx.args = tuple(inputs[n_tensors:])
 
-    def backward(ctx, *grads):
-        saved = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:n_tensors]
+    def grads_through(fn, saved, needs, grads, args):
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) if t is not None and need else t for t, need in zip(saved, needs)]
-            out = impl(*leaves, *ctx.args)
+            out = fn(*leaves, *args)
             outs = out if isinstance(out, tuple) else (out,)
             pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
             wrt = [t for t, need in zip(leaves, needs) if t is not None and need]
             got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
                        if pairs and wrt else [None] * len(wrt))
-        result = [next(got) if t is not None and need else None for t, need in zip(saved, needs)]
+        return [next(got) if t is not None and need else None for t, need in zip(saved, needs)]
+
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:n_tensors]
+        result = grads_through(impl, saved, needs, grads, ctx.args)
+        missing = [need and t is not None and t.is_floating_point() and g is None
+                   for t, need, g in zip(saved, needs, result)]
+        if ref is not None and any(missing):
+            fill = grads_through(ref, saved, missing, grads, ctx.args)
+            result = [f if m else g for g, f, m in zip(result, fill, missing)]
         return (*result, *([None] * len(ctx.args)))
 
     return backward, setup_context
@@ -208,7 +220,7 @@ def _define(name: str, fn, impl, ref, n_tensors: int):
     """Register ``evo_rewrite::name`` (schema from ``fn``'s annotations): forward = impl, fake = ref, autograd."""
     op = torch.library.custom_op(f"evo_rewrite::{name}", mutates_args=())(fn)
     op.register_fake(ref)
-    backward, setup_context = _recompute_grads(impl, n_tensors)
+    backward, setup_context = _recompute_grads(impl, n_tensors, ref)
     op.register_autograd(backward, setup_context=setup_context)
     return op
 
