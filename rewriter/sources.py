@@ -389,14 +389,27 @@ def _inputs_from_placeholders(ep) -> Inputs:
 
 # ---- generated source (a program with checkpoint regions; targets/source.py) ------------------
 
-def _load_written(path: Path) -> Loaded | None:
-    """A directory a registered target wrote and can read back (generated source), or None."""
+def _load_written(path: Path, trust_code: bool = False) -> Loaded | None:
+    """A directory a registered target wrote and can read back (generated source), or None.
+
+    Reading such a directory may execute code the directory holds (generated source runs its
+    ``model.py``), so it needs ``trust_code``; a target whose ``read`` runs no code says so with a
+    class attribute ``read_runs_code = False``.
+    """
     from .target_infra import registered_targets
 
-    for cls in registered_targets().values():
-        if cls.can_read(path):
+    for name, cls in registered_targets().items():
+        if not cls.can_read(path):
+            continue
+        if getattr(cls, "read_runs_code", True) and not trust_code:
+            raise SourceError(
+                f"{path} is a directory of generated source (written by the {name} target): loading it executes its "
+                "Python code, so evo-rewrite did not load it. If you trust it, rerun with --trust-code (Python: "
+                "trust_code=True); its code runs only if it is unchanged since evo-rewrite wrote it (the digest "
+                f"recorded in {METADATA_FILE}).")
+        with quiet():
             program = cls.read(path)
-            return Loaded(source=program.source, inputs=program.inputs, program=program)
+        return Loaded(source=program.source, inputs=program.inputs, program=program)
     return None
 
 
@@ -491,27 +504,46 @@ def is_hf_model(model) -> bool:
     return hasattr(model, "config") and type(model).__module__.startswith("transformers")
 
 
-def _load_hf(path: Path) -> Loaded:
+def _load_hf(path: Path, allow_missing_weights: bool = False) -> Loaded:
     if not (path / "config.json").is_file():
         raise SourceError(f"{path}: a directory without config.json is not a Hugging Face model directory.")
-    try:
-        import transformers
-    except ImportError:
-        raise SourceError("reading Hugging Face checkpoints needs transformers: pip install 'evo-rewrite[hf]'") from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with quiet():
+            import transformers
+    except ImportError:
+        raise SourceError("reading Hugging Face checkpoints needs transformers: pip install 'evo-rewrite[hf]'") from None
+    try:
+        with quiet():
+            config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # noqa: BLE001
         raise SourceError(f"{path}/config.json is not a valid transformers config ({_describe_exc(exc)}).") from None
     archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
+    name = archs[0] if archs and isinstance(archs[0], str) else None
+    cls = getattr(transformers, name, None) if name else None
+    if cls is not None and not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise SourceError(f"{path}/config.json: architectures names {name}, which is not a model class (a tokenizer, "
+                          "processor or configuration?); set it to the model class the weights were saved from, "
+                          "e.g. BertModel or GPT2LMHeadModel.")
     if cls is None:
         cls = transformers.AutoModel
     try:
-        model = cls.from_pretrained(str(path), local_files_only=True, attn_implementation="eager")
+        with quiet():
+            model, info = cls.from_pretrained(str(path), local_files_only=True, attn_implementation="eager",
+                                              output_loading_info=True)
     except Exception as exc:  # noqa: BLE001
+        if "mismatched_sizes" in str(exc) or "size mismatch" in str(exc):
+            raise SourceError(f"{path}: the stored weights' shapes do not match config.json (transformers refused a "
+                              "size mismatch); set config.json to the sizes the weights were saved with.") from None
         raise SourceError(f"{path}: transformers could not load the weights ({_describe_exc(exc)}). The directory "
-                          "needs config.json and model.safetensors (or pytorch_model.bin).") from None
+                          "needs config.json and model.safetensors (or pytorch_model.bin) that match each other.") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing and not allow_missing_weights:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise SourceError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) of {type(model).__name__}: {shown}; "
+                          "loading it would leave them random. Check that architectures in config.json names the class "
+                          "the weights were saved from (not one with an extra head), or rerun with "
+                          "--allow-missing-weights (Python: allow_missing_weights=True) to keep them random.")
     info = SourceInfo(kind="hf", path=str(path), model_class=type(model).__qualname__,
                       hf_config=model.config.to_dict(), hf_class=type(model).__name__)
     return Loaded(source=info, model=model, inputs=hf_example_inputs(model))

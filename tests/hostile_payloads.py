@@ -269,6 +269,14 @@ def generated_dir(directory, name: str = "generated") -> Path:
     return out
 
 
+def _copy_fresh(src: Path, out: Path) -> Path:
+    """Copy the directory ``src`` to ``out``, replacing what a previous call left there."""
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(src, out)
+    return out
+
+
 def _payload_line(marker) -> str:
     return f"\nopen({str(marker)!r}, 'a').close()  # injected\n"
 
@@ -276,7 +284,7 @@ def _payload_line(marker) -> str:
 def generated_dir_tampered(directory, marker, name: str = "tampered") -> Path:
     """model.py changed after evo-rewrite wrote it (its recorded digest no longer matches)."""
     out = Path(directory) / name
-    shutil.copytree(generated_dir(directory), out)
+    _copy_fresh(generated_dir(directory), out)
     with open(out / "model.py", "a") as f:
         f.write(_payload_line(marker))
     return out
@@ -329,7 +337,7 @@ def hf_missing_tensors(directory, name: str = "hf_missing", drop: tuple[str, ...
                                                                                    "pooler.dense.bias")) -> Path:
     """A BertModel checkpoint with some tensors removed from model.safetensors."""
     out = Path(directory) / name
-    shutil.copytree(hf_dir(directory), out)
+    _copy_fresh(hf_dir(directory), out)
     _edit_safetensors(out / "model.safetensors", lambda t: {k: v for k, v in t.items() if k not in drop})
     return out
 
@@ -337,7 +345,7 @@ def hf_missing_tensors(directory, name: str = "hf_missing", drop: tuple[str, ...
 def hf_extra_head(directory, name: str = "hf_extra_head", arch: str = "BertForSequenceClassification") -> Path:
     """BertModel weights with ``architectures`` naming a class that adds a head (its weights are absent)."""
     out = Path(directory) / name
-    shutil.copytree(hf_dir(directory), out)
+    _copy_fresh(hf_dir(directory), out)
     cfg = json.loads((out / "config.json").read_text())
     cfg["architectures"] = [arch]
     (out / "config.json").write_text(json.dumps(cfg))
@@ -352,7 +360,7 @@ def hf_tokenizer_architecture(directory, name: str = "hf_tokenizer_arch") -> Pat
 def hf_wrong_shapes(directory, name: str = "hf_wrong_shapes") -> Path:
     """config.json says a hidden size the stored weights do not have."""
     out = Path(directory) / name
-    shutil.copytree(hf_dir(directory), out)
+    _copy_fresh(hf_dir(directory), out)
     cfg = json.loads((out / "config.json").read_text())
     cfg["intermediate_size"] = 48
     (out / "config.json").write_text(json.dumps(cfg))
