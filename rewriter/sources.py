@@ -94,9 +94,11 @@ def load(source: str | os.PathLike, *, inputs: str | Inputs | None = None, allow
                           "file.py:factory or package.module:factory.")
     if inputs is not None:
         if specs is not None:
-            check_input_names(specs, loaded.model if loaded.model is not None else loaded.program.module)
+            module = loaded.model if loaded.model is not None else loaded.program.module
+            check_input_names(specs, module)
             high = _vocab_size(loaded.model) if loaded.model is not None else None
             loaded.inputs = make_inputs(specs, default_high=high)
+            check_input_values(specs, module, loaded.inputs)
         else:
             loaded.inputs = inputs
         if loaded.program is not None:
@@ -114,6 +116,46 @@ def load(source: str | os.PathLike, *, inputs: str | Inputs | None = None, allow
         if loaded.program is not None:
             loaded.program.inputs = loaded.inputs
     return loaded
+
+
+def check_input_values(specs: list[TensorSpec], module: torch.nn.Module, inputs: Inputs) -> None:
+    """Run ``module`` once on the inputs made from ``--inputs``: values outside an embedding's rows (or a
+    negative index) are the user's to fix (a UsageError naming the embedding), not a capture failure."""
+    was_training = module.training
+    try:
+        module.eval()
+    except NotImplementedError:  # an unlifted exported program has no train/eval switch
+        was_training = None
+    try:
+        with torch.no_grad(), quiet():
+            module(*inputs.args, **inputs.kwargs)
+    except IndexError as exc:
+        emb = _failing_embedding(exc, module)
+        ints = [s for s in specs if not s.dtype.is_floating_point and s.dtype != torch.bool]
+        named = ", ".join(s.name for s in ints) or "the inputs"
+        where = (f"embedding '{emb[0]}' ({emb[1]} rows, so token ids must lie in 0..{emb[1]})" if emb
+                 else "an embedding or index of the model")
+        example = (f", e.g. {ints[0].name}:{str(ints[0].dtype).replace('torch.', '')}"
+                   f"[{','.join(map(str, ints[0].shape))}]@0..{emb[1]}") if emb and ints else ""
+        raise UsageError(f"--inputs: values of {named} fall outside {where} ({_describe_exc(exc)}); give a value range "
+                         f"with @lo..hi (hi exclusive){example}") from None
+    except Exception:  # noqa: BLE001 - anything else is capture's to report, with the line that failed
+        pass
+    finally:
+        if was_training is not None:
+            module.train(was_training)
+
+
+def _failing_embedding(exc: BaseException, module: torch.nn.Module) -> tuple[str, int] | None:
+    names = {id(m): n for n, m in module.named_modules()}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, torch.nn.Embedding) and id(obj) in names:
+            found = (names[id(obj)], obj.num_embeddings)
+        tb = tb.tb_next
+    return found
 
 
 def check_input_names(specs: list[TensorSpec], module: torch.nn.Module) -> None:
@@ -432,13 +474,29 @@ def _load_pickle(path: Path, allow_pickle: bool) -> Loaded:
         raise SourceError(f"{path} holds {type(obj).__name__} (tensors or a state dict), not a module. Load it into "
                           "your model in a factory (file.py:factory returning the module) and pass that instead.")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        with quiet():
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except SystemExit as exc:
+        raise SourceError(f"{path}: unpickling it called sys.exit({exc.code!r}); evo-rewrite stopped loading it.") from None
     except Exception as exc:  # noqa: BLE001
         raise SourceError(f"{path}: cannot unpickle ({_describe_exc(exc)}). The class of the pickled module must be "
-                          "importable here; or pass file.py:factory instead.") from None
+                          "importable here; or pass file.py:factory instead." + _pythonpath_hint(exc)) from None
     if not isinstance(obj, torch.nn.Module):
         raise SourceError(f"{path} holds {type(obj).__name__}, not an nn.Module.")
     return Loaded(source=SourceInfo(kind="pickle", path=str(path), model_class=type(obj).__qualname__), model=obj)
+
+
+def _pythonpath_hint(exc: BaseException) -> str:
+    """For "No module named X": how to make a module in the current directory importable."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return ""
+    top = exc.name.split(".")[0]
+    here = Path.cwd()
+    if (here / f"{top}.py").is_file() or (here / top).is_dir():
+        return (f" Module {top!r} is in the current directory, which the evo-rewrite command does not import from: "
+                f"rerun with PYTHONPATH=. (e.g. PYTHONPATH=. evo-rewrite ...).")
+    return (f" Install the package that provides {top!r}, or put its folder on PYTHONPATH (PYTHONPATH=. for the "
+            "current directory).")
 
 
 # ---- factory ---------------------------------------------------------------------------------
@@ -456,20 +514,29 @@ def _load_factory(src: str) -> Loaded:
         try:
             sys.path.insert(0, str(file.resolve().parent))
             spec.loader.exec_module(module)
+        except SystemExit as exc:
+            raise SourceError(f"{src}: importing {left} called sys.exit({exc.code!r}); a factory's file must not exit "
+                              "when imported (guard script code with if __name__ == '__main__').") from None
         except Exception as exc:  # noqa: BLE001
-            raise SourceError(f"{src}: importing {left} raised {_describe_exc(exc)}. Fix the file and retry.") from None
+            raise SourceError(f"{src}: importing {left} raised {_describe_exc(exc)}. Fix the file and retry."
+                              + _pythonpath_hint(exc)) from None
         finally:
             sys.path.pop(0)
     else:
         try:
             module = importlib.import_module(left)
+        except SystemExit as exc:
+            raise SourceError(f"{src}: importing module {left!r} called sys.exit({exc.code!r}).") from None
         except Exception as exc:  # noqa: BLE001
-            raise SourceError(f"{src}: cannot import module {left!r} ({_describe_exc(exc)}).") from None
+            raise SourceError(f"{src}: cannot import module {left!r} ({_describe_exc(exc)})." + _pythonpath_hint(exc)) from None
     fn = getattr(module, name, None)
     if fn is None or not callable(fn):
         raise SourceError(f"{src}: {left} has no callable named {name!r}.")
     try:
         out = fn()
+    except SystemExit as exc:
+        raise SourceError(f"{src}: the factory called sys.exit({exc.code!r}) instead of returning a module; it must "
+                          "return an nn.Module or (module, example_inputs).") from None
     except Exception as exc:  # noqa: BLE001
         raise SourceError(f"{src}: the factory raised {_describe_exc(exc)}. Fix the factory and retry.") from None
     model, inputs = out, None
