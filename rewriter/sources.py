@@ -395,7 +395,7 @@ def _load_pt2(path: Path, allow_pickle: bool = False) -> Loaded:
     ep._guards_code = []
     try:
         recorded = read_metadata(extra.get(METADATA_FILE), kind="pt2", path=str(path))
-    except ValueError as exc:
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # not JSON, not an object, odd annotations
         raise SourceError(f"{path}: its {METADATA_FILE} entry is not evo-rewrite metadata ({exc}); re-export the "
                           "model or remove the entry") from None
     ex = getattr(ep, "example_inputs", None)

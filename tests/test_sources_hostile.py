@@ -97,6 +97,8 @@ def test_pt2_truncated_anywhere_is_one_line(pay, tmp_path, capsys):
     ("[1, 2]", "holds a list, not an object"),
     ("{", "not evo-rewrite metadata"),
     ('"text"', "holds a str, not an object"),
+    ('{"annotations": "x"}', "not evo-rewrite metadata"),
+    ('{"annotations": {"checkpoint": {"paths": 3}}}', "not evo-rewrite metadata"),
 ])
 def test_pt2_metadata_not_an_object(pay, tmp_path, capsys, text, needle):
     src = hp.pt2_metadata(pay, text, name=f"meta{abs(hash(text))}.pt2")
