@@ -117,9 +117,14 @@ def to_inputs(example_inputs) -> Inputs | None:
     raise UsageError(f"example_inputs must be a tuple, a dict or a tensor, not {type(example_inputs).__name__}")
 
 
-def prepare(source, example_inputs=None, *, allow_pickle: bool = False, device: str = "cpu",
+def prepare(source, example_inputs=None, *, allow_pickle: bool = False, trust_code: bool = False,
+            allow_missing_weights: bool = False, device: str = "cpu",
             log: Callable[[str], None] | None = None) -> Program:
-    """Load (if needed) and capture SOURCE: a path/spec string, an nn.Module, or a Program."""
+    """Load (if needed) and capture SOURCE: a path/spec string, an nn.Module, or a Program.
+
+    ``allow_pickle``, ``trust_code``, ``allow_missing_weights``: consent for what loading SOURCE may
+    do (see :func:`evo_rewrite.load`).
+    """
     if isinstance(source, Program):
         return source.clone()  # the caller's program keeps its annotations (calibration, heal data)
     inputs = to_inputs(example_inputs) if not isinstance(example_inputs, str) else example_inputs
@@ -137,7 +142,8 @@ def prepare(source, example_inputs=None, *, allow_pickle: bool = False, device: 
             info.hf_config, info.hf_class = source.config.to_dict(), type(source).__name__
         loaded = Loaded(source=info, model=source.to(device), inputs=inputs.to(device))
     else:
-        loaded = load(source, inputs=inputs, allow_pickle=allow_pickle, device=device)
+        loaded = load(source, inputs=inputs, allow_pickle=allow_pickle, trust_code=trust_code,
+                      allow_missing_weights=allow_missing_weights, device=device)
     if loaded.program is not None:
         return loaded.program
     if log:
@@ -146,13 +152,15 @@ def prepare(source, example_inputs=None, *, allow_pickle: bool = False, device: 
 
 
 def rewrite(source, pipeline: str | list[Pass] = "", example_inputs=None, *, allow_pickle: bool = False,
-            device: str = "cpu", thresholds: Thresholds | None = None, strict: bool = False,
+            trust_code: bool = False, allow_missing_weights: bool = False, device: str = "cpu", thresholds: Thresholds | None = None, strict: bool = False,
             calibration=None, heal_data=None, tokenizer=None,
             log: Callable[[str], None] | None = None) -> RewriteResult:
     """Capture SOURCE, run PIPELINE with verification after every pass, return the result and report.
 
     ``source``: an ``nn.Module`` (with ``example_inputs``), a Program, or any CLI SOURCE string.
     ``pipeline``: text such as ``"gqa(kv_heads=4),flash"`` or a list of Pass objects.
+    ``allow_pickle``, ``trust_code``, ``allow_missing_weights``: consent for what loading SOURCE may do
+    (unpickle, execute a generated ``model.py``, keep random weights for tensors a checkpoint lacks).
     ``strict``: raise VerificationError when a pass is rolled back (otherwise see ``report.ok``).
     ``calibration``: inputs for calibrated passes (``gqa(method=fit)``): a list of example-input
     tuples/dicts (or one); default: the example inputs.
@@ -162,7 +170,8 @@ def rewrite(source, pipeline: str | list[Pass] = "", example_inputs=None, *, all
     """
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
     check_pipeline(passes, given_inputs(calibration is not None, heal_data is not None, device))
-    program = prepare(source, example_inputs, allow_pickle=allow_pickle, device=device, log=log)
+    program = prepare(source, example_inputs, allow_pickle=allow_pickle, trust_code=trust_code,
+                      allow_missing_weights=allow_missing_weights, device=device, log=log)
     set_calibration(program, calibration, device)
     attach_heal_data(program, heal_data, tokenizer)
     manager = PassManager(passes, thresholds or Thresholds(), log=log)

@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(.txt .md .rst .jsonl) or directories of them, or token ids (.npy, .pt)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer for --heal-data text (default: the Hugging Face source's own)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a pickled .pt module (runs code in the file)")
+    p.add_argument("--trust-code", action="store_true", help="allow loading a directory of generated source (runs its "
+                   "model.py, if unchanged since evo-rewrite wrote it)")
+    p.add_argument("--allow-missing-weights", action="store_true", help="load a Hugging Face checkpoint that lacks some "
+                   "tensors of its class (they stay randomly initialised)")
     p.add_argument("--min-sqnr", type=float, metavar="DB", help="roll back a lossy pass whose output SQNR falls below DB")
     p.add_argument("--min-cosine", type=float, metavar="X", help="roll back a lossy pass whose output cosine falls below X")
     p.add_argument("--max-kl", type=float, metavar="X", help="roll back a lossy pass whose logits KL exceeds X")
@@ -154,7 +158,8 @@ def run(argv: list[str] | None = None) -> int:
     calibration = load_calibration(args.calibration) if args.calibration else None
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
 
-    program = prepare(args.source, args.inputs, allow_pickle=args.allow_pickle, device=args.device, log=log)
+    program = prepare(args.source, args.inputs, allow_pickle=args.allow_pickle, trust_code=args.trust_code,
+                      allow_missing_weights=args.allow_missing_weights, device=args.device, log=log)
     set_calibration(program, calibration, args.device)
     attach_heal_data(program, heal_data, args.tokenizer)
     if args.explain:

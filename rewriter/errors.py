@@ -11,7 +11,16 @@ Exit codes (also in README.md):
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import os
+import sys
+import warnings
+
 __all__ = [
+    "quiet",
+    "debug_enabled",
     "RewriteError",
     "UsageError",
     "PipelineError",
@@ -55,3 +64,42 @@ class VerificationError(RewriteError):
 
 class OutputError(RewriteError):
     exit_code = 5
+
+
+def debug_enabled() -> bool:
+    """``EVO_REWRITE_DEBUG=1``: keep library logs, warnings and tracebacks (for reporting a bug)."""
+    return os.environ.get("EVO_REWRITE_DEBUG", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence library chatter (logging, warnings, progress bars, prints to stderr) for one attempt.
+
+    Loading and capturing call torch and transformers, which log, warn and draw progress bars on
+    their own; a failure must end in one line that says what to do, so their output is dropped for
+    the attempt. With ``EVO_REWRITE_DEBUG=1`` nothing is silenced.
+    """
+    if debug_enabled():
+        yield
+        return
+    previous = logging.root.manager.disable
+    bars = []  # (enable function, was enabled)
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None and hasattr(hf_logging, "disable_progress_bar"):
+        bars.append((hf_logging.enable_progress_bar, hf_logging.is_progress_bar_enabled()))
+        hf_logging.disable_progress_bar()
+    hub = sys.modules.get("huggingface_hub.utils")
+    if hub is not None and hasattr(hub, "disable_progress_bars"):
+        bars.append((hub.enable_progress_bars, not hub.are_progress_bars_disabled()))
+        hub.disable_progress_bars()
+    logging.disable(logging.CRITICAL)
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+        for enable, was in bars:
+            if was:
+                enable()

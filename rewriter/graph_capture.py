@@ -10,6 +10,7 @@ fail, the error names the innermost module and the source line that failed.
 from __future__ import annotations
 
 import inspect
+import os
 import traceback
 import warnings
 
@@ -18,7 +19,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from .errors import CaptureError
+from .errors import CaptureError, quiet
 from .inputs import Inputs
 from .program import Program, SourceInfo
 from .sources import is_hf_model
@@ -86,10 +87,16 @@ def _plain_out_spec(spec: pytree.TreeSpec) -> pytree.TreeSpec:
     return pytree.TreeSpec(tuple, None, children)
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
 def _module_frame(exc: BaseException, model: torch.nn.Module) -> tuple[str | None, str | None]:
-    """The innermost module (by path) and source line in ``exc``'s traceback."""
+    """The innermost module (by path) in ``exc``'s traceback, and the innermost source line of the
+    model's own code (a frame inside the model's call that is not in torch: the user's file:line,
+    never torch's ``module.py`` call wrapper)."""
     names = {id(m): n for n, m in model.named_modules()}
     found_mod, found_line = None, None
+    inside = False
     tb = exc.__traceback__
     frames = traceback.extract_tb(tb)
     i = 0
@@ -98,8 +105,10 @@ def _module_frame(exc: BaseException, model: torch.nn.Module) -> tuple[str | Non
         self_obj = frame.f_locals.get("self")
         if self_obj is not None and id(self_obj) in names:
             found_mod = names[id(self_obj)] or "<root>"
-            fs = frames[i]
-            found_line = f"{fs.filename.rsplit('/', 1)[-1]}:{fs.lineno}: {(fs.line or '').strip()}"
+            inside = True
+        fs = frames[i]
+        if inside and not fs.filename.startswith(_TORCH_DIR) and not fs.filename.startswith("<"):
+            found_line = f"{fs.filename.rsplit(os.sep, 1)[-1]}:{fs.lineno}: {(fs.line or '').strip()}"
         tb = tb.tb_next
         i += 1
     return found_mod, found_line
@@ -154,7 +163,7 @@ def program_from_exported(ep: torch.export.ExportedProgram, inputs: Inputs, sour
 
 def _export(model, inputs: Inputs, dims_of):
     dyn = _dynamic_shapes(model, inputs, dims_of)
-    with warnings.catch_warnings():
+    with quiet(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=dyn, strict=False)
 
@@ -177,15 +186,20 @@ def capture(model: torch.nn.Module, inputs: Inputs, *, source: SourceInfo | None
 def _capture(model, inputs: Inputs, source: SourceInfo, dims_of, log) -> Program:
     try:
         ep = _export(model, inputs, dims_of)
-    except Exception as exc:  # noqa: BLE001 - every capture failure becomes one clear message
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - every capture failure becomes one clear message
         mod, line = _module_frame(exc, model)
         first = exc
+        if isinstance(exc, SystemExit):
+            raise CaptureError(f"cannot capture {type(model).__name__}: its forward called sys.exit({exc.code!r})"
+                               + (f" in module '{mod}'" if mod else "") + (f" at {line}" if line else "")
+                               + "; a model's forward must return its outputs") from None
         if log:
             log(f"torch.export failed ({_first_line(exc)}); retrying on a torch.fx.symbolic_trace graph")
         try:
-            traced = fx.symbolic_trace(model)
+            with quiet():
+                traced = fx.symbolic_trace(model)
             ep = _export(traced, inputs, dims_of)
-        except Exception:  # noqa: BLE001
+        except (Exception, SystemExit):  # noqa: BLE001
             where = f" in module '{mod}'" if mod else ""
             at = f" at {line}" if line else ""
             raise CaptureError(

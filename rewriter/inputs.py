@@ -11,6 +11,8 @@ Tensors are passed to the model's ``forward`` as keyword arguments named by ``na
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 from typing import Any
 
@@ -19,7 +21,32 @@ import torch.utils._pytree as pytree
 
 from .errors import UsageError
 
-__all__ = ["Inputs", "TensorSpec", "parse_input_spec", "make_inputs"]
+__all__ = ["Inputs", "TensorSpec", "parse_input_spec", "make_inputs", "max_input_bytes", "MAX_INPUT_BYTES_ENV"]
+
+MAX_INPUT_BYTES_ENV = "EVO_REWRITE_MAX_INPUT_BYTES"
+DEFAULT_MAX_INPUT_BYTES = 2 << 30  # 2 GiB of example inputs in all
+
+
+def max_input_bytes() -> int:
+    """The most bytes ``--inputs`` may ask for (``EVO_REWRITE_MAX_INPUT_BYTES``, default 2 GiB)."""
+    text = os.environ.get(MAX_INPUT_BYTES_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_INPUT_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise UsageError(f"{MAX_INPUT_BYTES_ENV}={text!r}: give a positive number of bytes, e.g. {DEFAULT_MAX_INPUT_BYTES}")
+    return value
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 _DTYPES = {
     "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32,
@@ -104,9 +131,26 @@ def parse_input_spec(text: str) -> list[TensorSpec]:
             raise UsageError(f"--inputs: {name!r} has a non-positive dimension in {list(dims)}")
         if lo is not None and int(hi) <= int(lo):
             raise UsageError(f"--inputs: {name!r} has an empty value range {lo}..{hi}")
-        specs.append(TensorSpec(name, _DTYPES[dtype_s], dims, None if lo is None else int(lo), None if hi is None else int(hi)))
+        dtype = _DTYPES[dtype_s]
+        if lo is not None:
+            if dtype.is_floating_point or dtype == torch.bool:
+                raise UsageError(f"--inputs: {name!r} is {dtype_s}; a value range @lo..hi applies only to integer inputs")
+            info = torch.iinfo(dtype)
+            if int(lo) < info.min or int(hi) - 1 > info.max:
+                raise UsageError(f"--inputs: {name!r} range {lo}..{hi} does not fit {dtype_s} ({info.min}..{info.max + 1}); "
+                                 "give a smaller range or a wider dtype")
+        if any(n.name == name for n in specs):
+            raise UsageError(f"--inputs: {name!r} is given twice")
+        specs.append(TensorSpec(name, dtype, dims, None if lo is None else int(lo), None if hi is None else int(hi)))
     if not specs:
         raise UsageError("--inputs is empty; give at least one name:dtype[dims] item")
+    limit = max_input_bytes()
+    total = sum(math.prod(s.shape) * s.dtype.itemsize for s in specs)
+    if total > limit:
+        sizes = ", ".join(f"{s.name} {_human(math.prod(s.shape) * s.dtype.itemsize)}" for s in specs)
+        raise UsageError(f"--inputs asks for {_human(total)} of example tensors ({sizes}), above the limit of "
+                         f"{_human(limit)}; example inputs need only a small batch and sequence (e.g. [2,16]). "
+                         f"Raise the limit with {MAX_INPUT_BYTES_ENV}=BYTES if you mean it")
     return specs
 
 

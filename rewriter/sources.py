@@ -15,22 +15,26 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import inspect
+import io
+import json
 import os
 import pickle
 import re
 import sys
+import tokenize
 import zipfile
 from pathlib import Path
 
 import torch
 
 from .annotations import METADATA_FILE, read_metadata
-from .errors import SourceError
-from .inputs import Inputs, make_inputs, parse_input_spec
+from .errors import SourceError, UsageError, quiet
+from .inputs import Inputs, TensorSpec, make_inputs, parse_input_spec
 from .program import Program, SourceInfo
 from .sdpa import restore_pins
 
-__all__ = ["Loaded", "load", "hf_example_inputs", "METADATA_FILE"]
+__all__ = ["Loaded", "load", "hf_example_inputs", "check_pt2_archive", "check_input_names", "METADATA_FILE"]
 _PICKLE_EXT = {".pt", ".pth", ".bin", ".pkl", ".pickle"}
 
 
@@ -57,24 +61,31 @@ def _looks_like_factory(src: str) -> bool:
 
 
 def load(source: str | os.PathLike, *, inputs: str | Inputs | None = None, allow_pickle: bool = False,
+         trust_code: bool = False, allow_missing_weights: bool = False,
          device: str | torch.device = "cpu") -> Loaded:
-    """Load SOURCE and its example inputs. Raises SourceError with what to do on any bad source."""
+    """Load SOURCE and its example inputs. Raises SourceError with what to do on any bad source.
+
+    ``allow_pickle``: unpickle a pickled ``.pt`` module or a ``.pt2``'s pickled entries (runs code in the file).
+    ``trust_code``: execute the ``model.py`` of a generated-source directory (checked against its recorded digest).
+    ``allow_missing_weights``: load a Hugging Face checkpoint that lacks some of its class's tensors (they stay random).
+    """
     src = str(source)
     path = Path(src)
-    written = _load_written(path) if path.is_dir() and (path / METADATA_FILE).is_file() else None
+    specs = parse_input_spec(inputs) if isinstance(inputs, str) else None  # a bad --inputs fails before any loading
+    written = _load_written(path, trust_code) if path.is_dir() and (path / METADATA_FILE).is_file() else None
     if written is not None:
         loaded = written
     elif path.is_dir():
-        loaded = _load_hf(path)
+        loaded = _load_hf(path, allow_missing_weights)
     elif path.is_file() and path.suffix == ".pt2":
-        loaded = _load_pt2(path)
+        loaded = _load_pt2(path, allow_pickle)
     elif path.is_file() and path.suffix in _PICKLE_EXT:
         loaded = _load_pickle(path, allow_pickle)
     elif _looks_like_factory(src) and not path.exists():
         loaded = _load_factory(src)
     elif path.is_file():
         if zipfile.is_zipfile(path):
-            loaded = _load_pt2(path)
+            loaded = _load_pt2(path, allow_pickle)
         else:
             raise SourceError(f"{src}: not a model evo-rewrite can read. Give a .pt2 ExportedProgram, a Hugging Face "
                               "model directory, file.py:factory, or a pickled .pt module with --allow-pickle.")
@@ -82,9 +93,12 @@ def load(source: str | os.PathLike, *, inputs: str | Inputs | None = None, allow
         raise SourceError(f"{src}: no such file or directory. Give a .pt2 file, a Hugging Face model directory, "
                           "file.py:factory or package.module:factory.")
     if inputs is not None:
-        if isinstance(inputs, str):
+        if specs is not None:
+            module = loaded.model if loaded.model is not None else loaded.program.module
+            check_input_names(specs, module)
             high = _vocab_size(loaded.model) if loaded.model is not None else None
-            loaded.inputs = make_inputs(parse_input_spec(inputs), default_high=high)
+            loaded.inputs = make_inputs(specs, default_high=high)
+            check_input_values(specs, module, loaded.inputs)
         else:
             loaded.inputs = inputs
         if loaded.program is not None:
@@ -104,20 +118,284 @@ def load(source: str | os.PathLike, *, inputs: str | Inputs | None = None, allow
     return loaded
 
 
+def check_input_values(specs: list[TensorSpec], module: torch.nn.Module, inputs: Inputs) -> None:
+    """Run ``module`` once on the inputs made from ``--inputs``: values outside an embedding's rows (or a
+    negative index) are the user's to fix (a UsageError naming the embedding), not a capture failure."""
+    was_training = module.training
+    try:
+        module.eval()
+    except NotImplementedError:  # an unlifted exported program has no train/eval switch
+        was_training = None
+    try:
+        with torch.no_grad(), quiet():
+            module(*inputs.args, **inputs.kwargs)
+    except IndexError as exc:
+        emb = _failing_embedding(exc, module)
+        ints = [s for s in specs if not s.dtype.is_floating_point and s.dtype != torch.bool]
+        named = ", ".join(s.name for s in ints) or "the inputs"
+        where = (f"embedding '{emb[0]}' ({emb[1]} rows, so token ids must lie in 0..{emb[1]})" if emb
+                 else "an embedding or index of the model")
+        example = (f", e.g. {ints[0].name}:{str(ints[0].dtype).replace('torch.', '')}"
+                   f"[{','.join(map(str, ints[0].shape))}]@0..{emb[1]}") if emb and ints else ""
+        raise UsageError(f"--inputs: values of {named} fall outside {where} ({_describe_exc(exc)}); give a value range "
+                         f"with @lo..hi (hi exclusive){example}") from None
+    except Exception:  # noqa: BLE001 - anything else is capture's to report, with the line that failed
+        pass
+    finally:
+        if was_training is not None:
+            module.train(was_training)
+
+
+def _failing_embedding(exc: BaseException, module: torch.nn.Module) -> tuple[str, int] | None:
+    names = {id(m): n for n, m in module.named_modules()}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, torch.nn.Embedding) and id(obj) in names:
+            found = (names[id(obj)], obj.num_embeddings)
+        tb = tb.tb_next
+    return found
+
+
+def check_input_names(specs: list[TensorSpec], module: torch.nn.Module) -> None:
+    """Refuse ``--inputs`` names that ``module.forward`` does not take (a UsageError naming the ones it does)."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    takes = [n for n, p in params.items() if p.kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                             inspect.Parameter.POSITIONAL_ONLY)]
+    unknown = [s.name for s in specs if s.name not in takes]
+    if unknown:
+        raise UsageError(f"--inputs names {', '.join(unknown)}, but {type(module).__name__}.forward takes "
+                         f"{', '.join(takes) or 'no named arguments'}; name each input after an argument of forward")
+
+
 # ---- .pt2 ----------------------------------------------------------------------------------
 
-def _load_pt2(path: Path) -> Loaded:
+_PICKLE_ADVICE = ("unpickling runs code stored in the file, so evo-rewrite did not load it. If you trust the file, rerun "
+                  "with --allow-pickle (Python: allow_pickle=True); safer: re-export the model with torch.export.save "
+                  "from plain tensors")
+
+
+def _damaged(path: Path, what: str) -> SourceError:
+    return SourceError(f"{path}: not a readable .pt2 ExportedProgram ({what}). The file may be truncated, damaged or "
+                       "written by another tool; re-export it with torch.export.save.")
+
+
+def _sympy_names() -> frozenset[str]:
+    """Names a sympy expression written by torch.export may use (srepr of shape expressions)."""
+    import sympy
+    import torch.utils._sympy.functions as fns
+
+    names = {n for n, v in vars(fns).items() if isinstance(v, type) and issubclass(v, sympy.Basic)}
+    names |= {"Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Mod", "Max", "Min", "Abs", "floor",
+              "ceiling", "sqrt", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "StrictLessThan", "StrictGreaterThan",
+              "LessThan", "GreaterThan", "Equality", "Unequality", "And", "Or", "Not", "Piecewise", "ExprCondPair",
+              "true", "false", "oo", "zoo", "nan", "Infinity", "NegativeInfinity", "BooleanTrue", "BooleanFalse",
+              "NegativeOne", "One", "Zero", "Half", "True", "False", "None", "precision"}
+    from sympy.core.assumptions import _assume_defined
+
+    return frozenset(names | set(_assume_defined))
+
+
+_SYMBOL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _plain_sympy(text: str, allowed: frozenset[str]) -> bool:
+    """Whether ``text`` is a plain shape expression: known sympy names, symbol names, numbers and operators.
+
+    torch.export.load parses these with ``sympy.sympify``, which evaluates Python, so anything else
+    (a builtin, an attribute, a lambda) could run code.
+    """
+    if not isinstance(text, str) or len(text) > 20000:
+        return False
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    except (tokenize.TokenError, SyntaxError, IndentationError):
+        return False
+    for t in tokens:
+        if t.type == tokenize.NAME:
+            if t.string not in allowed and not re.fullmatch(r"[a-z]{1,6}[0-9]+", t.string):
+                return False
+        elif t.type == tokenize.STRING:
+            if not re.fullmatch(r"'[A-Za-z_][A-Za-z0-9_]*'|\"[A-Za-z_][A-Za-z0-9_]*\"", t.string):
+                return False
+        elif t.type == tokenize.OP:
+            if t.string not in {"(", ")", "+", "-", "*", "/", "**", "//", "%", ",", "=", "==", "!=", "<", ">",
+                                "<=", ">="}:
+                return False
+        elif t.type not in (tokenize.NUMBER, tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER):
+            return False
+    return True
+
+
+_OPERATOR_TARGETS = {"getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "eq",
+                     "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "not_", "invert", "lshift", "rshift",
+                     "matmul", "index", "truth"}
+
+
+def _plain_target(target: str) -> bool:
+    """Whether a node target is an operator torch.export writes (the loader resolves others by attribute path)."""
+    if target.startswith("torch.ops.") or target.startswith("#"):
+        return True
+    if re.fullmatch(r"torch\.(_?sym_[a-z_]+|_assert_async|_assert_scalar|_check[a-z_]*)", target):
+        return True
+    if target.startswith("_operator."):
+        return target.split(".", 1)[1] in _OPERATOR_TARGETS
+    if target.startswith("math."):
+        return re.fullmatch(r"math\.[a-z0-9_]+", target) is not None
+    return not target.startswith(("torch", "_operator", "math"))  # left as a string by the loader: never called
+
+
+def _walk_graph_json(obj, found: list[tuple[str, str]], depth: int = 0) -> None:
+    """Collect ("expr", text) and ("target", text) pairs from a serialized ExportedProgram."""
+    if depth > 200:
+        found.append(("depth", ""))
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "expr_str":
+                found.append(("expr", v))
+            elif k == "target" and isinstance(v, str) and "inputs" in obj:
+                found.append(("target", v))
+            else:
+                _walk_graph_json(v, found, depth + 1)
+    elif isinstance(obj, list):
+        for v in obj:
+            _walk_graph_json(v, found, depth + 1)
+
+
+def _torch_load_safe(data: bytes) -> bool:
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - anything the safe unpickler refuses needs the unsafe one
+        return False
+
+
+def check_pt2_archive(path: str | os.PathLike, *, allow_pickle: bool = False) -> None:
+    """Read a ``.pt2``'s manifest before torch.export.load does, and refuse what would run code.
+
+    ``torch.export.load`` unpickles (``weights_only=False``) any weight or constant entry marked
+    ``use_pickle`` in its payload config, custom and opaque objects, and sample inputs the safe
+    unpickler refuses; it evaluates the shape expressions of ``models/*.json`` with ``sympy.sympify``
+    and resolves node targets by attribute path from ``torch``; and it loads AOTInductor shared
+    libraries. This check refuses pickled entries (unless ``allow_pickle``), compiled code, shape
+    expressions and targets that are not what torch.export writes, and entries failing the zip CRC.
+    """
+    path = Path(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        raise _damaged(path, f"not a zip archive: {_describe_exc(exc)}") from None
+    with zf:
+        try:
+            bad = zf.testzip()
+        except Exception as exc:  # noqa: BLE001 - a truncated member, a bad compression stream
+            raise _damaged(path, f"an entry cannot be read: {_describe_exc(exc)}") from None
+        if bad is not None:
+            raise _damaged(path, f"entry {bad} fails its CRC check")
+        names = zf.namelist()
+        roots = {n.split("/", 1)[0] for n in names if "/" in n}
+        if len(roots) != 1:
+            raise _damaged(path, "not one archive folder")
+        root = roots.pop()
+        rel = {n.split("/", 1)[1]: n for n in names if "/" in n}
+
+        def read(r: str) -> bytes:
+            return zf.read(rel[r])
+
+        def read_json(r: str):
+            try:
+                return json.loads(read(r))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise _damaged(path, f"entry {root}/{r} is not JSON: {_describe_exc(exc)}") from None
+
+        compiled = [n for r, n in rel.items() if r.startswith(("data/aotinductor/", "data/mtia/", "data/executorch/"))
+                    and not r.endswith("/")]
+        if compiled:
+            raise SourceError(f"{path}: entry {compiled[0]} is compiled code (AOTInductor/ExecuTorch), which "
+                              "torch.export.load would load into this process; evo-rewrite reads only the "
+                              "ExportedProgram. Save the program without compiled artifacts (torch.export.save).")
+        models = [r[len("models/"):-len(".json")] for r in rel if r.startswith("models/") and r.endswith(".json")]
+        if not models:
+            raise _damaged(path, "no models/*.json entry")
+        pickled: list[str] = []
+        for m in models:
+            for legacy in (f"data/weights/{m}.pt", f"data/constants/{m}.pt"):
+                if legacy in rel and not _torch_load_safe(read(legacy)):
+                    pickled.append(f"{root}/{legacy} (pickled objects)")
+            wcfg = f"data/weights/{m}_weights_config.json"
+            if wcfg in rel:
+                cfg = read_json(wcfg)
+                entries = cfg.get("config") if isinstance(cfg, dict) else None
+                if not isinstance(entries, dict):
+                    raise _damaged(path, f"entry {root}/{wcfg} is not a payload config")
+                for fqn, meta in entries.items():
+                    if not isinstance(meta, dict) or meta.get("use_pickle"):
+                        where = meta.get("path_name", "?") if isinstance(meta, dict) else "?"
+                        pickled.append(f"{root}/data/weights/{where} (weight {fqn}, marked use_pickle)")
+            ccfg = f"data/constants/{m}_constants_config.json"
+            if ccfg in rel:
+                cfg = read_json(ccfg)
+                entries = cfg.get("config") if isinstance(cfg, dict) else None
+                if not isinstance(entries, dict):
+                    raise _damaged(path, f"entry {root}/{ccfg} is not a payload config")
+                for fqn, meta in entries.items():
+                    where = meta.get("path_name", "?") if isinstance(meta, dict) else "?"
+                    if not isinstance(meta, dict) or meta.get("use_pickle"):
+                        pickled.append(f"{root}/data/constants/{where} (constant {fqn}, marked use_pickle)")
+                    elif not str(where).startswith("tensor_"):
+                        pickled.append(f"{root}/data/constants/{where} (constant {fqn}, a pickled object)")
+            sample = f"data/sample_inputs/{m}.pt"
+            if sample in rel and not _torch_load_safe(read(sample)):
+                pickled.append(f"{root}/{sample} (sample inputs holding objects the safe unpickler refuses)")
+            graph = read_json(f"models/{m}.json")
+            if not isinstance(graph, dict):
+                raise _damaged(path, f"entry {root}/models/{m}.json is not an ExportedProgram")
+            found: list[tuple[str, str]] = []
+            _walk_graph_json(graph.get("graph_module"), found)
+            allowed = _sympy_names()
+            for key in (graph.get("range_constraints") or {}):
+                if not _SYMBOL_NAME.fullmatch(str(key)):
+                    found.append(("expr", "?"))
+            for kind, text in found:
+                if kind == "depth" or (kind == "expr" and not _plain_sympy(text, allowed)) or (
+                        kind == "target" and not _plain_target(text)):
+                    shown = text if len(text) < 80 else text[:77] + "..."
+                    what = {"expr": "a shape expression", "target": "a node target",
+                            "depth": "a graph nested"}[kind]
+                    how = {"expr": "torch.export.load evaluates it as Python",
+                           "target": "torch.export.load resolves it to a Python function",
+                           "depth": "too deep to check"}[kind]
+                    raise SourceError(f"{path}: entry {root}/models/{m}.json holds {what} that torch.export does not "
+                                      f"write ({shown!r}; {how}), so evo-rewrite did not load the file. Re-export "
+                                      "the model with torch.export.save.")
+        if pickled and not allow_pickle:
+            more = f" (and {len(pickled) - 1} more)" if len(pickled) > 1 else ""
+            raise SourceError(f"{path}: entry {pickled[0]}{more} is pickled: {_PICKLE_ADVICE}")
+
+
+def _load_pt2(path: Path, allow_pickle: bool = False) -> Loaded:
     from .graph_capture import program_from_exported
 
+    check_pt2_archive(path, allow_pickle=allow_pickle)
     extra = {METADATA_FILE: ""}
     try:
-        ep = torch.export.load(str(path), extra_files=extra)
+        with quiet():
+            ep = torch.export.load(str(path), extra_files=extra)
     except Exception as exc:  # noqa: BLE001 - any failure here means the file is not a usable .pt2
-        raise SourceError(f"{path}: not a readable .pt2 ExportedProgram ({_describe_exc(exc)}). The file may be "
-                          "truncated or written by another tool; re-export it with torch.export.save.") from None
+        raise _damaged(path, _describe_exc(exc)) from None
+    # export's input guards are Python source that ep.module() would exec; a loaded program is checked
+    # and re-exported with fresh guards before it is saved (graph_capture drops the guard function too)
+    ep._guards_code = []
     try:
         recorded = read_metadata(extra.get(METADATA_FILE), kind="pt2", path=str(path))
-    except ValueError as exc:
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # not JSON, not an object, odd annotations
         raise SourceError(f"{path}: its {METADATA_FILE} entry is not evo-rewrite metadata ({exc}); re-export the "
                           "model or remove the entry") from None
     ex = getattr(ep, "example_inputs", None)
@@ -125,7 +403,11 @@ def _load_pt2(path: Path) -> Loaded:
         inputs = Inputs(tuple(ex[0]), dict(ex[1]))
     else:
         inputs = _inputs_from_placeholders(ep)
-    program = program_from_exported(ep, inputs, recorded.source)
+    try:
+        with quiet():
+            program = program_from_exported(ep, inputs, recorded.source)
+    except Exception as exc:  # noqa: BLE001 - a graph torch.export wrote but cannot run here
+        raise _damaged(path, _describe_exc(exc)) from None
     program.applied = recorded.applied
     program.annotations = recorded.annotations
     return Loaded(source=recorded.source, inputs=inputs, program=program)
@@ -149,14 +431,27 @@ def _inputs_from_placeholders(ep) -> Inputs:
 
 # ---- generated source (a program with checkpoint regions; targets/source.py) ------------------
 
-def _load_written(path: Path) -> Loaded | None:
-    """A directory a registered target wrote and can read back (generated source), or None."""
+def _load_written(path: Path, trust_code: bool = False) -> Loaded | None:
+    """A directory a registered target wrote and can read back (generated source), or None.
+
+    Reading such a directory may execute code the directory holds (generated source runs its
+    ``model.py``), so it needs ``trust_code``; a target whose ``read`` runs no code says so with a
+    class attribute ``read_runs_code = False``.
+    """
     from .target_infra import registered_targets
 
-    for cls in registered_targets().values():
-        if cls.can_read(path):
+    for name, cls in registered_targets().items():
+        if not cls.can_read(path):
+            continue
+        if getattr(cls, "read_runs_code", True) and not trust_code:
+            raise SourceError(
+                f"{path} is a directory of generated source (written by the {name} target): loading it executes its "
+                "Python code, so evo-rewrite did not load it. If you trust it, rerun with --trust-code (Python: "
+                "trust_code=True); its code runs only if it is unchanged since evo-rewrite wrote it (the digest "
+                f"recorded in {METADATA_FILE}).")
+        with quiet():
             program = cls.read(path)
-            return Loaded(source=program.source, inputs=program.inputs, program=program)
+        return Loaded(source=program.source, inputs=program.inputs, program=program)
     return None
 
 
@@ -179,13 +474,29 @@ def _load_pickle(path: Path, allow_pickle: bool) -> Loaded:
         raise SourceError(f"{path} holds {type(obj).__name__} (tensors or a state dict), not a module. Load it into "
                           "your model in a factory (file.py:factory returning the module) and pass that instead.")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        with quiet():
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except SystemExit as exc:
+        raise SourceError(f"{path}: unpickling it called sys.exit({exc.code!r}); evo-rewrite stopped loading it.") from None
     except Exception as exc:  # noqa: BLE001
         raise SourceError(f"{path}: cannot unpickle ({_describe_exc(exc)}). The class of the pickled module must be "
-                          "importable here; or pass file.py:factory instead.") from None
+                          "importable here; or pass file.py:factory instead." + _pythonpath_hint(exc)) from None
     if not isinstance(obj, torch.nn.Module):
         raise SourceError(f"{path} holds {type(obj).__name__}, not an nn.Module.")
     return Loaded(source=SourceInfo(kind="pickle", path=str(path), model_class=type(obj).__qualname__), model=obj)
+
+
+def _pythonpath_hint(exc: BaseException) -> str:
+    """For "No module named X": how to make a module in the current directory importable."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return ""
+    top = exc.name.split(".")[0]
+    here = Path.cwd()
+    if (here / f"{top}.py").is_file() or (here / top).is_dir():
+        return (f" Module {top!r} is in the current directory, which the evo-rewrite command does not import from: "
+                f"rerun with PYTHONPATH=. (e.g. PYTHONPATH=. evo-rewrite ...).")
+    return (f" Install the package that provides {top!r}, or put its folder on PYTHONPATH (PYTHONPATH=. for the "
+            "current directory).")
 
 
 # ---- factory ---------------------------------------------------------------------------------
@@ -203,20 +514,29 @@ def _load_factory(src: str) -> Loaded:
         try:
             sys.path.insert(0, str(file.resolve().parent))
             spec.loader.exec_module(module)
+        except SystemExit as exc:
+            raise SourceError(f"{src}: importing {left} called sys.exit({exc.code!r}); a factory's file must not exit "
+                              "when imported (guard script code with if __name__ == '__main__').") from None
         except Exception as exc:  # noqa: BLE001
-            raise SourceError(f"{src}: importing {left} raised {_describe_exc(exc)}. Fix the file and retry.") from None
+            raise SourceError(f"{src}: importing {left} raised {_describe_exc(exc)}. Fix the file and retry."
+                              + _pythonpath_hint(exc)) from None
         finally:
             sys.path.pop(0)
     else:
         try:
             module = importlib.import_module(left)
+        except SystemExit as exc:
+            raise SourceError(f"{src}: importing module {left!r} called sys.exit({exc.code!r}).") from None
         except Exception as exc:  # noqa: BLE001
-            raise SourceError(f"{src}: cannot import module {left!r} ({_describe_exc(exc)}).") from None
+            raise SourceError(f"{src}: cannot import module {left!r} ({_describe_exc(exc)})." + _pythonpath_hint(exc)) from None
     fn = getattr(module, name, None)
     if fn is None or not callable(fn):
         raise SourceError(f"{src}: {left} has no callable named {name!r}.")
     try:
         out = fn()
+    except SystemExit as exc:
+        raise SourceError(f"{src}: the factory called sys.exit({exc.code!r}) instead of returning a module; it must "
+                          "return an nn.Module or (module, example_inputs).") from None
     except Exception as exc:  # noqa: BLE001
         raise SourceError(f"{src}: the factory raised {_describe_exc(exc)}. Fix the factory and retry.") from None
     model, inputs = out, None
@@ -251,27 +571,46 @@ def is_hf_model(model) -> bool:
     return hasattr(model, "config") and type(model).__module__.startswith("transformers")
 
 
-def _load_hf(path: Path) -> Loaded:
+def _load_hf(path: Path, allow_missing_weights: bool = False) -> Loaded:
     if not (path / "config.json").is_file():
         raise SourceError(f"{path}: a directory without config.json is not a Hugging Face model directory.")
-    try:
-        import transformers
-    except ImportError:
-        raise SourceError("reading Hugging Face checkpoints needs transformers: pip install 'evo-rewrite[hf]'") from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with quiet():
+            import transformers
+    except ImportError:
+        raise SourceError("reading Hugging Face checkpoints needs transformers: pip install 'evo-rewrite[hf]'") from None
+    try:
+        with quiet():
+            config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # noqa: BLE001
         raise SourceError(f"{path}/config.json is not a valid transformers config ({_describe_exc(exc)}).") from None
     archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
+    name = archs[0] if archs and isinstance(archs[0], str) else None
+    cls = getattr(transformers, name, None) if name else None
+    if cls is not None and not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise SourceError(f"{path}/config.json: architectures names {name}, which is not a model class (a tokenizer, "
+                          "processor or configuration?); set it to the model class the weights were saved from, "
+                          "e.g. BertModel or GPT2LMHeadModel.")
     if cls is None:
         cls = transformers.AutoModel
     try:
-        model = cls.from_pretrained(str(path), local_files_only=True, attn_implementation="eager")
+        with quiet():
+            model, info = cls.from_pretrained(str(path), local_files_only=True, attn_implementation="eager",
+                                              output_loading_info=True)
     except Exception as exc:  # noqa: BLE001
+        if "mismatched_sizes" in str(exc) or "size mismatch" in str(exc):
+            raise SourceError(f"{path}: the stored weights' shapes do not match config.json (transformers refused a "
+                              "size mismatch); set config.json to the sizes the weights were saved with.") from None
         raise SourceError(f"{path}: transformers could not load the weights ({_describe_exc(exc)}). The directory "
-                          "needs config.json and model.safetensors (or pytorch_model.bin).") from None
+                          "needs config.json and model.safetensors (or pytorch_model.bin) that match each other.") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing and not allow_missing_weights:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise SourceError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) of {type(model).__name__}: {shown}; "
+                          "loading it would leave them random. Check that architectures in config.json names the class "
+                          "the weights were saved from (not one with an extra head), or rerun with "
+                          "--allow-missing-weights (Python: allow_missing_weights=True) to keep them random.")
     info = SourceInfo(kind="hf", path=str(path), model_class=type(model).__qualname__,
                       hf_config=model.config.to_dict(), hf_class=type(model).__name__)
     return Loaded(source=info, model=model, inputs=hf_example_inputs(model))

@@ -89,8 +89,12 @@ class PyTorchTarget(Target):
 
         return is_source_dir(path)
 
+    read_runs_code: ClassVar[bool] = True  # read executes the directory's model.py: the loader asks for --trust-code
+
     @classmethod
     def read(cls, path: Path) -> Program:
+        """Rebuild the program from a generated-source directory: executes its ``model.py`` after checking its
+        SHA-256 against the one recorded when it was written (the caller has the user's consent)."""
         from .source import load_source
 
         return load_source(path)[0]

@@ -50,7 +50,7 @@ from evo_rewrite.target_infra import emit
 
 from .paths import check_reproduces
 
-__all__ = ["save_source", "load_source", "is_source_dir", "FORMAT"]
+__all__ = ["save_source", "load_source", "is_source_dir", "check_digest", "FORMAT"]
 
 FORMAT = "evo-rewrite-source/1"
 MODEL_FILE, WEIGHTS_FILE, INPUTS_FILE = "model.py", "model.safetensors", "inputs.safetensors"
@@ -257,19 +257,41 @@ def _import_model(directory: Path):
     return module
 
 
+def check_digest(directory: Path, meta: dict) -> None:
+    """Refuse a model.py whose SHA-256 is not the one evo-rewrite recorded when it wrote the directory."""
+    recorded = meta.get("model_sha256")
+    if not isinstance(recorded, str) or not recorded:
+        raise SourceError(f"{directory}: {METADATA_FILE} records no digest of {MODEL_FILE}, so evo-rewrite cannot tell "
+                          "whether it is the code it wrote; it did not run it. Write the directory again with this "
+                          "version of evo-rewrite.")
+    try:
+        actual = hashlib.sha256((directory / MODEL_FILE).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise SourceError(f"{directory}: cannot read {MODEL_FILE} ({exc.strerror or exc})") from None
+    if actual != recorded:
+        raise SourceError(f"{directory}: {MODEL_FILE} was changed after evo-rewrite wrote it (its SHA-256 is not the one "
+                          f"recorded in {METADATA_FILE}), so evo-rewrite did not run it, even with --trust-code. "
+                          "Write the directory again from its source model.")
+
+
 def load_source(path: str | os.PathLike):
-    """Read a source directory: (Program with its regions, metadata). Raises SourceError for a bad directory."""
+    """Read a source directory: (Program with its regions, metadata). Raises SourceError for a bad directory.
+
+    Executes ``model.py``: the caller has the user's consent (``trust_code``); the file runs only if
+    its SHA-256 is the one ``write_source`` recorded (:func:`check_digest`).
+    """
     from evo_rewrite.graph_capture import capture
 
     directory = Path(path)
     try:
         recorded = read_metadata((directory / METADATA_FILE).read_text(), kind="generated", path=str(directory))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
         raise SourceError(f"{directory}: unreadable {METADATA_FILE} ({exc}); rewrite the model again") from None
     meta = recorded.raw
     if meta.get("format") != FORMAT:
         raise SourceError(f"{directory}: {METADATA_FILE} says format {meta.get('format')!r}, expected {FORMAT!r}; "
                           "write it again with this version of evo-rewrite")
+    check_digest(directory, meta)
     try:
         st = _safetensors()
         module = _import_model(directory).load(str(directory))
@@ -279,9 +301,13 @@ def load_source(path: str | os.PathLike):
     except Exception as exc:  # noqa: BLE001 - a damaged or hand-edited directory
         raise SourceError(f"{directory}: cannot build the model from {MODEL_FILE} and {WEIGHTS_FILE} "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
-    spec = pytree.treespec_loads(meta["inputs_spec"])
-    flat = [stored[str(i)] if str(i) in stored else meta["inputs_nontensor"][str(i)] for i in range(spec.num_leaves)]
-    args, kwargs = pytree.tree_unflatten(flat, spec)
+    try:
+        spec = pytree.treespec_loads(meta["inputs_spec"])
+        flat = [stored[str(i)] if str(i) in stored else meta["inputs_nontensor"][str(i)] for i in range(spec.num_leaves)]
+        args, kwargs = pytree.tree_unflatten(flat, spec)
+    except Exception as exc:  # noqa: BLE001 - a hand-edited evo_rewrite.json or inputs.safetensors
+        raise SourceError(f"{directory}: its example inputs cannot be rebuilt from {INPUTS_FILE} and {METADATA_FILE} "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     inputs = Inputs(tuple(args), dict(kwargs))
     program = capture(module, inputs, source=recorded.source)
     _restore_provenance(program, meta.get("provenance") or [])

@@ -226,7 +226,7 @@ def test_source_directory_round_trip_keeps_regions(gpt, tmp_path):
     meta = json.loads((tmp_path / "ckpt" / "evo_rewrite.json").read_text())
     assert meta["regions"] == ["h.0", "h.2"] and meta["applied"] == ["flash", "checkpoint(every=2)"]
 
-    loaded = evo_rewrite.load(out)
+    loaded = evo_rewrite.load(out, trust_code=True)
     p = loaded.program
     assert loaded.source.kind == "generated" and regions_of(p.module) == ("h.0", "h.2")
     assert p.applied == ["flash", "checkpoint(every=2)"]
@@ -244,7 +244,7 @@ def test_source_directory_round_trip_keeps_regions(gpt, tmp_path):
     assert _saved_for_backward(p.module, x) < _saved_for_backward(flat, x)
 
     # the directory is again a source: another pass, and the regions are still there
-    again = evo_rewrite.rewrite(out, "checkpoint(modules=[h.1])", strict=True)
+    again = evo_rewrite.rewrite(out, "checkpoint(modules=[h.1])", strict=True, trust_code=True)
     assert regions_of(again.module) == ("h.0", "h.1", "h.2")
     with pytest.raises(OutputError, match="refusing to overwrite the source .*ckpt"):
         again.save(out)
@@ -279,12 +279,12 @@ def test_cli_default_output_is_a_directory_and_onnx_inlines(tmp_path, monkeypatc
     out, err = capsys.readouterr()
     assert code == 0, err
     assert (tmp_path / "gpt.rewritten" / "model.py").is_file() and "wrote    gpt.rewritten" in out
-    assert regions_of(evo_rewrite.load("gpt.rewritten").program.module) == ("h.0", "h.2")
+    assert regions_of(evo_rewrite.load("gpt.rewritten", trust_code=True).program.module) == ("h.0", "h.2")
     code = main(["evo_rewrite.zoo:gpt", "--passes", "checkpoint(every=2)", "-o", "g.pt2", "-q"])
     _, err = capsys.readouterr()
     assert code == 5 and "give a directory path, e.g. g" in err and not (tmp_path / "g.pt2").exists()
     # ONNX is for inference: export interprets the flat graph, so the regions are simply inlined
-    code = main(["gpt.rewritten", "--target", "onnx", "-o", "g.onnx", "-q"])
+    code = main(["gpt.rewritten", "--trust-code", "--target", "onnx", "-o", "g.onnx", "-q"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "fused attention operators / attention sites: 4 / 4" in out and (tmp_path / "g.onnx").is_file()
