@@ -88,8 +88,8 @@ class PassManager:
             quality_note = f"{len(held)} held-out calibration batch(es) ({held[0].describe()})"
         else:
             extra, real = [_another_seed(program.inputs)], False
-            quality_note = (f"random tokens of another seed ({len(checks)} input set(s) besides the example inputs), "
-                            "not real data")
+            quality_note = ("random tokens of another size and seed, not real data" if len(checks) > 1 else
+                            "random tokens of another seed, not real data")
         quality_idx = list(range(len(checks), len(checks) + len(extra))) + (
             [] if real else list(range(1, len(checks))))
         checks = checks + extra

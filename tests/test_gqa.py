@@ -99,8 +99,11 @@ def test_kv_heads_that_do_not_divide():
 
 
 def test_bad_options():
-    with pytest.raises(PipelineError, match=r"kv_heads must be given and >= 1"):
-        evo_rewrite.parse_pipeline("gqa")
+    assert evo_rewrite.parse_pipeline("gqa")[0].kv_heads == "auto"  # the default
+    with pytest.raises(PipelineError, match=r"kv_heads must be auto or an integer >= 1"):
+        evo_rewrite.parse_pipeline("gqa(kv_heads=0)")
+    with pytest.raises(PipelineError, match=r"option kv_heads='many' is not valid"):
+        evo_rewrite.parse_pipeline("gqa(kv_heads=many)")
     with pytest.raises(PipelineError, match=r"option method='median' is not valid; allowed: mean, fit"):
         evo_rewrite.parse_pipeline("gqa(kv_heads=2,method=median)")
 
