@@ -140,7 +140,7 @@ def test_report_json_equal_to_hf_output(capsys, tmp_path, factory):
 
 def test_report_json_equal_to_default_output(capsys, tmp_path, factory, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _refused(capsys, tmp_path, [f"{factory}:make", "--report-json", "models.rewritten.pt2"], 2,
+    _refused(capsys, tmp_path, [f"{factory}:make", "--report-json", "make.rewritten.pt2"], 2,
              r"is the default model output", [factory])
 
 
