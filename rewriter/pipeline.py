@@ -163,6 +163,8 @@ def check_pipeline(passes: list[Pass], given: set[str] | frozenset[str] = frozen
             if need not in given:
                 raise PipelineError(f"{where} needs {NEEDS[need]}")
     taken = set().union(*(p.accepts() for p in passes)) if passes else set()
+    if any(not p.exact for p in passes):
+        taken.add("calibration")  # its held-out part measures every lossy pass (pass manager)
     for extra in sorted(set(given) - taken - {"cuda"}):
         raise PipelineError(f"{NEEDS[extra].split(' (')[0]} was given, but no pass in the pipeline takes it "
                             f"({', '.join(names) or 'empty pipeline'}); add the pass it is for, e.g. "
