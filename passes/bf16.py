@@ -91,6 +91,7 @@ class Bf16(Pass):
     exact: ClassVar[bool] = False
     summary: ClassVar[str] = ("autocast's bf16 policy as explicit casts: matmuls in bf16, softmax/norms/reductions/"
                               "exp/log/losses in fp32, mixed inputs promoted; bf16-only weights stored in bf16")
+    weight_dtype: ClassVar[str | None] = "bfloat16"
     keep_io: bool = True  # cast floating outputs back to their dtype before the pass (signature unchanged)
 
     def __post_init__(self):

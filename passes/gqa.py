@@ -4,6 +4,11 @@ pattern  every attention site whose K and V trace back to linear projections
          (evo_rewrite.projections: separate or fused qkv, rotary, materialised K/V repeats)
 check    the new K/V head count divides the current one (else an error naming the site and the
          valid counts); the head-split reshape names its head count as a constant or -1
+auto     ``kv_heads=auto`` (the default) tries every count that divides the sites' K/V heads, fewest
+         first, measures each on inputs the pass was not fitted on (held-out calibration, else random
+         tokens of another seed: the pass manager's ``QualityCheck``) and keeps the fewest whose
+         quality stays within the user's thresholds, or ``AUTO_THRESHOLDS`` (cosine >= 0.99) when none
+         is given; the notes say what it chose and what the next smaller count would have cost
 rewrite  K and V projection heads merged per group of consecutive heads (``method=mean``: the GQA
          paper's mean-pooling; ``method=fit``: calibrated, see passes/gqa_fit.py), the head-split
          reshape and any repeat rewritten for the new count, and attention fed grouped K/V
@@ -14,16 +19,19 @@ rewrite  K and V projection heads merged per group of consecutive heads (``metho
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar, Literal
 
 import torch
 import torch.fx as fx
 
 from evo_rewrite.attention import AttentionSite, attention_sites, untranspose, val
+from evo_rewrite.annotations import QualityCheck
 from evo_rewrite.errors import PassNotApplicable
 from evo_rewrite.pass_infra import Pass, PassResult, Skip, register_pass
 from evo_rewrite.program import Program
 from evo_rewrite.projections import HeadPath, trace_projection
+from evo_rewrite.verify import AUTO_THRESHOLDS, check, compare_outputs
 
 aten = torch.ops.aten
 
@@ -83,17 +91,22 @@ class GQA(Pass):
     name: ClassVar[str] = "gqa"
     exact: ClassVar[bool] = False
     summary: ClassVar[str] = "merge K/V heads into kv_heads groups (mean-pooling or calibrated fit); KV cache shrinks"
-    kv_heads: int = 0
+    kv_heads: int | Literal["auto"] = "auto"
     method: Literal["mean", "fit"] = "mean"
 
     def accepts(self) -> frozenset[str]:
-        return frozenset({"calibration"}) if self.method == "fit" else frozenset()
+        # fit fits on calibration; auto measures its candidates on the held-out part
+        return frozenset({"calibration"}) if self.method == "fit" or self.kv_heads == "auto" else frozenset()
 
     def __post_init__(self):
-        if self.kv_heads < 1:
-            raise ValueError(f"kv_heads must be given and >= 1 (e.g. gqa(kv_heads=4)), got {self.kv_heads}")
+        if self.kv_heads == "auto":
+            return
+        if isinstance(self.kv_heads, bool) or not isinstance(self.kv_heads, int) or self.kv_heads < 1:
+            raise ValueError(f"kv_heads must be auto or an integer >= 1 (e.g. gqa(kv_heads=4)), got {self.kv_heads!r}")
 
     def run(self, program: Program) -> PassResult:
+        if self.kv_heads == "auto":
+            return self._run_auto(program)
         sites = attention_sites(program.module)
         if not sites:
             return PassResult(program, 0, message="no attention in the model")
@@ -124,6 +137,56 @@ class GQA(Pass):
         notes = {"method": self.method, "kv_heads": f"{plans[0].kv_heads} -> {self.kv_heads}"}
         notes.update(merged)
         return PassResult(program, len(plans), skipped, notes)
+
+    # -- kv_heads=auto -----------------------------------------------------------------------
+
+    def _run_auto(self, program: Program) -> PassResult:
+        sites = attention_sites(program.module)
+        if not sites:
+            return PassResult(program, 0, message="no attention in the model")
+        found = [(s, self._plan(s)) for s in sites]
+        plans = [p for _, p in found if not isinstance(p, str)]
+        if not plans:
+            skipped = [Skip(p, s.module, s.output.name) for s, p in found]
+            return PassResult(program, 0, skipped, message="no site can be grouped (see the skipped sites' reasons)")
+        current = {p.kv_heads for p in plans}
+        common = math.gcd(*current)
+        candidates = [c for c in _divisors(common) if c < max(current)]
+        quality = program.annotations.quality or _fallback_quality(program)
+        thresholds = quality.thresholds if quality.thresholds is not None and quality.thresholds.given else AUTO_THRESHOLDS
+        limits = thresholds.describe() + ("" if quality.thresholds is not None and quality.thresholds.given
+                                          else " (the default for kv_heads=auto)")
+        if not candidates:
+            return PassResult(program, 0, message=f"kv_heads=auto: every site already has {common} K/V heads, and no "
+                                                  "smaller count divides them all")
+        before = [program(i) for i in quality.inputs]
+        vocab = program.vocab_sizes()
+        tried, failed_prev = [], None
+        for c in candidates:
+            trial = dataclasses.replace(self, kv_heads=c).run(program.clone())
+            if not trial.rewrites:
+                continue
+            after = [trial.program(i) for i in quality.inputs]
+            metrics, problem, dtype = _worst([compare_outputs(a, b, vocab) for a, b in zip(before, after)])
+            failure = check(metrics, problem, dtype, False, thresholds)
+            tried.append(f"{c}: {_brief(metrics)}" + (" (fails)" if failure else " (chosen)"))
+            if failure:
+                failed_prev = (c, metrics, failure)
+                continue
+            trial.notes["kv_heads"] = (f"auto: {'/'.join(map(str, sorted(current)))} -> {c}, the fewest K/V heads "
+                                       f"within {limits} on {quality.note}")
+            trial.notes["auto candidates"] = "; ".join(tried)
+            trial.notes["next smaller"] = (
+                f"{failed_prev[0]} K/V heads would cost {_brief(failed_prev[1])} ({failed_prev[2]})" if failed_prev
+                else f"none: {c} is the fewest count that divides the K/V heads")
+            if not quality.real:
+                trial.notes["measured on"] = "random tokens, not real data: give --calibration for a choice you can trust"
+            return trial
+        best = failed_prev
+        msg = (f"kv_heads=auto: no grouping stays within {limits} on {quality.note}"
+               + (f"; the mildest, {best[0]} K/V heads, gives {_brief(best[1])}" if best else "")
+               + "; keeping every head (give kv_heads=N with a looser --min-cosine/--min-sqnr to force one)")
+        return PassResult(program, 0, message=msg, notes={"auto candidates": "; ".join(tried)})
 
     # -- analysis ---------------------------------------------------------------------------
 
@@ -287,6 +350,30 @@ class GQA(Pass):
             with g.inserting_after(t):
                 r = g.call_function(aten.repeat_interleave.self_int, (t, rep, 1))
             t.replace_all_uses_with(r, delete_user_cb=lambda u, r=r: u is not r)
+
+
+def _fallback_quality(program: Program) -> QualityCheck:
+    """Outside the pass manager: the program's second-size inputs (never fitted on), else its example inputs."""
+    second = program.second_inputs(seed=7)
+    inputs = (second,) if second is not None else (program.inputs,)
+    return QualityCheck(inputs, None, "random tokens of another size and seed, not real data")
+
+
+def _worst(results):
+    worst = {"cosine": min, "sqnr_db": min, "top1_agreement": min}
+    merged, problem, dtype = {}, None, None
+    for metrics, prob, dt in results:
+        problem, dtype = problem or prob, dtype or dt
+        for k, v in metrics.items():
+            merged[k] = worst.get(k, max)(merged[k], v) if k in merged else v
+    return merged, problem, dtype
+
+
+def _brief(m: dict) -> str:
+    parts = [f"cosine {m['cosine']:.4f}"] if "cosine" in m else []
+    parts += [f"SQNR {m['sqnr_db']:.1f} dB"] if "sqnr_db" in m and math.isfinite(m["sqnr_db"]) else []
+    parts += [f"KL {m['kl']:.3g}"] if "kl" in m else []
+    return ", ".join(parts) or "no figures"
 
 
 def _fused_consumers(proj_node: fx.Node) -> list[fx.Node]:

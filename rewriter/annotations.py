@@ -14,6 +14,7 @@ restored by :func:`read_metadata`, so a reloaded program is the program that was
     program.annotations.calibration         # Calibration | None      (run-time only)
     program.annotations.heal_data           # object | None           (run-time only)
     program.annotations.reference           # Program | None          (run-time only)
+    program.annotations.quality             # QualityCheck | None     (run-time only)
 
 Cloning a program copies its annotations shallowly: the annotation objects are frozen, so a pass
 replaces one (``dataclasses.replace`` or a new object) rather than changing it.
@@ -30,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .program import Program, SourceInfo
 
 __all__ = ["Annotations", "CheckpointRegions", "AttentionBackends", "TensorParallelPlan", "KVCacheLayout",
-           "LayerCache", "Calibration", "METADATA_FILE", "write_metadata", "read_metadata", "ProgramMetadata"]
+           "LayerCache", "Calibration", "QualityCheck", "METADATA_FILE", "write_metadata", "read_metadata", "ProgramMetadata"]
 
 METADATA_FILE = "evo_rewrite.json"  # the metadata entry of a .pt2 and the file of a generated directory
 SCHEMA_VERSION = 2
@@ -95,10 +96,27 @@ class KVCacheLayout:
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-    """Inputs for calibrated passes (``gqa(method=fit)``, ``share-layers``), and what they are."""
+    """Inputs for calibrated passes (``gqa(method=fit)``, ``share-layers``), and what they are.
+
+    ``batches`` are what passes fit on; ``held_out`` (the last quarter of the batches, or of the rows of a
+    single batch) is never given to a pass: the pass manager measures lossy passes on it.
+    """
 
     batches: tuple["Inputs", ...]
     note: str
+    held_out: tuple["Inputs", ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityCheck:
+    """What a lossy pass is judged on, for a pass that chooses its own strength (``gqa(kv_heads=auto)``):
+    inputs it was not fitted on, the user's thresholds (a ``verify.Thresholds``), and what the inputs are.
+    ``real``: whether they are the user's data (held-out calibration) rather than random tokens."""
+
+    inputs: tuple["Inputs", ...]
+    thresholds: Any
+    note: str
+    real: bool = False
 
 
 @dataclasses.dataclass
@@ -111,6 +129,7 @@ class Annotations:
     calibration: Calibration | None = None
     heal_data: Any = None
     reference: "Program | None" = None
+    quality: QualityCheck | None = None  # set by the pass manager for the pass it runs
 
     def copy(self) -> "Annotations":
         return dataclasses.replace(self)

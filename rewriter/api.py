@@ -33,16 +33,83 @@ def given_inputs(calibration: bool, heal_data: bool, device: str = "cpu") -> set
 
 
 def set_calibration(program: Program, calibration, device="cpu") -> None:
-    """Attach calibration inputs to the program (its ``Calibration`` annotation) for calibrated passes."""
+    """Attach calibration inputs to the program (its ``Calibration`` annotation) for calibrated passes.
+
+    A dict batch is matched to the captured program's inputs by name (never by order); a name the program
+    does not take, or one it needs and the batch lacks, is a UsageError listing the program's input names.
+    The last quarter of the batches (of the rows, for a single batch) is held out: passes never see it, and
+    the pass manager reports lossy passes' quality on it.
+    """
     if calibration is None:
         return
-    if isinstance(calibration, (dict, Inputs, torch.Tensor)):
+    if isinstance(calibration, (dict, Inputs, torch.Tensor, tuple)):
         calibration = [calibration]
-    batches = [to_inputs(c).to(device) for c in calibration]
+    batches = [_match_inputs(program, to_inputs(c), i).to(device) for i, c in enumerate(calibration)]
     if not batches:
         raise UsageError("calibration is empty; give at least one batch of inputs")
+    fit, held, how = split_held_out(batches)
     program.annotations.calibration = Calibration(
-        tuple(batches), f"{len(batches)} calibration batch(es): {batches[0].describe()}")
+        tuple(fit), f"{len(batches)} calibration batch(es): {batches[0].describe()}; {how}", tuple(held))
+
+
+def input_names(program: Program) -> tuple[list[str], list[str]]:
+    """(positional, keyword) input names of the captured program, in the order it takes them."""
+    ex = program.inputs
+    try:
+        orig = list(program.module.graph._codegen.pytree_info.orig_args)
+    except AttributeError:
+        orig = [n.name for n in program.placeholders()]
+    return orig[: len(ex.args)], list(ex.kwargs)
+
+
+def _match_inputs(program: Program, batch: Inputs, index: int) -> Inputs:
+    """``batch`` in the structure of the program's example inputs, matched by name; checked for rank and kind."""
+    pos, kw = input_names(program)
+    takes = ", ".join(pos + kw) or "(none)"
+    which = f"calibration batch {index + 1}"
+    if batch.kwargs:
+        given = list(batch.kwargs)
+        unknown = [n for n in given if n not in pos and n not in kw]
+        if unknown or batch.args:
+            raise UsageError(f"{which} has input(s) {', '.join(unknown) or 'given by position'} that the model's "
+                             f"forward does not take here; it takes: {takes} (name each tensor by its input name)")
+        missing = [n for n in pos + kw if n not in batch.kwargs]
+        if missing:
+            raise UsageError(f"{which} lacks input(s) {', '.join(missing)}; the captured model takes: {takes}")
+        matched = Inputs(tuple(batch.kwargs[n] for n in pos), {n: batch.kwargs[n] for n in kw})
+    else:
+        if len(batch.args) != len(pos) + len(kw):
+            raise UsageError(f"{which} has {len(batch.args)} positional tensor(s); the captured model takes "
+                             f"{len(pos) + len(kw)}: {takes} (give a dict of tensors named by input)")
+        matched = Inputs(tuple(batch.args[: len(pos)]), dict(zip(kw, batch.args[len(pos):])))
+    ex_flat, got_flat = program.inputs.flat(), matched.flat()
+    for name, e, g in zip(pos + kw, ex_flat, got_flat):
+        if not isinstance(g, torch.Tensor) or not isinstance(e, torch.Tensor):
+            continue
+        if g.dim() != e.dim() or g.is_floating_point() != e.is_floating_point():
+            raise UsageError(f"{which}: input {name} is {str(g.dtype).replace('torch.', '')}{list(g.shape)}, but the "
+                             f"model was captured with {str(e.dtype).replace('torch.', '')}{list(e.shape)} (same rank "
+                             "and kind of dtype needed)")
+        if g.dtype != e.dtype:
+            matched = matched.map_tensors(lambda t, g=g, e=e: t.to(e.dtype) if t is g else t)
+    return matched
+
+
+def split_held_out(batches: list[Inputs]) -> tuple[list[Inputs], list[Inputs], str]:
+    """(fit, held out, what was done): the last quarter of the batches, or of the rows of a single batch."""
+    if len(batches) >= 2:
+        k = max(1, len(batches) // 4)
+        return batches[:-k], batches[-k:], f"the last {k} held out for measuring quality"
+    only = batches[0]
+    flat = [t for t in only.flat() if isinstance(t, torch.Tensor)]
+    rows = {int(t.shape[0]) for t in flat if t.dim() >= 1}
+    if len(rows) == 1 and next(iter(rows)) >= 2:
+        b = next(iter(rows))
+        k = max(1, b // 4)
+        head = only.map_tensors(lambda t: t[: b - k] if t.dim() >= 1 else t)
+        tail = only.map_tensors(lambda t: t[b - k:] if t.dim() >= 1 else t)
+        return [head], [tail], f"rows {b - k}..{b - 1} held out for measuring quality"
+    return [only], [], "nothing held out (one row): quality is measured on random tokens"
 
 
 def load_calibration(path: str):

@@ -9,19 +9,25 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import RewriteError, UsageError
-from .target_infra import write_text_atomic
+from .errors import OutputError, RewriteError, UsageError
+from .target_infra import Terminated, terminate_as_interrupt, write_text_atomic
 
 EPILOG = """\
 sources:  model.pt2 | hf_model_dir/ | file.py:factory | package.module:factory | model.pt (--allow-pickle)
 pipeline: comma-separated passes with options, e.g. 'gqa(kv_heads=4),flash'
 exit codes: 0 ok, 1 internal error, 2 usage error (bad option, unknown pass), 3 source or capture error,
-            4 verification failed (a pass was rolled back; nothing written), 5 output cannot be written
+            4 verification failed (a pass was rolled back; nothing written), 5 output cannot be written,
+            130 interrupted (Ctrl-C), 143 terminated (SIGTERM); nothing is left behind
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other usage error (argparse prints usage first)
+        raise UsageError(f"{message} (evo-rewrite --help lists the options)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evo-rewrite", description="Rewrite a trained transformer: capture, verified passes, emit.",
+    p = _Parser(prog="evo-rewrite", description="Rewrite a trained transformer: capture, verified passes, emit.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", help="the model to rewrite (see 'sources' below)")
     p.add_argument("--passes", default="", metavar="SPEC", help="pipeline text; empty: capture, verify and emit")
@@ -39,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", metavar="SPEC", help="example inputs, e.g. 'input_ids:int64[2,16]@0..50257'")
     p.add_argument("--report-json", metavar="PATH", help="also write the report as JSON (schema in rewriter/report.py)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to capture, verify and run passes")
-    p.add_argument("--explain", action="store_true", help="list every softmax: attention site or why not")
+    p.add_argument("--explain", action="store_true", help="list every softmax: attention site or why not; without -o "
+                   "it only explains (no pass runs, nothing is written), with -o it explains and then rewrites")
     p.add_argument("--list-passes", action="store_true", help="list the passes, their options and exit")
     p.add_argument("--list-targets", action="store_true", help="list the targets, their options and exit")
     p.add_argument("--hf-output", metavar="DIR", help="also write a Hugging Face checkpoint directory (when the rewrite "
@@ -56,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-sqnr", type=float, metavar="DB", help="roll back a lossy pass whose output SQNR falls below DB")
     p.add_argument("--min-cosine", type=float, metavar="X", help="roll back a lossy pass whose output cosine falls below X")
     p.add_argument("--max-kl", type=float, metavar="X", help="roll back a lossy pass whose logits KL exceeds X")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages (nor library progress bars)")
     return p
 
 
@@ -118,6 +125,52 @@ def _target(args):
     return dataclasses.replace(target, **given) if given else target
 
 
+def _silence_libraries() -> None:
+    """-q: no progress bars or info logs from transformers, huggingface_hub or tqdm either."""
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    if "transformers" in sys.modules:  # imported already: its settings were read at import
+        try:
+            from transformers.utils import logging as tlog
+
+            tlog.set_verbosity_error()
+            tlog.disable_progress_bar()
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+    if "huggingface_hub" in sys.modules:
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _check_outputs(args, target) -> None:
+    """Every output option, before any work: no two the same (the default -o included), none onto or into the
+    source, none onto a directory, device, FIFO or socket, every parent writable."""
+    from .target_infra import check_output
+
+    stem = _stem(args.source)
+    named = [("-o", args.output), ("--hf-output", args.hf_output), ("--report-json", args.report_json)]
+    named = [(flag, p) for flag, p in named if p]
+    if not args.output:  # the default output: a file, or a directory for a program with checkpoint regions
+        defaults = {f"{stem}.rewritten{target.suffix}", f"{stem}.rewritten"}
+        for flag, p in named:
+            if os.path.realpath(p) in {os.path.realpath(d) for d in defaults}:
+                raise UsageError(f"{flag} {p} is the default model output (no -o given); give another path")
+    for i, (flag, p) in enumerate(named):
+        for other, q in named[:i]:
+            if os.path.realpath(p) == os.path.realpath(q):
+                raise UsageError(f"{flag} and {other} are the same path ({p}); give each output its own path")
+        check_output(p, [args.source], suffix=target.suffix if flag == "-o" else "",
+                     directory=flag == "--hf-output", what=f"another {flag} path")
+    if not args.output:
+        check_output(f"{stem}.rewritten{target.suffix}", [args.source], suffix=target.suffix, what="an -o path")
+
+
 def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.list_passes or args.list_targets:
@@ -125,11 +178,13 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     if not args.source:
         raise UsageError("give a SOURCE (e.g. evo_rewrite.zoo:gpt), or --list-passes")
+    if args.quiet:
+        _silence_libraries()
     from .api import given_inputs, load_calibration, prepare, set_calibration, write
     from .heal_data import attach_heal_data, read_heal_data
     from .manager import PassManager
-    from .pipeline import check_pipeline, parse_pipeline
-    from .target_infra import check_output, get_target
+    from .pipeline import check_pipeline, check_target, parse_pipeline
+    from .target_infra import get_target
     from .verify import Thresholds
 
     # everything a user can get wrong is checked before any loading
@@ -143,12 +198,13 @@ def run(argv: list[str] | None = None) -> int:
         raise UsageError(str(e)) from None
     target = _target(args)
     target.validate(None)
+    check_target(passes, target)
     hf = get_target("hf")() if args.hf_output else None
-    outputs = [p for p in (args.output, args.hf_output, args.report_json) if p]
-    for i, p in enumerate(outputs):
-        if any(os.path.realpath(p) == os.path.realpath(q) for q in outputs[:i]):
-            raise UsageError(f"{p} is given for two outputs (-o, --hf-output, --report-json); give each its own path")
-        check_output(p, [args.source], directory=p == args.hf_output, what="another path")
+    if hf:
+        check_target(passes, hf)
+    explain_only = args.explain and not args.output
+    if not explain_only:
+        _check_outputs(args, target)
     if args.device == "cuda":
         import torch
 
@@ -164,6 +220,8 @@ def run(argv: list[str] | None = None) -> int:
     attach_heal_data(program, heal_data, args.tokenizer)
     if args.explain:
         print(explain(program))
+        if explain_only:
+            return 0
         print()
     program, report = PassManager(passes, thresholds, log=log).run(program)
     report.source, report.source_kind = args.source, program.source.kind
@@ -175,7 +233,11 @@ def run(argv: list[str] | None = None) -> int:
             report.outputs += written.files
     print(report.table())
     if args.report_json:
-        write_text_atomic(args.report_json, report.to_json())
+        try:
+            write_text_atomic(args.report_json, report.to_json())
+        except OutputError as e:
+            kept = f"; the model outputs were written ({', '.join(report.outputs)})" if report.outputs else ""
+            raise OutputError(f"{e}{kept}") from None
     if not report.ok:
         bad = report.failed()
         print(f"evo-rewrite: verification failed for {', '.join(p.spec for p in bad)}; nothing was written "
@@ -187,20 +249,29 @@ def run(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        code = run(argv)
+        with terminate_as_interrupt():
+            code = run(argv)
     except RewriteError as e:
-        print(f"evo-rewrite: error: {e}", file=sys.stderr)
+        print(f"evo-rewrite: error: {_one_line(str(e))}", file=sys.stderr)
         code = e.exit_code
+    except Terminated as e:
+        print(f"evo-rewrite: terminated (signal {e.signum}); nothing was written and no temporary file is left",
+              file=sys.stderr)
+        code = 128 + e.signum
     except KeyboardInterrupt:
-        print("evo-rewrite: interrupted; nothing was written", file=sys.stderr)
+        print("evo-rewrite: interrupted; nothing was written and no temporary file is left", file=sys.stderr)
         code = 130
     except Exception as e:  # noqa: BLE001 - a bug: say so plainly, traceback only on request
-        print(f"evo-rewrite: internal error: {type(e).__name__}: {e}\nThis is a bug in evo-rewrite; rerun with "
-              "EVO_REWRITE_DEBUG=1 for the traceback and report it.", file=sys.stderr)
+        print(f"evo-rewrite: internal error: {type(e).__name__}: {_one_line(str(e))}. This is a bug in evo-rewrite; "
+              "rerun with EVO_REWRITE_DEBUG=1 for the traceback and report it.", file=sys.stderr)
         if os.environ.get("EVO_REWRITE_DEBUG"):
             traceback.print_exc()
         code = 1
     return code
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(part.strip() for part in msg.splitlines() if part.strip()) or msg
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import traceback
 from typing import Callable
 
 from .errors import RewriteError
+from .annotations import QualityCheck
 from .figures import figures
 from .pass_infra import Pass, PassResult
 from .program import Program
@@ -78,7 +79,23 @@ class PassManager:
         report.model_before = figures(program).as_dict()
         second = program.second_inputs()
         checks = [program.inputs] + ([second] if second is not None else [])
-        report.verify_inputs = [c.describe() for c in checks]
+        # lossy passes are measured on inputs nothing was fitted on: held-out calibration, else random tokens
+        # of another seed (the example inputs are what an uncalibrated fit uses)
+        cal = program.annotations.calibration
+        held = list(cal.held_out) if cal is not None and cal.held_out else []
+        if held:
+            extra, real = held, True
+            quality_note = f"{len(held)} held-out calibration batch(es) ({held[0].describe()})"
+        else:
+            extra, real = [_another_seed(program.inputs)], False
+            quality_note = ("random tokens of another size and seed, not real data" if len(checks) > 1 else
+                            "random tokens of another seed, not real data")
+        quality_idx = list(range(len(checks), len(checks) + len(extra))) + (
+            [] if real else list(range(1, len(checks))))
+        checks = checks + extra
+        quality = QualityCheck(tuple(checks[i] for i in quality_idx), self.thresholds, quality_note, real)
+        tag = " (held out)" if real else " (another seed)"
+        report.verify_inputs = [c.describe() + (tag if i >= len(checks) - len(extra) else "") for i, c in enumerate(checks)]
         t0 = time.perf_counter()
         try:
             ref = _run_all(program, checks)
@@ -100,8 +117,10 @@ class PassManager:
             try:
                 work = program.clone()
                 work.annotations.reference = reference if "reference" in p.requirements() else None
+                work.annotations.quality = quality
                 result: PassResult = p.run(work)
                 result.program.annotations.reference = None  # served this pass; not carried on
+                result.program.annotations.quality = None
             except RewriteError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a crashing pass is rolled back, not fatal
@@ -127,7 +146,7 @@ class PassManager:
             new = result.program
             new.applied.append(p.spec())
             t1 = time.perf_counter()
-            failure, metrics, dtype, new_out = self._verify(p, new, checks, ref)
+            failure, metrics, dtype, new_out = self._verify(p, new, checks, ref, quality_idx)
             rec.verify_seconds = time.perf_counter() - t1
             rec.metrics = metrics
             if failure:
@@ -143,14 +162,23 @@ class PassManager:
                 program, ref = new, new_out
                 err = metrics.get("max_abs_error", 0.0)
                 self._say(f"      {result.rewrites} rewrite(s), {len(result.skipped)} skipped, max abs error {err:.3g}")
+            if not p.exact:
+                rec.measured_on = quality_note
+                rec.thresholds = self.thresholds.describe()
+                if not real and not any("random tokens" in n for n in report.notes):
+                    report.notes.append(RANDOM_DATA_NOTE)
+                    self._say(f"      WARNING: {RANDOM_DATA_NOTE}")
             report.passes.append(rec)
         if program is not original and self.passes:
-            metrics, problem, _ = _merge([compare_outputs(a, b, program.vocab_sizes()) for a, b in zip(original_out, ref)])
+            metrics, problem, _ = _merge([compare_outputs(original_out[i], ref[i], program.vocab_sizes())
+                                          for i in quality_idx])
             report.end_to_end = {**metrics, **({"problem": problem} if problem else {})}
         report.model_after = figures(program).as_dict()
         return program, report
 
-    def _verify(self, p: Pass, new: Program, checks, ref):
+    def _verify(self, p: Pass, new: Program, checks, ref, quality_idx):
+        """(failure, metrics, dtype, outputs): an exact pass is judged on every input; a lossy pass runs on every
+        input but its metrics (and thresholds) come from the held-out ones (``quality_idx``)."""
         try:
             new.graph.lint()
             new.refresh_meta()
@@ -165,8 +193,28 @@ class PassManager:
             except Exception as exc:  # noqa: BLE001
                 which = "the example input" if i == 0 else f"the verification input {inputs.describe()}"
                 return f"rewritten program fails to run ({type(exc).__name__}: {_first_line(exc)}) on {which}", {}, None, None
-        metrics, problem, dtype = _merge([compare_outputs(a, b, new.vocab_sizes()) for a, b in zip(ref, new_out)])
+        compared = [compare_outputs(a, b, new.vocab_sizes()) for a, b in zip(ref, new_out)]
+        problem = next((c[1] for c in compared if c[1]), None)
+        if p.exact or problem:
+            metrics, problem, dtype = _merge(compared)
+        else:
+            metrics, _, dtype = _merge([compared[i] for i in quality_idx])
+            nonfinite = any(c[0].get("nonfinite_mismatch") for c in compared)
+            if nonfinite:
+                metrics["nonfinite_mismatch"] = 1.0
         return check(metrics, problem, dtype, p.exact, self.thresholds), metrics, dtype, new_out
+
+
+RANDOM_DATA_NOTE = ("lossy passes were measured on random example tokens, not real data: their figures may be far "
+                    "from what real text gives; pass --calibration FILE.pt (a dict of input tensors; Python: "
+                    "calibration=...) to fit on and measure on held-out real inputs")
+
+
+def _another_seed(inputs):
+    """The example inputs' shapes, dtypes and value ranges, drawn again with another seed."""
+    from .inputs import like
+
+    return inputs.map_tensors(lambda t: like(t, tuple(t.shape), seed=1234, pad_last_row=False))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -6,8 +6,8 @@ the dataclass fields. Options are typed (``int``, ``float``, ``bool``, ``str``, 
 when the pipeline is parsed, naming the pass, the option and the allowed values.
 
 A pass also declares what it needs (``needs``: calibration data, heal data, a reference, a CUDA
-device) and where it may stand (``placement``: last, after a lossy pass, never after certain
-passes). ``pipeline.check_pipeline`` checks both before anything loads and names the pass and the
+device), where it may stand (``placement``: last, after a lossy pass, never after certain
+passes) and the dtype of the weights it leaves (``weight_dtype``, checked against the target). ``pipeline.check_pipeline`` checks both before anything loads and names the pass and the
 rule, so no code outside a pass asks for it by name.
 
 Built-in passes register through the ``evo_rewrite.passes`` entry-point group, exactly as a
@@ -75,6 +75,9 @@ class Pass:
     summary: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()  # keys of NEEDS
     placement: ClassVar[Placement] = Placement()
+    # the dtype (torch name, e.g. "bfloat16") of the weights this pass leaves; None: it does not change them.
+    # The face checks it against the target before loading (pipeline.check_target)
+    weight_dtype: ClassVar[str | None] = None
 
     def run(self, program: Program) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError

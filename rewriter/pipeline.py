@@ -8,7 +8,7 @@ import typing
 from .errors import PipelineError
 from .pass_infra import NEEDS, Pass, describe_type, get_pass
 
-__all__ = ["parse_pipeline", "format_pipeline", "check_pipeline", "parse_item"]
+__all__ = ["parse_pipeline", "format_pipeline", "check_pipeline", "check_target", "parse_item"]
 
 
 def _split_top(text: str, sep: str = ",") -> list[str]:
@@ -163,7 +163,28 @@ def check_pipeline(passes: list[Pass], given: set[str] | frozenset[str] = frozen
             if need not in given:
                 raise PipelineError(f"{where} needs {NEEDS[need]}")
     taken = set().union(*(p.accepts() for p in passes)) if passes else set()
+    if any(not p.exact for p in passes):
+        taken.add("calibration")  # its held-out part measures every lossy pass (pass manager)
     for extra in sorted(set(given) - taken - {"cuda"}):
         raise PipelineError(f"{NEEDS[extra].split(' (')[0]} was given, but no pass in the pipeline takes it "
                             f"({', '.join(names) or 'empty pipeline'}); add the pass it is for, e.g. "
                             + ("'gqa(kv_heads=1),heal(steps=300)'" if extra == "heal_data" else "'gqa(kv_heads=4,method=fit)'"))
+
+
+def check_target(passes: list[Pass], target) -> None:
+    """Refuse a pipeline whose weights the target cannot run (bf16 then ONNX), before anything loads.
+
+    Each pass declares the dtype of the weights it leaves (``Pass.weight_dtype``); the target says which
+    it cannot run and what works instead (``Target.dtype_advice``). The last pass that sets a dtype wins.
+    """
+    dtype, by = None, None
+    for i, p in enumerate(passes):
+        if p.weight_dtype:
+            dtype, by = p.weight_dtype, (i, p)
+    if dtype is None:
+        return
+    advice = target.dtype_advice(dtype)
+    if advice:
+        i, p = by
+        raise PipelineError(f"pass '{p.spec()}' (position {i + 1} of {len(passes)}) leaves {dtype} weights, which "
+                            f"target '{target.spec()}' cannot run: {advice}")

@@ -13,6 +13,8 @@ JSON schema (``--report-json``; ``schema_version`` 2)::
           "rewrites": int,
           "skipped": [{"reason": str, "module": str, "node": str}],
           "verified": bool, "rolled_back": bool,
+          "quality": "exact" | "lossy" | "unchanged" | "rolled back",  # lossy: within the thresholds
+          "measured_on": str, "thresholds": str,  # lossy passes: held-out inputs of the metrics, limits
           "failure": str | null, "diverges_at": str | null,   # module path of first divergence
           "max_abs_error": float | null,
           "metrics": {"max_abs_error", "max_rel_error", "cosine", "sqnr_db",
@@ -62,6 +64,17 @@ class PassRecord:
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
     message: str = ""
     traceback: str | None = None
+    measured_on: str = ""  # lossy passes: the inputs their metrics come from (held out, or random tokens)
+    thresholds: str = ""  # lossy passes: the limits they were held to
+
+    @property
+    def quality(self) -> str:
+        """'exact' (verified, exact), 'lossy' (verified within the thresholds), 'unchanged', 'rolled back'."""
+        if not self.verified:
+            return "rolled back"
+        if not self.rewrites:
+            return "unchanged"
+        return "exact" if self.exact else "lossy"
 
     @property
     def max_abs_error(self) -> float | None:
@@ -100,6 +113,7 @@ class Report:
         for p in self.passes:
             d = dataclasses.asdict(p)
             d["max_abs_error"] = p.max_abs_error
+            d["quality"] = p.quality
             d["metrics"] = {k: _finite(v) for k, v in p.metrics.items()}
             passes.append(d)
         return {
@@ -121,14 +135,20 @@ class Report:
         lines.append(f"inputs   {self.inputs}; verified also on: {'; '.join(self.verify_inputs[1:]) or '(no symbolic dims)'}")
         lines.append(f"pipeline {self.pipeline or '(none: capture, verify, emit)'}")
         if self.passes:
-            hdr = f"{'pass':<28} {'rewrites':>8} {'skipped':>7} {'verified':>9} {'max abs err':>12} {'SQNR dB':>8} {'time s':>7}"
+            hdr = f"{'pass':<28} {'rewrites':>8} {'skipped':>7} {'verified':>11} {'max abs err':>12} {'SQNR dB':>8} {'time s':>7}"
             lines += ["", hdr, "-" * len(hdr)]
             for p in self.passes:
-                state = "yes" if p.verified else "ROLLED BACK"
+                state = {"exact": "yes", "unchanged": "yes", "lossy": "lossy", "rolled back": "ROLLED BACK"}[p.quality]
                 err = p.metrics.get("max_abs_error")
                 sq = p.metrics.get("sqnr_db")
-                lines.append(f"{p.spec[:28]:<28} {p.rewrites:>8} {len(p.skipped):>7} {state:>9} "
+                lines.append(f"{p.spec[:28]:<28} {p.rewrites:>8} {len(p.skipped):>7} {state:>11} "
                              f"{_fmt(err, '.2e'):>12} {_fmt(sq, '.1f'):>8} {p.seconds + p.verify_seconds:>7.2f}")
+                if p.quality == "lossy":
+                    within = (f"lossy, within your thresholds ({p.thresholds})" if p.thresholds and
+                              p.thresholds != "no thresholds" else
+                              "lossy, not gated (no --min-cosine/--min-sqnr/--max-kl given)")
+                    lines.append(f"    {within}: {_figures(p.metrics)}"
+                                 + (f" on {p.measured_on}" if p.measured_on else ""))
                 if p.failure:
                     lines.append(f"    failed: {p.failure}" + (f" — first diverging module: {p.diverges_at}" if p.diverges_at else ""))
                 if p.message and not p.rewrites:
@@ -159,6 +179,15 @@ class Report:
         for n in self.notes:
             lines.append(f"note     {n}")
         return "\n".join(lines)
+
+
+def _figures(m: dict) -> str:
+    parts = []
+    for key, label, spec in (("cosine", "cosine", ".4f"), ("sqnr_db", "SQNR", ".1f"), ("top1_agreement", "top-1", ".3f"),
+                             ("kl", "KL", ".3g"), ("max_rel_error", "max rel err", ".2e")):
+        if key in m:
+            parts.append(f"{label} {_fmt(m[key], spec)}" + (" dB" if key == "sqnr_db" else ""))
+    return ", ".join(parts) or "no figures"
 
 
 def _fmt(v, spec) -> str:

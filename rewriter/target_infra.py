@@ -30,7 +30,8 @@ from .errors import OutputError, PipelineError
 from .program import Program
 
 __all__ = ["Target", "TargetReport", "register_target", "registered_targets", "get_target", "parse_target", "emit",
-           "check_output", "write_text_atomic", "ENTRY_POINT_GROUP"]
+           "check_output", "write_text_atomic", "ENTRY_POINT_GROUP", "Terminated", "terminate_as_interrupt",
+           "weight_bytes", "check_free_space"]
 
 ENTRY_POINT_GROUP = "evo_rewrite.targets"
 
@@ -74,6 +75,17 @@ class Target:
     def prepare(self, program: Program) -> str:
         """Pipeline text to run (verified) before writing; '' for none."""
         return ""
+
+    def dtype_advice(self, dtype: str) -> str | None:
+        """Why this target cannot run weights of ``dtype`` (a torch dtype name such as ``"bfloat16"``) and what
+        works instead; None when it can. The face checks every pass's ``weight_dtype`` against this before any
+        loading (``pipeline.check_target``); ``validate`` checks the program's tensors before writing."""
+        return None
+
+    def estimate_bytes(self, program: Program) -> int:
+        """About how many bytes ``write`` puts on disk (checked against the free space before writing): by
+        default the program's unique weight bytes plus a margin for the graph and metadata."""
+        return weight_bytes(program) + (16 << 20)
 
     def is_directory(self, program: Program) -> bool:
         """Whether this target writes a directory for ``program`` (default: when it has no file suffix)."""
@@ -201,21 +213,77 @@ def check_output(out: str | os.PathLike, sources: list[str | os.PathLike | None]
     return parent
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) turned into an exception, so every ``finally`` cleanup runs; the CLI exits 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
 @contextlib.contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM during a write raises KeyboardInterrupt, so the cleanup below runs (main thread only)."""
+def terminate_as_interrupt():
+    """SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) while inside, so cleanups run (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Terminated(signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_modes(entry: Path) -> None:
+    """mkstemp/mkdtemp create 0600/0700: give what was written the modes the user's umask asks for."""
+    mask = _umask()
+    paths = [entry] + (sorted(entry.rglob("*")) if entry.is_dir() and not entry.is_symlink() else [])
+    for p in paths:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def weight_bytes(program: Program) -> int:
+    """Bytes of the program's unique weight storages."""
+    seen, total = set(), 0
+    for t in program.named_tensors().values():
+        try:
+            key = (t.untyped_storage().data_ptr(), t.device.type)
+            nbytes = t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # fake or meta tensors
+            key, nbytes = id(t), t.numel() * t.element_size()
+        if key not in seen:
+            seen.add(key)
+            total += nbytes
+    return total
+
+
+def check_free_space(out: Path, need: int, where: Path | None = None) -> None:
+    """OutputError (exit 5) when the file system of ``where`` (default: ``out``'s directory) has less than
+    ``need`` bytes free. Checked before writing: torch's C++ writer aborts the interpreter on a full disk."""
+    where = where or (out.parent if str(out.parent) else Path("."))
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return
+    if free < need:
+        raise OutputError(f"cannot write {out}: it needs about {_mib(need)} and {where} has {_mib(free)} free; "
+                          "free some space or write elsewhere")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
 def _size(p: Path) -> int:
@@ -249,9 +317,11 @@ def emit(program: Program, target: Target, out: str | os.PathLike, *, log=None, 
         prepared, prep_report = PassManager(parse_pipeline(pipeline), log=log).run(program)
         records = prep_report.passes
         program = prepared
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    check_free_space(out, target.estimate_bytes(program), parent)
+    tmp = None
     try:
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
             staged = tmp / out.name
             try:
                 report = target.write(program, staged)
@@ -264,12 +334,15 @@ def emit(program: Program, target: Target, out: str | os.PathLike, *, log=None, 
             moved = []
             try:
                 for entry in entries:
+                    _publish_modes(entry)
+                for entry in entries:
                     os.replace(entry, parent / entry.name)
                     moved.append(parent / entry.name)
             except OSError as exc:
                 raise OutputError(_disk_message(out, exc)) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     report.target = report.target or target.name
     report.path = str(out)
     report.files = [str(moved[-1])] + [str(p) for p in moved[:-1]]
@@ -283,15 +356,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> str:
     """A small text output (the JSON report): temporary file beside it, then renamed into place."""
     out = Path(path)
     parent = check_output(out, what="another path")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    data = text.encode()
+    check_free_space(out, len(data) + 4096, parent)
+    tmp = None
     try:
-        with _terminate_as_interrupt(), os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, out)
+        with terminate_as_interrupt():
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, out)
     except OSError as exc:
         raise OutputError(_disk_message(out, exc)) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return str(out)
 

@@ -20,7 +20,7 @@ from .inputs import Inputs
 from .pass_infra import module_paths
 from .program import Program
 
-__all__ = ["Thresholds", "compare_outputs", "first_divergence", "record", "TOLERANCE", "tolerance"]
+__all__ = ["Thresholds", "AUTO_THRESHOLDS", "compare_outputs", "first_divergence", "record", "TOLERANCE", "tolerance"]
 
 # normalized max error (max |a-b| / max |a|) an exact pass may show, by output dtype
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 6e-2}
@@ -48,10 +48,29 @@ class Thresholds:
     max_kl: float | None = None
 
     def __post_init__(self):
+        for name, flag in (("min_sqnr_db", "--min-sqnr"), ("min_cosine", "--min-cosine"), ("max_kl", "--max-kl")):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v)):
+                raise ValueError(f"{name} ({flag}) must be a number, got {v!r}; NaN would switch the quality gate off")
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
             raise ValueError(f"min_cosine must lie in [-1, 1], got {self.min_cosine}")
         if self.max_kl is not None and self.max_kl < 0:
             raise ValueError(f"max_kl must be >= 0, got {self.max_kl}")
+
+    @property
+    def given(self) -> bool:
+        """Whether any limit is set."""
+        return any(v is not None for v in (self.min_sqnr_db, self.min_cosine, self.max_kl))
+
+    def describe(self) -> str:
+        parts = ([f"SQNR >= {self.min_sqnr_db:g} dB"] if self.min_sqnr_db is not None else []) + (
+            [f"cosine >= {self.min_cosine:g}"] if self.min_cosine is not None else []) + (
+            [f"KL <= {self.max_kl:g}"] if self.max_kl is not None else [])
+        return ", ".join(parts) or "no thresholds"
+
+
+# what a pass that chooses its own strength (gqa kv_heads=auto) holds itself to when the user gave no threshold
+AUTO_THRESHOLDS = Thresholds(min_cosine=0.99)
 
 
 def _leaves(out) -> list[tuple[str, Any]]:

@@ -357,6 +357,23 @@ class OnnxTarget(Target):
     def __post_init__(self):
         _validate(self.attention, self.dtype, self.external_data)
 
+    def dtype_advice(self, dtype: str) -> str | None:
+        if dtype == "bfloat16":
+            return ("ONNX Runtime's CPU execution provider has no bf16 kernels for MatMul and most operators, so the "
+                    "check would fail inside it; drop bf16 and write --target 'onnx(dtype=fp16)' (half precision that "
+                    "ONNX Runtime runs), or keep bf16 with --target pytorch on a runtime that has bf16 kernels")
+        return None
+
+    def validate(self, program: Program | None, out: Path | None = None) -> None:
+        if program is None:
+            return
+        dtypes = {str(t.dtype).replace("torch.", "") for t in program.named_tensors().values() if t.is_floating_point()}
+        for dtype in sorted(dtypes):
+            advice = self.dtype_advice(dtype)
+            if advice:
+                raise UsageError(f"the program holds {dtype} weights ({', '.join(program.applied) or 'as loaded'}), "
+                                 f"which target '{self.spec()}' cannot run: {advice}")
+
     def prepare(self, program: Program) -> str:
         pending = [r for r in find_attention(program.module) if r.site is not None and not r.site.fused]
         return "flash(softcap=true)" if pending else ""

@@ -99,8 +99,11 @@ def test_kv_heads_that_do_not_divide():
 
 
 def test_bad_options():
-    with pytest.raises(PipelineError, match=r"kv_heads must be given and >= 1"):
-        evo_rewrite.parse_pipeline("gqa")
+    assert evo_rewrite.parse_pipeline("gqa")[0].kv_heads == "auto"  # the default
+    with pytest.raises(PipelineError, match=r"kv_heads must be auto or an integer >= 1"):
+        evo_rewrite.parse_pipeline("gqa(kv_heads=0)")
+    with pytest.raises(PipelineError, match=r"option kv_heads='many' is not valid"):
+        evo_rewrite.parse_pipeline("gqa(kv_heads=many)")
     with pytest.raises(PipelineError, match=r"option method='median' is not valid; allowed: mean, fit"):
         evo_rewrite.parse_pipeline("gqa(kv_heads=2,method=median)")
 
@@ -179,3 +182,45 @@ def test_cli_calibration_file(tmp_path, capsys):
     code = main(["evo_rewrite.zoo:encoder", "--passes", "gqa(kv_heads=2,method=fit)", "--calibration", str(tmp_path / "bad.pt"),
                  "-o", str(tmp_path / "f.pt2"), "-q"])
     assert code == 2 and "--calibration" in capsys.readouterr().err and not (tmp_path / "f.pt2").exists()
+
+
+def test_auto_is_the_default_and_chooses_the_fewest_heads_within_the_thresholds():
+    """The product's own example: `gqa,flash` runs; with --min-cosine 0.975 on the zoo encoder 2 K/V heads
+    pass and 1 does not, so auto keeps 2 and says what 1 would have cost."""
+    model, inputs = zoo.encoder()
+    result, rec = _gqa(model, "gqa,flash", inputs, thresholds=evo_rewrite.Thresholds(min_cosine=0.975))
+    assert rec.spec == "gqa" and rec.rewrites == 4 and rec.verified
+    assert rec.notes["kv_heads"].startswith("auto: 4 -> 2, the fewest K/V heads within cosine >= 0.975 on random tokens")
+    assert rec.notes["next smaller"].startswith("1 K/V heads would cost cosine 0.9")
+    assert "cosine 0.9" in rec.notes["next smaller"] and "< --min-cosine 0.975" in rec.notes["next smaller"]
+    assert result.program.get_tensor("layers.0.key.weight").shape == (32, 64)
+    assert result.report.passes[1].rewrites == 4  # flash fuses the grouped sites
+    assert rec.metrics["cosine"] >= 0.975
+
+
+def test_auto_loose_thresholds_go_to_one_head():
+    model, inputs = zoo.gpt()
+    _, rec = _gqa(model, "gqa", inputs, thresholds=evo_rewrite.Thresholds(min_cosine=0.5))
+    assert rec.rewrites == 4 and rec.notes["kv_heads"].startswith("auto: 4 -> 1")
+    assert rec.notes["next smaller"] == "none: 1 is the fewest count that divides the K/V heads"
+
+
+def test_auto_with_no_grouping_within_the_default_thresholds_rewrites_nothing():
+    model, inputs = zoo.gpt()
+    result, rec = _gqa(model, "gqa", inputs)  # default for auto: cosine >= 0.99, which random-token GPT misses
+    assert rec.rewrites == 0 and rec.verified
+    assert rec.message.startswith("kv_heads=auto: no grouping stays within cosine >= 0.99 (the default for kv_heads=auto)")
+    assert "the mildest, 2 K/V heads, gives cosine 0.9" in rec.message
+    x = torch.randint(0, 256, (3, 9))
+    torch.testing.assert_close(result.module(x), model(x))
+
+
+def test_auto_measures_on_held_out_calibration():
+    model, inputs = zoo.encoder()
+    g = torch.Generator().manual_seed(5)
+    calib = [dict(input_ids=torch.randint(0, 256, (2, 16), generator=g), attention_mask=torch.ones(2, 16, dtype=torch.long))
+             for _ in range(4)]
+    _, rec = _gqa(model, "gqa(method=fit)", inputs, calibration=calib, thresholds=evo_rewrite.Thresholds(min_cosine=0.5))
+    assert rec.rewrites == 4 and "on 1 held-out calibration batch(es)" in rec.notes["kv_heads"]
+    assert rec.measured_on.startswith("1 held-out calibration batch(es)")
+    assert "measured on" not in rec.notes  # real data: no random-token warning

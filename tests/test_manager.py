@@ -12,7 +12,8 @@ def test_no_passes_round_trip(gpt_program):
     program, report = evo_rewrite.PassManager([]).run(gpt_program)
     assert report.ok and report.passes == []
     assert report.model_before == report.model_after
-    assert len(report.verify_inputs) == 2  # example size and a second size
+    assert len(report.verify_inputs) == 3  # example size, a second size, the example size with another seed
+    assert report.verify_inputs[2].endswith("(another seed)")
 
 
 def test_wrong_exact_pass_is_rolled_back_and_divergence_named(gpt_program):
