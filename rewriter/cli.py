@@ -180,9 +180,8 @@ def run(argv: list[str] | None = None) -> int:
         raise UsageError("give a SOURCE (e.g. evo_rewrite.zoo:gpt), or --list-passes")
     if args.quiet:
         _silence_libraries()
-    from .api import given_inputs, load_calibration, prepare, set_calibration, write
-    from .heal_data import attach_heal_data, read_heal_data
-    from .manager import PassManager
+    from .api import given_inputs, load_calibration, prepare, rewrite
+    from .heal_data import read_heal_data
     from .pipeline import check_pipeline, check_target, parse_pipeline
     from .target_infra import get_target
     from .verify import Thresholds
@@ -216,21 +215,20 @@ def run(argv: list[str] | None = None) -> int:
 
     program = prepare(args.source, args.inputs, allow_pickle=args.allow_pickle, trust_code=args.trust_code,
                       allow_missing_weights=args.allow_missing_weights, device=args.device, log=log)
-    set_calibration(program, calibration, args.device)
-    attach_heal_data(program, heal_data, args.tokenizer)
     if args.explain:
         print(explain(program))
         if explain_only:
             return 0
         print()
-    program, report = PassManager(passes, thresholds, log=log).run(program)
-    report.source, report.source_kind = args.source, program.source.kind
+    # the same function as Python's evo_rewrite.rewrite(...).write(...)
+    result = rewrite(program, passes, device=args.device, thresholds=thresholds, calibration=calibration,
+                     heal_data=heal_data, tokenizer=args.tokenizer, log=log)
+    report = result.report
+    report.source = args.source
     if report.ok:
-        out = Path(args.output) if args.output else Path(target.output_name(program, _stem(args.source)))
+        out = Path(args.output) if args.output else Path(target.output_name(result.program, _stem(args.source)))
         for t, path in [(target, out)] + ([(hf, Path(args.hf_output))] if hf else []):
-            written = write(program, path, t, log=log)
-            report.targets.append(written)
-            report.outputs += written.files
+            result.write(path, t, log=log)
     print(report.table())
     if args.report_json:
         try:
