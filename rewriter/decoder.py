@@ -39,7 +39,7 @@ from .inputs import Inputs
 from .program import Program, SourceInfo
 
 __all__ = ["CachedCausalLM", "capture_decoder", "is_causal_lm", "not_causal_lm_message", "decoder_inputs",
-           "cache_layout", "sync_cache", "is_decoder", "empty_past", "step_inputs", "run_with_own_cache",
+           "cache_layout", "sync_cache", "set_cache_heads", "is_decoder", "empty_past", "step_inputs", "run_with_own_cache",
            "verify_decoder", "DecoderCheck", "second_decoder_inputs", "export_dynamic_shapes", "PAST", "PRESENT", "DIM_NAMES"]
 
 PAST = "past_key_values"  # the input dict; its flattened names read past_key_values.N.key / .value
@@ -249,9 +249,34 @@ def capture_decoder(model: torch.nn.Module, *, source: SourceInfo | None = None,
     finally:
         model.train(was_training)
     program = program_from_exported(ep, inputs, source)
+    _drop_empty_concats(program)
     _name_dims(program)
     program.annotations.kv_cache = layout
     return program
+
+
+def _drop_empty_concats(program: Program) -> None:
+    """DynamicCache starts each layer from ``torch.tensor([])`` and concatenates the past onto it: drop
+    those 1-D empty operands (cat skips them anyway) so the past input feeds cat(past, new) directly."""
+    g = program.graph
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.target is not torch.ops.aten.cat.default:
+            continue
+        parts = [a for a in n.args[0] if not _empty_1d(a)]
+        if len(parts) == len(n.args[0]):
+            continue
+        if len(parts) == 1:
+            n.replace_all_uses_with(parts[0])
+            g.erase_node(n)
+        else:
+            n.args = (parts, *n.args[1:])
+    g.eliminate_dead_code()
+    program.module.recompile()
+
+
+def _empty_1d(a) -> bool:
+    v = a.meta.get("val") if isinstance(a, fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == 0
 
 
 def _name_dims(program: Program) -> None:
@@ -286,6 +311,19 @@ def cache_layout(program: Program) -> KVCacheLayout:
         k = past[f"{i}.key"]
         layers.append(LayerCache(int(k.shape[1]), int(k.shape[-1]), str(k.dtype).removeprefix("torch.")))
     return KVCacheLayout(tuple(layers))
+
+
+def set_cache_heads(program: Program, past_inputs, kv_heads: int) -> KVCacheLayout:
+    """A pass changed the K/V heads read from these past inputs (placeholders) to ``kv_heads``: update the
+    layout, the placeholders and the example past (:func:`sync_cache`); return the new layout."""
+    by_node = {node: name for name, node in _past_placeholders(program).items()}
+    layers = list(program.annotations.kv_cache.layers)
+    for node in past_inputs:
+        i = int(by_node[node].split(".")[0])
+        layers[i] = dataclasses.replace(layers[i], kv_heads=kv_heads)
+    layout = KVCacheLayout(tuple(layers))
+    sync_cache(program, layout)
+    return layout
 
 
 def sync_cache(program: Program, layout: KVCacheLayout) -> None:
