@@ -38,7 +38,7 @@ from .errors import CaptureError, UsageError, VerificationError
 from .inputs import Inputs
 from .program import Program, SourceInfo
 
-__all__ = ["CachedCausalLM", "capture_decoder", "is_causal_lm", "not_causal_lm_message", "decoder_inputs",
+__all__ = ["cached_module", "capture_decoder", "is_causal_lm", "not_causal_lm_message", "decoder_inputs",
            "cache_layout", "sync_cache", "set_cache_heads", "is_decoder", "empty_past", "step_inputs", "run_with_own_cache",
            "verify_decoder", "DecoderCheck", "second_decoder_inputs", "export_dynamic_shapes", "PAST", "PRESENT", "DIM_NAMES"]
 
@@ -66,26 +66,32 @@ def not_causal_lm_message(what: str, thing: str) -> str:
             "evo-rewrite captured from one with its cache (the default; not with --no-cache)")
 
 
-class CachedCausalLM(torch.nn.Module):
-    """A Hugging Face causal LM called with its cache as plain tensors (what capture exports)."""
+def cached_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM called with its cache as plain tensors (what capture exports): a shallow copy of the
+    model whose ``forward`` takes ``(input_ids, attention_mask, position_ids, past_key_values)`` and returns
+    ``{"logits", "present.N.key", "present.N.value"}``. It shares the model's parameters and submodules,
+    so the program's weights keep the model's own names (``model.layers.0.self_attn.k_proj.weight``)."""
+    import copy
 
-    def __init__(self, model: torch.nn.Module, layers: int):
-        super().__init__()
-        self.model = model
-        self.layers = layers
+    from transformers import DynamicCache
 
-    def forward(self, input_ids, attention_mask, position_ids, past_key_values: dict[str, torch.Tensor]):
-        from transformers import DynamicCache
+    wrapper = copy.copy(model)
+    hf_forward = type(model).forward
 
+    def forward(input_ids, attention_mask, position_ids, past_key_values: dict[str, torch.Tensor]):
         past = past_key_values
-        cache = DynamicCache(ddp_cache_data=[(past[f"{i}.key"], past[f"{i}.value"]) for i in range(self.layers)])
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         **cache_kwarg(self.model, cache), use_cache=True, return_dict=True)
+        layers = len(past) // 2
+        cache = DynamicCache(ddp_cache_data=[(past[f"{i}.key"], past[f"{i}.value"]) for i in range(layers)])
+        out = hf_forward(wrapper, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         **cache_kwarg(model, cache), use_cache=True, return_dict=True)
         result = {"logits": out.logits}
         for i, layer in enumerate(returned_cache(out).layers):
             result[f"{PRESENT}.{i}.key"] = layer.keys
             result[f"{PRESENT}.{i}.value"] = layer.values
         return result
+
+    wrapper.forward = forward
+    return wrapper
 
 
 def cache_kwarg(model, cache) -> dict:
@@ -166,7 +172,7 @@ def decoder_inputs(model, layout: KVCacheLayout, vocab: int, *, batch: int = 2, 
 
 
 def _own_past(run, layout: KVCacheLayout, prefix: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The past that ``run`` (a program, or a CachedCausalLM) computes over ``prefix``."""
+    """The past that ``run`` (a program, or a cached_module) computes over ``prefix``."""
     b, p = prefix.shape
     dev = _device(run)
     dtype = _float_dtype(run)
@@ -226,7 +232,7 @@ def capture_decoder(model: torch.nn.Module, *, source: SourceInfo | None = None,
     model.eval()
     try:
         layout = _probe(model)
-        wrapper = CachedCausalLM(model, len(layout.layers)).eval()
+        wrapper = cached_module(model)
         vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
             else int(model.config.vocab_size)
         inputs = decoder_inputs(wrapper, layout, vocab).to(_device(model))
@@ -240,7 +246,7 @@ def capture_decoder(model: torch.nn.Module, *, source: SourceInfo | None = None,
                                          strict=False)
         except Exception as exc:  # noqa: BLE001 - every capture failure becomes one clear message
             mod, line = _module_frame(exc, wrapper)
-            where = f" in module '{mod.removeprefix('model.')}'" if mod else ""
+            where = f" in module '{mod}'" if mod else ""
             at = f" at {line}" if line else ""
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             raise CaptureError(f"cannot capture {type(model).__name__} with its KV cache: torch.export failed{where}{at} "

@@ -30,7 +30,7 @@ from .decoder import PAST, PRESENT, capture_decoder, is_causal_lm, is_decoder, n
 from .errors import UsageError
 from .program import Program, SourceInfo
 
-__all__ = ["generate", "decoder_program"]
+__all__ = ["generate", "decoder_program", "generate_text"]
 
 CACHE_MODES = ("dynamic", "static")
 
@@ -174,3 +174,24 @@ def _store(bufs: dict, res: dict, start: int, stop: int, src: int) -> None:
     for k, buf in bufs.items():
         present = res[f"{PRESENT}.{k}"]
         buf[:, :, start:stop] = present[:, :, src:src + stop - start]
+
+
+def generate_text(program: Program, prompt: str, tokenizer: str | os.PathLike | None, max_new_tokens: int = 32,
+                  device: str = "cpu") -> str:
+    """The CLI's ``--generate``: tokenize ``prompt`` with the tokenizer in directory ``tokenizer`` (the Hugging
+    Face source's, or ``--tokenizer``), generate greedily, return the decoded continuation."""
+    from pathlib import Path
+
+    if not is_decoder(program):
+        raise UsageError(not_causal_lm_message("--generate", "this program (captured without its cache)"))
+    d = Path(str(tokenizer)) if tokenizer else None
+    if d is None or not d.is_dir() or not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                         "tokenizer.model", "vocab.json")):
+        raise UsageError(f"--generate needs a tokenizer: {tokenizer} is not a directory with tokenizer files; give "
+                         "--tokenizer DIR (the Hugging Face model directory the program came from)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    out = generate(program, ids, max_new_tokens=max_new_tokens, device=device)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
