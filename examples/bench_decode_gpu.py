@@ -89,6 +89,11 @@ def main() -> None:
         rows["transformers static+compile"], tokens["transformers static+compile"] = timed(
             hf("static"), args.rounds, args.new)
 
+    # capture sees attention as ops (eager), as evo-rewrite's own Hugging Face loader sets it
+    try:
+        model.set_attn_implementation("eager")
+    except AttributeError:
+        model.config._attn_implementation = "eager"
     programs = {}
     for pipeline in ("flash", "gqa(kv_heads=4),flash"):
         t0 = time.perf_counter()
