@@ -91,7 +91,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_decode_"))
     t0 = time.perf_counter()
-    result = evo_rewrite.rewrite(str(hf_dir), args.pipeline, cache=True)
+    # the model object: the GGUF-converted directory has no config.architectures, so loading it by path
+    # would give the base LlamaModel; the tokenizer files are found through the config's _name_or_path
+    result = evo_rewrite.rewrite(model, args.pipeline, cache=True)
     evo_dir = work / "evo.genai"
     rep = result.write(evo_dir, "genai")
     evo_build = time.perf_counter() - t0
