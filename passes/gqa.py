@@ -27,6 +27,7 @@ import torch.fx as fx
 
 from evo_rewrite.attention import AttentionSite, attention_sites, untranspose, val
 from evo_rewrite.annotations import QualityCheck
+from evo_rewrite.decoder import set_cache_heads
 from evo_rewrite.errors import PassNotApplicable
 from evo_rewrite.pass_infra import Pass, PassResult, Skip, register_pass
 from evo_rewrite.program import Program
@@ -135,6 +136,10 @@ class GQA(Pass):
         program.graph.eliminate_dead_code()
         program.module.recompile()
         notes = {"method": self.method, "kv_heads": f"{plans[0].kv_heads} -> {self.kv_heads}"}
+        caches = [p.cache for plan in plans for p in (plan.k_path, plan.v_path) if p.cache is not None]
+        if caches:  # a decoder program: its past/present K/V shrink with the heads
+            layout = set_cache_heads(program, caches, self.kv_heads)
+            notes["KV cache bytes/token"] = layout.bytes_per_token()
         notes.update(merged)
         return PassResult(program, len(plans), skipped, notes)
 

@@ -18,6 +18,7 @@ from .graph_capture import capture
 from .errors import (CaptureError, OutputError, PassNotApplicable, PipelineError, RewriteError, SourceError,
                      UsageError, VerificationError)
 from .figures import Figures, figures
+from .generate import generate
 from .inputs import Inputs, parse_input_spec
 from .sources import load
 from .manager import PassManager
@@ -39,5 +40,5 @@ __all__ = [
     "PassNotApplicable", "SourceError", "CaptureError", "VerificationError", "OutputError",
     "repeated_blocks", "write", "Placement", "check_pipeline", "Target", "TargetReport", "register_target",
     "registered_targets", "get_target", "parse_target", "emit", "Annotations", "CheckpointRegions",
-    "AttentionBackends", "TensorParallelPlan", "KVCacheLayout", "LayerCache", "Calibration",
+    "AttentionBackends", "TensorParallelPlan", "KVCacheLayout", "LayerCache", "Calibration", "generate",
 ]

@@ -10,6 +10,7 @@ import torch
 
 from .annotations import Calibration
 from .errors import UsageError, VerificationError
+from .decoder import capture_decoder, is_causal_lm
 from .graph_capture import capture
 from .heal_data import attach_heal_data
 from .inputs import Inputs, make_inputs, parse_input_spec
@@ -186,11 +187,12 @@ def to_inputs(example_inputs) -> Inputs | None:
 
 def prepare(source, example_inputs=None, *, allow_pickle: bool = False, trust_code: bool = False,
             allow_missing_weights: bool = False, device: str = "cpu",
-            log: Callable[[str], None] | None = None) -> Program:
+            log: Callable[[str], None] | None = None, cache: bool = False) -> Program:
     """Load (if needed) and capture SOURCE: a path/spec string, an nn.Module, or a Program.
 
     ``allow_pickle``, ``trust_code``, ``allow_missing_weights``: consent for what loading SOURCE may
-    do (see :func:`evo_rewrite.load`).
+    do (see :func:`evo_rewrite.load`). ``cache``: capture a causal LM as a decoder program with its KV
+    cache (rewriter/decoder.py); other models are captured as usual.
     """
     if isinstance(source, Program):
         return source.clone()  # the caller's program keeps its annotations (calibration, heal data)
@@ -213,14 +215,17 @@ def prepare(source, example_inputs=None, *, allow_pickle: bool = False, trust_co
                       allow_missing_weights=allow_missing_weights, device=device)
     if loaded.program is not None:
         return loaded.program
+    if cache and is_causal_lm(loaded.model):
+        return capture_decoder(loaded.model, source=loaded.source, log=log)
     if log:
         log(f"capturing {loaded.source.model_class} with torch.export ({loaded.inputs.describe()}) ...")
     return capture(loaded.model, loaded.inputs, source=loaded.source, log=log)
 
 
 def rewrite(source, pipeline: str | list[Pass] = "", example_inputs=None, *, allow_pickle: bool = False,
-            trust_code: bool = False, allow_missing_weights: bool = False, device: str = "cpu", thresholds: Thresholds | None = None, strict: bool = False,
-            calibration=None, heal_data=None, tokenizer=None,
+            trust_code: bool = False, allow_missing_weights: bool = False, device: str = "cpu",
+            thresholds: Thresholds | None = None, strict: bool = False, calibration=None, heal_data=None,
+            tokenizer=None, cache: bool = False,
             log: Callable[[str], None] | None = None) -> RewriteResult:
     """Capture SOURCE, run PIPELINE with verification after every pass, return the result and report.
 
@@ -234,11 +239,12 @@ def rewrite(source, pipeline: str | list[Pass] = "", example_inputs=None, *, all
     ``heal_data``: unlabeled data for ``heal``: text or token files (paths), a list of strings, or a
     tensor of token ids; text is tokenized with ``tokenizer`` (a directory or a tokenizer object),
     by default the Hugging Face source's own.
+    ``cache``: capture a causal LM with its KV cache (a decoder program that ``generate`` runs).
     """
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
     check_pipeline(passes, given_inputs(calibration is not None, heal_data is not None, device))
     program = prepare(source, example_inputs, allow_pickle=allow_pickle, trust_code=trust_code,
-                      allow_missing_weights=allow_missing_weights, device=device, log=log)
+                      allow_missing_weights=allow_missing_weights, device=device, log=log, cache=cache)
     set_calibration(program, calibration, device)
     attach_heal_data(program, heal_data, tokenizer)
     manager = PassManager(passes, thresholds or Thresholds(), log=log)

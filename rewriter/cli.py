@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-sqnr", type=float, metavar="DB", help="roll back a lossy pass whose output SQNR falls below DB")
     p.add_argument("--min-cosine", type=float, metavar="X", help="roll back a lossy pass whose output cosine falls below X")
     p.add_argument("--max-kl", type=float, metavar="X", help="roll back a lossy pass whose logits KL exceeds X")
+    p.add_argument("--no-cache", action="store_true", help="capture a causal LM without its KV cache (the plain "
+                   "forward, for scoring and training); by default it is captured with past/present K/V inputs and "
+                   "outputs, except for --target onnx (one cacheless .onnx file)")
+    p.add_argument("--generate", metavar="PROMPT", help="after writing, generate from PROMPT with the rewritten program "
+                   "(a causal LM) and print the text; the tokenizer is the source's or --tokenizer's")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="--generate: tokens to generate (default 32)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages (nor library progress bars)")
     return p
 
@@ -189,8 +195,10 @@ def run(argv: list[str] | None = None) -> int:
     # everything a user can get wrong is checked before any loading
     passes = parse_pipeline(args.passes)
     check_pipeline(passes, given_inputs(bool(args.calibration), bool(args.heal_data), args.device))
-    if args.tokenizer and not args.heal_data:
-        raise UsageError("--tokenizer applies only with --heal-data (it reads heal's text)")
+    if args.tokenizer and not (args.heal_data or args.generate):
+        raise UsageError("--tokenizer applies only with --heal-data or --generate (it reads their text)")
+    if args.generate is not None and args.no_cache:
+        raise UsageError("--generate needs the KV cache; drop --no-cache")
     try:
         thresholds = Thresholds(args.min_sqnr, args.min_cosine, args.max_kl)
     except ValueError as e:
@@ -213,8 +221,10 @@ def run(argv: list[str] | None = None) -> int:
     calibration = load_calibration(args.calibration) if args.calibration else None
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
 
+    single_onnx = target.name == "onnx"  # one .onnx file: today's cacheless forward (--target genai has the cache)
     program = prepare(args.source, args.inputs, allow_pickle=args.allow_pickle, trust_code=args.trust_code,
-                      allow_missing_weights=args.allow_missing_weights, device=args.device, log=log)
+                      allow_missing_weights=args.allow_missing_weights, device=args.device, log=log,
+                      cache=not (args.no_cache or single_onnx))
     if args.explain:
         print(explain(program))
         if explain_only:
@@ -230,6 +240,10 @@ def run(argv: list[str] | None = None) -> int:
         for t, path in [(target, out)] + ([(hf, Path(args.hf_output))] if hf else []):
             result.write(path, t, log=log)
     print(report.table())
+    if args.generate is not None and report.ok:
+        from .generate import generate_text
+
+        print(generate_text(result.program, args.generate, args.tokenizer or args.source, args.max_new_tokens, args.device))
     if args.report_json:
         try:
             write_text_atomic(args.report_json, report.to_json())

@@ -18,6 +18,7 @@ from typing import Callable
 
 from .errors import RewriteError
 from .annotations import QualityCheck
+from .decoder import is_decoder, run_with_own_cache
 from .figures import figures
 from .pass_infra import Pass, PassResult
 from .program import Program
@@ -32,7 +33,12 @@ LOG = logging.getLogger("evo_rewrite")
 
 
 def _run_all(program: Program, inputs):
-    return [program(i) for i in inputs]
+    return [_call(program, i) for i in inputs]
+
+
+def _call(program: Program, inputs):
+    """A decoder program runs with its own cache and is judged on logits (a pass may change the cache)."""
+    return run_with_own_cache(program, inputs) if is_decoder(program) else program(inputs)
 
 
 class _Forward(logging.Handler):
@@ -189,7 +195,7 @@ class PassManager:
         new_out = []
         for i, inputs in enumerate(checks):
             try:
-                new_out.append(new(inputs))
+                new_out.append(_call(new, inputs))
             except Exception as exc:  # noqa: BLE001
                 which = "the example input" if i == 0 else f"the verification input {inputs.describe()}"
                 return f"rewritten program fails to run ({type(exc).__name__}: {_first_line(exc)}) on {which}", {}, None, None

@@ -93,6 +93,10 @@ class Program:
 
         Returns None where the program has no symbolic dimension (nothing to vary).
         """
+        if self.annotations.kv_cache is not None:  # a decoder: a decode step with a longer, padded past
+            from .decoder import second_decoder_inputs
+
+            return second_decoder_inputs(self)
         flat, spec = pytree.tree_flatten((self.inputs.args, self.inputs.kwargs))
         if not any(self.dynamic_dims):
             return None

@@ -43,6 +43,7 @@ class HeadPath:
     heads_dim: int | None  # index of the heads entry in head_split's shape argument
     split: tuple[fx.Node, int] | None  # (split node, output index) of a fused projection
     rotary: bool
+    cache: fx.Node | None = None  # the past K/V input concatenated before it (a decoder program's cache)
 
 
 def _get_attr_target(n) -> tuple[str | None, bool]:
@@ -96,7 +97,7 @@ def _rotary_operand(add: fx.Node, shape) -> fx.Node | None:
 
 def trace_projection(t: fx.Node, max_depth: int = 24) -> HeadPath | str:
     """Walk back from a per-head tensor to its projection; a reason string when the walk fails."""
-    head_split, heads_dim, split, rotary = None, None, None, False
+    head_split, heads_dim, split, rotary, cache = None, None, None, False, None
     cur = t
     for _ in range(max_depth):
         if not isinstance(cur, fx.Node):
@@ -110,7 +111,7 @@ def trace_projection(t: fx.Node, max_depth: int = 24) -> HeadPath | str:
                 proj.start, proj.stop = start, stop
             else:
                 proj.stop = proj.out_features
-            return HeadPath(proj, head_split, heads_dim, split, rotary)
+            return HeadPath(proj, head_split, heads_dim, split, rotary, cache)
         if cur.op != "call_function":
             return f"reached {cur.op} {cur.target} before a projection"
         tgt = cur.target
@@ -144,6 +145,11 @@ def trace_projection(t: fx.Node, max_depth: int = 24) -> HeadPath | str:
         elif tgt is aten.cat.default and val(cur) is not None and val(cur).dim() == 4:
             parts = cur.args[0]
             dim = cur.args[1] if len(cur.args) > 1 else 0
+            if (dim % 4 == 2 and cache is None and len(parts) == 2 and isinstance(parts[0], fx.Node)
+                    and parts[0].op == "placeholder"):
+                cache = parts[0]  # cat(past K/V input, new K/V) over the sequence: a decoder's cache
+                cur = parts[1]
+                continue
             if dim % 4 != 3:
                 return "reached a concatenation over heads or sequence"
             rotary = True  # cat(rotated part, passed-through part) of the head dim

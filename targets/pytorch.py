@@ -23,6 +23,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from evo_rewrite.annotations import METADATA_FILE, write_metadata
+from evo_rewrite.decoder import export_dynamic_shapes
 from evo_rewrite.errors import OutputError
 from evo_rewrite.program import Program
 from evo_rewrite.sdpa import portable
@@ -44,6 +45,8 @@ def export_program(program: Program) -> torch.export.ExportedProgram:
     # forward's parameters are the original argument names: positional first, then keywords
     names = gm.graph._codegen.pytree_info.orig_args
     dynamic_shapes = {**dict(zip(names, dyn_args)), **dyn_kwargs}
+    if program.annotations.kv_cache is not None:  # a decoder: named lengths, the past may be empty (prefill)
+        dynamic_shapes = export_dynamic_shapes(program)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.export.export(gm, program.inputs.args, program.inputs.kwargs,
