@@ -19,7 +19,8 @@ from typing import ClassVar
 import torch
 
 from evo_rewrite.attention import attention_sites
-from evo_rewrite.errors import UsageError, VerificationError
+from evo_rewrite.decoder import is_decoder, verify_decoder
+from evo_rewrite.errors import UsageError, VerificationError, quiet
 from evo_rewrite.program import Program
 from evo_rewrite.target_infra import Target, TargetReport, emit, register_target
 from evo_rewrite.verify import compare_outputs, tolerance
@@ -119,15 +120,23 @@ class HuggingFaceTarget(Target):
         return f"{stem}.rewritten-hf"
 
     def write(self, program: Program, path: Path) -> TargetReport:
-        cls, model, _, _ = _build(program)
-        model.save_pretrained(path)
+        with quiet():  # transformers draws progress bars while it writes shards
+            cls, model, _, _ = _build(program)
+            model.save_pretrained(path)
         return TargetReport()
 
     def check(self, program: Program, path: Path, report: TargetReport) -> None:
         cls = getattr(__import__("transformers"), program.source.hf_class)
         first = next(t for t in program.named_tensors().values() if t.is_floating_point())
-        reloaded = cls.from_pretrained(path, attn_implementation="eager", local_files_only=True,
-                                       dtype=first.dtype).to(first.device).eval()
+        with quiet():
+            reloaded = cls.from_pretrained(path, attn_implementation="eager", local_files_only=True,
+                                           dtype=first.dtype).to(first.device).eval()
+        if is_decoder(program):  # prefill and decode steps, each with its own cache
+            ids = next(v for k, v in program.inputs.kwargs.items() if k == "input_ids")
+            check = verify_decoder(program, reloaded, ids, steps=2)
+            report.notes.append(f"decode steps checked against the reloaded checkpoint: max rel error "
+                                f"{check.max_rel_error:.2g}")
+            return
         inputs = program.inputs
         with torch.no_grad():
             ref = program(inputs)
