@@ -142,17 +142,21 @@ def fused_linear_cross_entropy_forward(_input, weight, target, ce_weight=None, b
                                        return_z_loss=False, compute_gradients=None, weight_requires_grad=None, **_):
     _log("fused_linear_cross_entropy_forward")
     grads = _input.requires_grad if compute_gradients is None else compute_gradients
-    with torch.enable_grad():
-        h = _input.detach().requires_grad_()
-        w = weight.detach().requires_grad_()
-        b = bias.detach().requires_grad_() if bias is not None else None
-        loss = F.cross_entropy(F.linear(h, w, b).float(), target, ignore_index=ignore_index, reduction=reduction)
-        g = torch.autograd.grad(loss, [t for t in (h, w, b) if t is not None]) if grads else (None, None, None)
-    g_in, g_w = g[0], g[1]
-    g_b = g[2] if bias is not None and grads else None
-    if weight_requires_grad is False:
-        g_w = None
-    return loss.detach(), None, None, None, g_in, g_w, g_b
+    logits = F.linear(_input, weight, bias).float()  # (BT, V); Liger never holds all of it: a stand-in may
+    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
+    g_in = g_w = g_b = None
+    if grads:  # computed here, in the forward, by hand (this runs below autograd, as a kernel does)
+        valid = target != ignore_index
+        d = torch.softmax(logits, -1)
+        d[valid, target[valid]] -= 1
+        d[~valid] = 0
+        if reduction == "mean":
+            d /= valid.sum()
+        d = d.to(_input.dtype)
+        g_in = d @ weight
+        g_w = d.t() @ _input if weight_requires_grad is not False else None
+        g_b = d.sum(0) if bias is not None else None
+    return loss, None, None, None, g_in, g_w, g_b
 
 
 def fused_linear_cross_entropy_backward(grad_output, grad_input, grad_weight, grad_bias):
