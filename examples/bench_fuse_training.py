@@ -8,7 +8,7 @@ on a hand-written Llama (``evo_rewrite.zoo.llama``, which Liger cannot patch), i
 
 Model: Llama-style, default 0.95B (hidden 2048, 16 layers, 32 heads, FFN 5632, vocab 32000), random init on
 the device, fp32 weights. Step: forward with the next-token cross-entropy loss, backward, AdamW (fused on
-CUDA, lr 1e-5), zero_grad(set_to_none). Rows:
+CUDA, lr 1e-5; rows sharing weights share one optimizer), zero_grad(set_to_none). Rows:
 
 - ``evo <pipeline>`` on transformers' eager Llama captured with its loss (``model(input_ids, labels).loss``):
   ``amp:`` pipelines run under ``torch.autocast(bfloat16)`` with fp32 weights, as the transformers rows do;
@@ -73,12 +73,23 @@ def _loss(out):
     return out.loss if hasattr(out, "loss") else next(v for v in (out.values() if isinstance(out, dict) else out))
 
 
+_OPTIMIZERS: dict[tuple[int, ...], torch.optim.Optimizer] = {}
+
+
+def _optimizer(params, dev):
+    """One AdamW per set of parameters: rows that share weights (evo pipelines on one model) share its state."""
+    key = tuple(id(p) for p in params)
+    if key not in _OPTIMIZERS:
+        _OPTIMIZERS[key] = torch.optim.AdamW(params, lr=1e-5, fused=dev.type == "cuda")
+    return _OPTIMIZERS[key]
+
+
 class Row:
     """One variant: how to compute the loss, its optimizer, the context it runs in, its measurements."""
 
     def __init__(self, name, call, params, dev, amp, context=contextlib.nullcontext):
         self.name, self.call, self.dev, self.amp, self.context = name, call, dev, amp, context
-        self.opt = torch.optim.AdamW(params, lr=1e-5, fused=dev.type == "cuda")
+        self.opt = _optimizer(list(params), dev)
         self.samples: list[float] = []
         self.record: dict = {"variant": name, "autocast_bf16": amp}
 
