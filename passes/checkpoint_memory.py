@@ -13,6 +13,10 @@ the region reads, which non-reentrant checkpointing keeps to recompute it::
     prof = profile(program, inputs_at(program, batch=4, seq=2048))
     prof.bytes()                         # nothing checkpointed
     prof.bytes(find_regions(g, ["h.0"]))  # h.0 recomputed in backward
+    prof.bytes(regions, selective={"h.0"})  # h.0 keeps its matmul and attention outputs
+
+A ``selective`` region holds, besides its inputs, the outputs of the members the policy keeps
+(``regions.keeps_output``: matmuls, attention, the fused loss).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from evo_rewrite.inputs import Inputs, like
 from evo_rewrite.program import Program
 
-from evo_rewrite.regions import Region
+from evo_rewrite.regions import Region, keeps_output
 
 __all__ = ["ActivationProfile", "profile", "inputs_at", "format_bytes", "parse_bytes"]
 
@@ -41,8 +45,9 @@ class ActivationProfile:
     values: dict[fx.Node, set[StorageWeakRef]]  # node -> storages of the activations it produced
     outputs: set[StorageWeakRef]
 
-    def bytes(self, regions: list[Region] | tuple[Region, ...] = ()) -> int:
-        """Activation bytes held for backward when ``regions`` run under checkpointing."""
+    def bytes(self, regions: list[Region] | tuple[Region, ...] = (), selective=frozenset()) -> int:
+        """Activation bytes held for backward when ``regions`` run under checkpointing (the paths in
+        ``selective`` with the selective policy, the others recomputed whole)."""
         inside = {m for r in regions for m in r.members}
         keep = set(self.outputs)
         for n, keys in self.saved.items():
@@ -51,6 +56,10 @@ class ActivationProfile:
         for r in regions:
             for a in r.inputs:
                 keep |= self.values.get(a, set())
+            if r.path in selective:
+                for m in r.members:
+                    if keeps_output(m):
+                        keep |= self.values.get(m, set())
         return sum(self.sizes[k] for k in keep)
 
 

@@ -141,7 +141,10 @@ class Fuse(Pass):
             total = g.call_function(operator.getitem, (node, 1))
         _copy_meta(site.output, node, value=False)
         _copy_meta(site.output, y)
-        _copy_meta(site.x, total)
+        # the sum is made by the norm's operator now: it belongs to the norm's module (a residual add at the
+        # end of block i fused into block i+1's norm must not leave a node of block i after block i+1 began)
+        _copy_meta(site.output, total, value=False)
+        total.meta["val"] = site.x.meta.get("val")
         site.output.replace_all_uses_with(y)
         site.x.replace_all_uses_with(total)  # the next residual (and the norm's upcast, where it is a real cast)
         return "rms_norm with residual add"

@@ -42,12 +42,15 @@ class CheckpointRegions:
     """Blocks (module paths such as ``h.3``) that run under non-reentrant activation checkpointing.
 
     ``estimate``: the checkpoint pass's figures (activation bytes saved, blocks chosen by what rule).
+    ``policies``: how a region recomputes, by path: ``"selective"`` keeps the outputs of its matmuls and
+    attention and recomputes the rest (``regions.SELECTIVE``); a path not listed recomputes everything.
     The in-memory module runs them through :mod:`evo_rewrite.regions`; a ``.pt2`` cannot hold them
     (export inlines checkpointing), so the pytorch target writes generated source instead.
     """
 
     paths: tuple[str, ...]
     estimate: dict[str, Any] = dataclasses.field(default_factory=dict)
+    policies: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +143,8 @@ class Annotations:
 def _dump_annotations(a: Annotations) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if a.checkpoint is not None:
-        out["checkpoint"] = {"paths": list(a.checkpoint.paths), "estimate": a.checkpoint.estimate}
+        out["checkpoint"] = {"paths": list(a.checkpoint.paths), "estimate": a.checkpoint.estimate,
+                             "policies": dict(a.checkpoint.policies)}
     if a.attention_backends is not None:
         out["attention_backends"] = dict(a.attention_backends.by_module)
     if a.tensor_parallel is not None:
@@ -153,7 +157,8 @@ def _dump_annotations(a: Annotations) -> dict[str, Any]:
 def _load_annotations(d: dict[str, Any]) -> Annotations:
     a = Annotations()
     if d.get("checkpoint"):
-        a.checkpoint = CheckpointRegions(tuple(d["checkpoint"]["paths"]), dict(d["checkpoint"].get("estimate") or {}))
+        a.checkpoint = CheckpointRegions(tuple(d["checkpoint"]["paths"]), dict(d["checkpoint"].get("estimate") or {}),
+                                         dict(d["checkpoint"].get("policies") or {}))
     if d.get("attention_backends"):
         a.attention_backends = AttentionBackends(dict(d["attention_backends"]))
     if d.get("tensor_parallel"):

@@ -14,7 +14,11 @@ use_reentrant=False)``::
     checkpoint_h_3 = checkpoint_h_3(add_11, sym_size_int_4, h_3_ln_1_weight, ...)
     getitem_3 = checkpoint_h_3[0]
 
-so the module trains with recomputation. ``torch.export`` interprets a GraphModule's flat graph node
+so the module trains with recomputation. A region's policy says what the recomputation keeps:
+``full`` (the default) keeps nothing of the region; ``selective`` (Korthikanti et al. 2022) keeps the
+outputs of its matmuls, attention and fused loss (:data:`SELECTIVE`: PyTorch's selective activation
+checkpointing, ``create_selective_checkpoint_contexts``) and recomputes only the cheap element-wise
+and norm ops, so backward repeats no matmul. ``torch.export`` interprets a GraphModule's flat graph node
 by node, so export (``.pt2``, ONNX) sees the program without regions, as it would inline any
 non-reentrant checkpoint. ``targets/source.py`` writes the outlined form as Python source.
 """
@@ -22,6 +26,7 @@ non-reentrant checkpoint. ``targets/source.py`` writes the outlined form as Pyth
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from typing import Callable
 
@@ -32,9 +37,56 @@ from torch.fx.graph import _PyTreeCodeGen
 from .pass_infra import module_paths
 
 __all__ = ["Region", "find_regions", "outline", "region_graph", "CheckpointCodeGen", "install", "slug",
-           "regions_of", "region_modules", "set_regions", "keep_regions"]
+           "regions_of", "region_modules", "set_regions", "keep_regions", "POLICIES", "SELECTIVE", "keeps_output",
+           "selective_policy", "policies_of"]
 
 _OUTSIDE = ("placeholder", "get_attr", "output")
+POLICIES = ("full", "selective")
+
+aten = torch.ops.aten
+# What ``selective`` keeps: ops whose output costs a matmul to remake. Graph-level targets (what the program's
+# nodes call) and the dispatcher-level ops they become (what the selective-checkpoint policy sees).
+_KEPT_IN_GRAPH = ("linear", "mm", "addmm", "bmm", "baddbmm", "matmul", "scaled_dot_product_attention",
+                  "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                  "convolution", "conv2d")
+_KEPT_AT_DISPATCH = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+                     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                     "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
+                     "_efficient_attention_forward", "convolution")
+_KEPT_CUSTOM = ("evo_rewrite::linear_cross_entropy", "evo_rewrite::softcap_attention")
+
+
+def _op_name(target) -> str:
+    """``aten::mm`` / ``evo_rewrite::rms_norm`` for an OpOverload or OpOverloadPacket, else ''."""
+    schema = getattr(target, "_schema", None)
+    if schema is None and hasattr(target, "default"):
+        schema = getattr(target.default, "_schema", None)
+    return schema.name if schema is not None else ""
+
+
+@functools.lru_cache(maxsize=None)
+def _kept(name: str, names: tuple[str, ...]) -> bool:
+    return name in _KEPT_CUSTOM or (name.startswith("aten::") and name[6:] in names)
+
+
+def keeps_output(n: fx.Node) -> bool:
+    """Whether a ``selective`` region keeps this node's output (a matmul, attention, fused loss) for backward."""
+    return n.op == "call_function" and _kept(_op_name(n.target), _KEPT_IN_GRAPH)
+
+
+def SELECTIVE(ctx, op, *args, **kwargs):  # noqa: N802 - the policy, named as the option that chooses it
+    """Selective-checkpoint policy: keep matmul, attention and fused-loss outputs; recompute everything else."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if _kept(_op_name(op), _KEPT_AT_DISPATCH) else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_policy():
+    """Context functions for ``torch.utils.checkpoint.checkpoint(context_fn=...)`` with :func:`SELECTIVE`."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(SELECTIVE)
 
 
 @dataclasses.dataclass
@@ -152,27 +204,31 @@ def slug(path: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in path)
 
 
-def _runner(region: Region) -> Callable:
-    """A function that runs the region's pure GraphModule under non-reentrant checkpointing."""
+def _runner(region: Region, policy: str = "full") -> Callable:
+    """A function that runs the region's pure GraphModule under non-reentrant checkpointing (``policy``)."""
     gm = fx.GraphModule(torch.nn.Module(), region_graph(region), class_name=f"Region_{slug(region.path)}")
-    preserve_rng = region.random
+    options = dict(use_reentrant=False, preserve_rng_state=region.random)
+    if policy == "selective":
+        options["context_fn"] = selective_policy
 
     def run(*args):
-        return torch.utils.checkpoint.checkpoint(gm, *args, use_reentrant=False, preserve_rng_state=preserve_rng)
+        return torch.utils.checkpoint.checkpoint(gm, *args, **options)
 
     run.__name__ = run.__qualname__ = f"checkpoint_{slug(region.path)}"
     run.__module__ = __name__
     run.region = gm  # type: ignore[attr-defined]
     run.path = region.path  # type: ignore[attr-defined]
+    run.policy = policy  # type: ignore[attr-defined]
     return run
 
 
 class CheckpointCodeGen(_PyTreeCodeGen):
     """The program's code generator with checkpoint regions: ``forward`` calls each region through checkpoint."""
 
-    def __init__(self, pytree_info, regions: tuple[str, ...]):
+    def __init__(self, pytree_info, regions: tuple[str, ...], policies: dict[str, str] | None = None):
         super().__init__(pytree_info)
         self.regions = tuple(regions)
+        self.policies = dict(policies or {})  # path -> "selective"; a path not listed: "full"
         self.runners: dict[str, Callable] = {}  # path -> runner, rebuilt at every code generation
 
     def __getstate__(self):  # copies of the graph rebuild the runners when they recompile
@@ -183,7 +239,7 @@ class CheckpointCodeGen(_PyTreeCodeGen):
     def _gen_python_code(self, nodes, root_module, namespace, **kwargs):
         graph = getattr(nodes, "graph", None) or next(iter(nodes)).graph  # Graph.nodes (a _node_list) knows its graph
         regions = find_regions(graph, self.regions)
-        runners = {r.path: _runner(r) for r in regions}
+        runners = {r.path: _runner(r, self.policies.get(r.path, "full")) for r in regions}
 
         def call(new: fx.Graph, region: Region, inputs: list[fx.Node]) -> fx.Node:
             return new.call_function(runners[region.path], tuple(inputs))  # named after the runner
@@ -195,11 +251,19 @@ class CheckpointCodeGen(_PyTreeCodeGen):
         return super()._gen_python_code(outlined.nodes, root_module, namespace, **kwargs)
 
 
-def install(gm: fx.GraphModule, paths: tuple[str, ...]) -> None:
-    """Run ``paths`` as checkpoint regions (replacing any regions the module had). Validates them first."""
+def install(gm: fx.GraphModule, paths: tuple[str, ...], policies: dict[str, str] | None = None) -> None:
+    """Run ``paths`` as checkpoint regions (replacing any regions the module had). Validates them first.
+
+    ``policies``: path -> ``"selective"`` or ``"full"`` (the default for a path not listed).
+    """
     find_regions(gm.graph, paths)
+    policies = {p: v for p, v in (policies or {}).items() if v != "full"}
+    for p, v in policies.items():
+        if v not in POLICIES or p not in paths:
+            raise ValueError(f"checkpoint policy {v!r} for {p!r}: a policy is one of {', '.join(POLICIES)}, "
+                             "for one of the regions")
     info = getattr(gm.graph._codegen, "pytree_info", None)
-    gm.graph.set_codegen(CheckpointCodeGen(info, paths) if paths else _PyTreeCodeGen(info))
+    gm.graph.set_codegen(CheckpointCodeGen(info, paths, policies) if paths else _PyTreeCodeGen(info))
     gm.recompile()
 
 
@@ -209,19 +273,27 @@ def regions_of(gm: fx.GraphModule) -> tuple[str, ...]:
     return cg.regions if isinstance(cg, CheckpointCodeGen) else ()
 
 
-def set_regions(program, paths: tuple[str, ...], estimate: dict | None = None) -> None:
-    """Record ``paths`` as the program's checkpoint regions and make its module run them so."""
+def set_regions(program, paths: tuple[str, ...], estimate: dict | None = None,
+                policies: dict[str, str] | None = None) -> None:
+    """Record ``paths`` (with their ``policies``) as the program's checkpoint regions and make its module run them so."""
     from .annotations import CheckpointRegions
 
-    install(program.module, tuple(paths))
-    program.annotations.checkpoint = CheckpointRegions(tuple(paths), dict(estimate or {})) if paths else None
+    policies = {p: v for p, v in (policies or {}).items() if v != "full"}
+    install(program.module, tuple(paths), policies)
+    program.annotations.checkpoint = CheckpointRegions(tuple(paths), dict(estimate or {}), policies) if paths else None
 
 
 def keep_regions(program) -> None:
     """After a pass: the module runs the regions the annotation records (a pass may have rebuilt the module)."""
     ann = program.annotations.checkpoint
-    if ann is not None and regions_of(program.module) != ann.paths:
-        install(program.module, ann.paths)
+    if ann is not None and (regions_of(program.module) != ann.paths or policies_of(program.module) != ann.policies):
+        install(program.module, ann.paths, ann.policies)
+
+
+def policies_of(gm: fx.GraphModule) -> dict[str, str]:
+    """The regions' policies the module's code generator runs (path -> "selective"; full ones not listed)."""
+    cg = gm.graph._codegen
+    return dict(cg.policies) if isinstance(cg, CheckpointCodeGen) else {}
 
 
 def region_modules(gm: fx.GraphModule) -> dict[str, fx.GraphModule]:

@@ -3,6 +3,12 @@
 Each factory returns ``(module, example_inputs)`` and is a SOURCE on the command line::
 
     evo-rewrite evo_rewrite.zoo:gpt --passes flash
+    evo-rewrite evo_rewrite.zoo:llama --passes flash,fuse
+
+``gpt``: nanoGPT (LayerNorm, GELU MLP, learned positions). ``encoder``: BERT-style. ``llama``: a
+Llama-style decoder written by hand, no transformers (RMSNorm, SwiGLU, rotary): the architecture
+Liger-Kernel patches in transformers, in a module it cannot patch; its pieces can be switched to
+other spellings (Gemma's ``1 + w`` norm, GeGLU, a fused gate/up projection, interleaved rotary).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["GPT", "Encoder", "gpt", "encoder"]
+__all__ = ["GPT", "Encoder", "Llama", "gpt", "encoder", "llama"]
 
 
 class CausalSelfAttention(nn.Module):
@@ -143,3 +149,152 @@ def encoder(n_layer: int = 4, d_model: int = 64, n_head: int = 4, seed: int = 0)
     mask = torch.ones(2, 16, dtype=torch.long)
     mask[1, 12:] = 0
     return model, {"input_ids": ids, "attention_mask": mask}
+
+
+# ---- Llama-style decoder, by hand ---------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """``style``: ``llama`` (fp32 math, cast back before the weight), ``gemma`` (``1 + w``, all fp32), ``plain``."""
+
+    def __init__(self, d, style="llama", eps=1e-6):
+        super().__init__()
+        self.style, self.eps = style, eps
+        self.weight = nn.Parameter(torch.randn(d) * 0.1 + (0.0 if style == "gemma" else 1.0))
+
+    def forward(self, x):
+        if self.style == "plain":  # x * rsqrt(mean(x²) + eps) * w, no casts
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        if self.style == "gemma":
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (h * (1.0 + self.weight.float())).type_as(x)
+        h = x.to(torch.float32)  # llama
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class HandLayerNorm(nn.Module):
+    """LayerNorm written out: (x - mean) / sqrt(var + eps) * w + b."""
+
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight, self.bias = nn.Parameter(torch.randn(d) * 0.1 + 1), nn.Parameter(torch.randn(d) * 0.1)
+
+    def forward(self, x):
+        mu = x.mean(-1, keepdim=True)
+        var = (x - mu).pow(2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def rotate_interleaved(x):
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+class LlamaAttention(nn.Module):
+    """q, k, v projections, rotary on q and k (cos/sin computed in forward), causal softmax attention."""
+
+    def __init__(self, d_model, n_head, rotary="half", theta=10000.0):
+        super().__init__()
+        self.n_head, self.head_dim, self.rotary = n_head, d_model // n_head, rotary
+        self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
+        hd = self.head_dim
+        self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd), persistent=False)
+
+    def forward(self, x):
+        B, S, C = x.shape
+        hd = self.head_dim
+        q, k, v = (p(x).view(B, S, self.n_head, hd).transpose(1, 2) for p in (self.q, self.k, self.v))  # (B, H, S, D)
+        freqs = torch.arange(S, dtype=torch.float32, device=x.device)[:, None] * self.inv_freq[None, :]  # (S, D/2)
+        if self.rotary == "interleaved":
+            emb, rot = freqs.repeat_interleave(2, dim=-1), rotate_interleaved
+        else:
+            emb, rot = torch.cat((freqs, freqs), dim=-1), rotate_half
+        cos, sin = emb.cos()[None, None].to(q.dtype), emb.sin()[None, None].to(q.dtype)  # (1, 1, S, D)
+        if self.rotary == "swapped":  # near miss: the rotation the other way round
+            h = hd // 2
+            q = q * cos + torch.cat((q[..., h:], -q[..., :h]), -1) * sin
+            k = k * cos + torch.cat((k[..., h:], -k[..., :h]), -1) * sin
+        elif self.rotary != "none":
+            q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        scores = q @ k.transpose(-2, -1) / math.sqrt(hd)  # (B, H, S, S)
+        mask = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+        y = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v  # (B, H, S, D)
+        return self.o(y.transpose(1, 2).reshape(B, S, C))
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))``; ``act``: silu | gelu | gelu_tanh (``leaky``: a near miss, the
+    activation feeds something else too); ``fused``: one gate/up projection, chunked."""
+
+    def __init__(self, d_model, d_ff, act="silu", fused=False):
+        super().__init__()
+        self.act, self.fused = act, fused
+        if fused:
+            self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
+        else:
+            self.gate, self.up = nn.Linear(d_model, d_ff, bias=False), nn.Linear(d_model, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x):
+        a, b = self.gate_up(x).chunk(2, dim=-1) if self.fused else (self.gate(x), self.up(x))
+        h = F.silu(a) if self.act in ("silu", "leaky") else F.gelu(a, approximate="tanh" if self.act == "gelu_tanh" else "none")
+        out = self.down(h * b)
+        if self.act == "leaky":
+            out = out + h.sum(-1, keepdim=True)
+        return out
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, d_model, n_head, d_ff, norm, act, fused, rotary):
+        super().__init__()
+        make = (lambda: HandLayerNorm(d_model)) if norm == "layer" else (lambda: RMSNorm(d_model, norm))
+        self.ln1, self.attn = make(), LlamaAttention(d_model, n_head, rotary)
+        self.ln2, self.mlp = make(), GatedMLP(d_model, d_ff, act, fused)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class Llama(nn.Module):
+    """Embedding, ``n_layer`` blocks, final norm, LM head; returns logits, or the mean next-token
+    cross-entropy when ``labels`` are given (labels[:, t] is the target of position t; -100 is ignored)."""
+
+    def __init__(self, vocab_size=64, n_layer=2, n_head=4, d_model=32, d_ff=48, norm="llama", act="silu",
+                 fused=False, rotary="half"):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.emb = nn.Embedding(vocab_size, d_model)
+        self.blocks = nn.ModuleList([LlamaBlock(d_model, n_head, d_ff, norm, act, fused, rotary)
+                                     for _ in range(n_layer)])
+        self.norm = HandLayerNorm(d_model) if norm == "layer" else RMSNorm(d_model, norm)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+
+    def forward(self, ids, labels=None):
+        x = self.emb(ids)  # (B, S, C)
+        for b in self.blocks:
+            x = b(x)
+        logits = self.head(self.norm(x))  # (B, S, V)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, self.vocab_size), labels.view(-1), ignore_index=-100)
+
+
+def llama(n_layer: int = 2, d_model: int = 32, n_head: int = 4, d_ff: int = 48, vocab_size: int = 64,
+          seed: int = 0, labels: bool = False, **spelling):
+    """A hand-written Llama-style decoder and example token ids (2, 12) (and labels, with ``labels=True``).
+
+    ``spelling``: ``norm`` (llama | gemma | plain | layer), ``act`` (silu | gelu | gelu_tanh),
+    ``fused`` (one gate/up projection), ``rotary`` (half | interleaved | none).
+    """
+    torch.manual_seed(seed)
+    model = Llama(vocab_size, n_layer, n_head, d_model, d_ff, **spelling).eval()
+    ids = torch.randint(0, vocab_size, (2, 12))
+    return model, ((ids, torch.randint(0, vocab_size, (2, 12))) if labels else (ids,))
