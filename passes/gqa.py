@@ -354,7 +354,8 @@ class GQA(Pass):
         for t in (plan.k_seq, plan.v_seq):  # materialise the repeat; `flash` turns it into enable_gqa
             with g.inserting_after(t):
                 r = g.call_function(aten.repeat_interleave.self_int, (t, rep, 1))
-            t.replace_all_uses_with(r, delete_user_cb=lambda u, r=r: u is not r)
+            # attention reads the repeated heads; a decoder's present K/V output keeps the grouped ones
+            t.replace_all_uses_with(r, delete_user_cb=lambda u, r=r: u is not r and u.op != "output")
 
 
 def _fallback_quality(program: Program) -> QualityCheck:

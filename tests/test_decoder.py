@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import hf_configs
+import evo_rewrite
 from evo_rewrite import PassManager, UsageError, parse_pipeline
 from evo_rewrite import decoder as D
 from evo_rewrite.annotations import KVCacheLayout, LayerCache
@@ -114,3 +115,23 @@ def test_not_a_causal_lm_is_refused():
     with pytest.raises(UsageError, match=r"needs a causal language model with a KV cache, and BertForMaskedLM is "
                                          r"not one: Hugging Face \*ForCausalLM"):
         D.capture_decoder(hf_configs.build("bert"))
+
+
+def test_gqa_on_a_multi_head_decoder_keeps_the_grouped_cache_as_output():
+    """MHA source (no repeat to resize): gqa inserts the repeat for attention only; present K/V stay grouped."""
+    import transformers as T
+
+    from evo_rewrite.decoder import empty_past, step_inputs
+
+    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4, vocab_size=128, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(cfg).eval()
+    program = evo_rewrite.prepare(model, cache=True)
+    new, report = PassManager(parse_pipeline("gqa(kv_heads=2)")).run(program)
+    rec = report.passes[0]
+    assert rec.verified and rec.rewrites == 2, rec.failure
+    assert [c.kv_heads for c in new.annotations.kv_cache.layers] == [2, 2]
+    out = new(step_inputs(torch.randint(0, 128, (1, 3)), torch.ones(1, 3, dtype=torch.long),
+                          empty_past(new.annotations.kv_cache, 1, 0)))
+    assert out["present.0.key"].shape == (1, 2, 3, 16) and out["present.1.value"].shape == (1, 2, 3, 16)
