@@ -77,6 +77,7 @@ class _Builder:
         # tanh capping: None, or c with scores = c·tanh(scale·QKᵀ / c) (+ bias); allowed when softcap is set
         self.allow_softcap, self.softcap = softcap, None
         self.shifted = False  # a constant was added (softmax ignores it, tanh does not)
+        self.bias_rank = 0  # rank of the bias (its terms broadcast together)
         self.view_shape = None  # scores reshaped (B·H, Sq, Sk) -> (B, H, Sq, Sk) on the way (DeBERTa, Bloom)
 
     def start(self, prod: fx.Node) -> None:
@@ -85,7 +86,7 @@ class _Builder:
             self.scale = float(alpha)
             if beta != 0:
                 bias = prod.args[0]
-                self._add(bias if beta == 1 else self.g.call_function(aten.mul.Tensor, (bias, float(beta))))
+                self._add(bias if beta == 1 else self.g.call_function(aten.mul.Tensor, (bias, float(beta))), like=bias)
 
     def _full(self, bias: fx.Node, scores_val) -> fx.Node:
         """``bias`` expanded to the 3-D scores' shape, with sizes read from q and k — not from the scores
@@ -101,7 +102,10 @@ class _Builder:
             sizes.append(d if isinstance(d, int) else self.g.call_function(aten.sym_size.int, (t, axis)))
         return self.g.call_function(aten.expand.default, (bias, sizes))
 
-    def _add(self, term):
+    def _add(self, term, like=None):
+        """Add ``term`` to the bias; ``like``: a node of the term's rank where the term is new (has no shape)."""
+        vt = val(like if like is not None else term)
+        self.bias_rank = max(self.bias_rank, vt.dim() if vt is not None else 0)
         self.bias = term if self.bias is None else self.g.call_function(aten.add.Tensor, (self.bias, term))
 
     def _mask_term(self, cond, fill, negate=False):
@@ -113,7 +117,7 @@ class _Builder:
         if negate:
             cond = self.g.call_function(aten.logical_not.default, (cond,))
         zeros = self.g.call_function(aten.zeros_like.default, (cond,), {"dtype": self.dtype})
-        self._add(self.g.call_function(aten.masked_fill.Scalar, (zeros, cond, f)))
+        self._add(self.g.call_function(aten.masked_fill.Scalar, (zeros, cond, f)), like=cond)
 
     def step(self, n: fx.Node, prev: fx.Node) -> None:
         t = INPLACE.get(n.target, n.target)
@@ -128,6 +132,7 @@ class _Builder:
                 self.view_shape = n.args[1]
                 if self.bias is not None:  # bring the bias to the scores' full shape, then split the heads
                     self.bias = self.g.call_function(aten.reshape.default, (self._full(self.bias, vp), n.args[1]))
+                    self.bias_rank = vn.dim()
                 return
             raise _NotExpressible("scores are reshaped in a way SDPA cannot follow")
         if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
@@ -155,7 +160,8 @@ class _Builder:
                 self.shifted = True
                 return  # a constant shift: softmax ignores it
             if t is aten.sub.Tensor:
-                other = self.g.call_function(aten.neg.default, (other,))
+                self._add(self.g.call_function(aten.neg.default, (other,)), like=other)
+                return
             self._add(other)
             return
         if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
@@ -300,8 +306,8 @@ class Flash(Pass):
                 v, v_shape = _permute(g, s.v, s.v_perm)
             bias = b.bias
             if bias is not None and s.scores_perm is not None and list(s.scores_perm) != sorted(s.scores_perm):
-                vb, rank = val(bias), len(s.scores_perm)  # the bias follows the scores' layout: bring it to SDPA's
-                for _ in range(rank - (vb.dim() if vb is not None else rank)):
+                rank = len(s.scores_perm)  # the bias follows the scores' layout: bring it to SDPA's
+                for _ in range(rank - b.bias_rank):
                     bias = g.call_function(aten.unsqueeze.default, (bias, 0))
                 bias = g.call_function(aten.permute.default, (bias, list(s.scores_perm)))
             three_d = b.view_shape is None and q_shape is not None and len(q_shape) == 3
@@ -315,7 +321,7 @@ class Flash(Pass):
                 q_shape = k_shape = None
             elif three_d:  # (B·H, S, D): one head of (B·H, 1, S, D), the 4-D form every runtime takes
                 q, k, v = (g.call_function(aten.unsqueeze.default, (t, 1)) for t in (q, k, v))
-                if bias is not None and val(bias) is not None and val(bias).dim() == 3:
+                if bias is not None and b.bias_rank == 3:
                     bias = g.call_function(aten.unsqueeze.default, (bias, 1))
                 q_shape = k_shape = None
             if q_shape is not None and k_shape is not None and len(q_shape) == 4 and len(k_shape) == 4 and not gqa:
