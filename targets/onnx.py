@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -184,9 +185,8 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
             onnx_program = torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
                                              report=False, verify=False, custom_translation_table=onnx_translations())
         except Exception as exc:  # noqa: BLE001 - exporter failures are the model's, say which op
-            msg = str(exc).strip().splitlines()
-            raise RewriteError(f"torch.onnx.export cannot export this program: {msg[0] if msg else type(exc).__name__}"
-                               ". Try --target pytorch, or report the operator above.") from None
+            raise VerificationError(f"torch.onnx.export cannot export this program: {_export_failure(exc)}; "
+                                    "nothing was written (--target pytorch writes this program)") from None
         finally:
             quiet.setLevel(level)
     model = onnx_program.model
@@ -223,6 +223,33 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
                    "repaired": repaired,
                    "ort_fusions": ort_fusions,
                    "user_inputs": user_inputs}
+
+
+_TRANSLATING = re.compile(r"Error when translating node %(\S+) .*?target=([\w.:]+)")
+
+
+def _export_failure(exc: BaseException) -> str:
+    """The operator torch.onnx could not translate and why, from its chain of exceptions.
+
+    torch.onnx wraps the cause in several layers ("Failed to convert the exported program ... step 3/3");
+    the useful parts are the node it was translating and the innermost message.
+    """
+    chain, seen, cur = [], set(), exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    op = None
+    for e in chain:
+        m = _TRANSLATING.search(str(e))
+        if m:
+            op = (m.group(2), m.group(1))
+    root = next((line.strip() for e in reversed(chain) for line in str(e).splitlines() if line.strip()),
+                type(chain[-1]).__name__)
+    root = re.sub(r"\x1b\[[0-9;]*m", "", root)[:300]
+    if op is None:
+        return root
+    return f"operator {op[0]} (node {op[1]}) cannot be translated: {root}"
 
 
 # --------------------------------------------------------------------------------------------
