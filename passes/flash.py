@@ -114,10 +114,11 @@ class _Builder:
             raise _NotExpressible(f"scores are replaced by {f:g}, which is not a mask fill (<= {MASK_FLOOR:g})"
                                   if f is not None else
                                   f"scores are replaced by a non-constant tensor, {_name(fill)} (not a mask)")
+        given = cond
         if negate:
             cond = self.g.call_function(aten.logical_not.default, (cond,))
         zeros = self.g.call_function(aten.zeros_like.default, (cond,), {"dtype": self.dtype})
-        self._add(self.g.call_function(aten.masked_fill.Scalar, (zeros, cond, f)), like=cond)
+        self._add(self.g.call_function(aten.masked_fill.Scalar, (zeros, cond, f)), like=given)
 
     def step(self, n: fx.Node, prev: fx.Node) -> None:
         t = INPLACE.get(n.target, n.target)

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from .pass_infra import module_path
 
-__all__ = ["AttentionSite", "SoftmaxReport", "find_attention", "attention_sites", "untranspose", "INPLACE", "RESHAPES", "val", "real_users", "SOFTMAX_OPS", "MATMUL_OPS", "SDPA_OPS"]
+__all__ = ["AttentionSite", "SoftmaxReport", "find_attention", "attention_sites", "untranspose", "strip_repeat", "INPLACE", "RESHAPES", "val", "real_users", "SOFTMAX_OPS", "MATMUL_OPS", "SDPA_OPS"]
 
 aten = torch.ops.aten
 SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
@@ -307,7 +307,7 @@ def _arange_floordiv(n) -> int | None:
     return None
 
 
-def _strip_repeat(n: fx.Node, axis: int = 1) -> tuple[fx.Node, int] | None:
+def strip_repeat(n: fx.Node, axis: int = 1) -> tuple[fx.Node, int] | None:
     """If n materialises repeated K/V heads along ``axis`` of a 4-D tensor, return (the unrepeated tensor, repeat).
 
     The spellings: ``repeat_interleave(r, dim=axis)``; HF's ``x.unsqueeze(axis+1).expand(…, r, …).reshape``;
@@ -333,8 +333,9 @@ def _strip_repeat(n: fx.Node, axis: int = 1) -> tuple[fx.Node, int] | None:
                 src = src.args[0]
             vs = val(src)
             if ve is not None and ve.dim() == 5 and vs is not None and vs.dim() == 4 and _int(ve.shape[axis + 1]):
-                if _int(vs.shape[axis]) == _int(ve.shape[axis]):
-                    return src, _int(ve.shape[axis + 1])
+                es, ss, rep = [str(d) for d in ve.shape], [str(d) for d in vs.shape], _int(ve.shape[axis + 1])
+                if es[:axis + 1] + es[axis + 2:] == ss and _int(v.shape[axis]) == _int(vs.shape[axis]) * rep:
+                    return src, rep
     if n.target is aten.index.Tensor:
         src, idx = n.args[0], list(n.args[1])
         if len(idx) == axis + 1 and all(i is None for i in idx[:-1]):
@@ -413,8 +414,8 @@ def _classify(sm: fx.Node) -> SoftmaxReport:
     kv_repeat = None
     if four:
         k_seq = (untranspose(k) if k_transposed else None)
-        k_rep = _strip_repeat(k_seq, 1) if k_seq is not None else _strip_repeat(k, ops.k_perm[1])
-        v_rep = _strip_repeat(v_node, v_perm[1])
+        k_rep = strip_repeat(k_seq, 1) if k_seq is not None else strip_repeat(k, ops.k_perm[1])
+        v_rep = strip_repeat(v_node, v_perm[1])
         if k_rep and v_rep and k_rep[1] == v_rep[1]:
             kv_repeat = (k_rep[0], v_rep[0], k_rep[1])
     identity = ops.q_perm == _identity(len(ops.q_perm)) and ops.scores_perm == _identity(len(ops.roles)) \
@@ -447,6 +448,8 @@ def untranspose(kT: fx.Node) -> fx.Node | None:
         d0, d1 = sorted(a % vk.dim() for a in kT.args[1:3])
         if (d0, d1) == (vk.dim() - 2, vk.dim() - 1):
             return kT.args[0]
+    if kT.target is aten.mT.default:
+        return kT.args[0]
     if kT.target is aten.permute.default and vk is not None:
         perm = [p % vk.dim() for p in kT.args[1]]
         if perm[:-2] == list(range(vk.dim() - 2)) and perm[-2:] == [vk.dim() - 1, vk.dim() - 2]:
