@@ -159,9 +159,19 @@ def _contiguous_as_clone(ep) -> None:
     (B, S, H, D) attention output can be judged a no-op, and the ``reshape`` after it then fails as
     a ``view`` (T5 after ``flash``). A clone always copies; in ONNX it is an Identity the optimizer drops.
     """
-    for n in ep.graph.nodes:
-        if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default:
-            n.target, n.kwargs = torch.ops.aten.clone.default, {"memory_format": torch.contiguous_format}
+    aten = torch.ops.aten
+    for n in list(ep.graph.nodes):
+        if n.op == "call_function" and n.target is aten.contiguous.default:
+            n.target, n.kwargs = aten.clone.default, {"memory_format": torch.contiguous_format}
+        # the same for a flatten of permuted heads after a fused attention call (whose output strides
+        # torch.onnx's decomposition sees differently): copy first
+        elif n.op == "call_function" and n.target in (aten.flatten.using_ints, aten.view.default) and \
+                getattr(n.args[0], "target", None) in (aten.permute.default, aten.transpose.int):
+            with ep.graph.inserting_before(n):
+                n.args = (ep.graph.call_function(aten.clone.default, (n.args[0],),
+                                                 {"memory_format": torch.contiguous_format}), *n.args[1:])
+            if n.target is aten.view.default:
+                n.target = aten.reshape.default
     ep.graph_module.recompile()
 
 

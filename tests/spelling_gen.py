@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
-C, H, D, MAX_LEN = 16, 4, 4, 32
+C, H, D, MAX_LEN = 16, 4, 8, 32
 T_EXAMPLE, S_EXAMPLE = 6, 5  # query length; key length of cross-attention
 
 LAYOUTS = ("bhsd", "bshd", "3d")  # q/k/v as they enter the products
