@@ -1,11 +1,14 @@
 """`flash`: replace every attention subgraph with one fused ``scaled_dot_product_attention`` call.
 
 pattern  the attention sites of ``evo_rewrite.attention`` (softmax over the key axis of Q·Kᵀ, times V)
-check    the score chain is expressible by SDPA: constant scales, additive biases, masked_fill/where
-         with a very negative fill (a mask), casts; the probabilities feed only the product with V;
-         K/V heads equal Q heads or divide them (GQA)
+check    the score chain is expressible by SDPA: constant scales (literals, 0-d tensors made in
+         forward, buffers), additive biases (position biases, tables, padding: any tensor),
+         masked_fill/where with a very negative constant fill (a mask), casts; the probabilities feed
+         only the product with V; K/V heads equal Q heads or divide them (GQA)
 rewrite  SDPA(q, k, v, attn_mask=bias, scale=product of the scales, is_causal when the bias is
-         exactly causal and input-independent, enable_gqa instead of a materialised K/V repeat)
+         exactly causal and input-independent, enable_gqa instead of a materialised K/V repeat),
+         with q/k/v/bias permuted to SDPA's (batch…, S, D) order and the output permuted back to the
+         layout the model continues with; 3-D (B·H, S, D) sites as one head of (B·H, 1, S, D)
 """
 
 from __future__ import annotations

@@ -2,11 +2,19 @@
 
 An attention site is a softmax over the last (key) axis whose input is, after optional score
 modifiers (scale by mul/div, additive bias or mask, masked_fill/where, dtype casts, tanh capping),
-a product of Q and Kᵀ (matmul, bmm or einsum), and whose output, after optional dropout and casts,
-is the left operand of a product with V. A call of ``scaled_dot_product_attention`` is a site that
-is already fused. Each site records the q/k/v nodes, the score chain, head counts and head dim
-(where the layout tells them), any materialised K/V head repeat, and the module path. Passes
-consume these records instead of re-deriving them.
+a product of Q and Kᵀ (matmul, bmm, baddbmm or einsum), and whose output, after optional dropout and
+casts, is multiplied with V over the key axis. A call of ``scaled_dot_product_attention`` is a site
+that is already fused.
+
+Layouts are read, not assumed: each axis of the score product gets a role (a batch axis, the query
+positions, the key positions) from the product itself — an einsum's letters in any order and any
+operand order, or matmul's (…, Sq, D) × (…, D, Sk) — and the product with V is read against those
+roles. The site records, for q, k, v, the scores and the output, the permutation to SDPA's
+(batch…, S, D) order, so (B, S, H, D) einsum attention and (B·H, S, D) bmm attention are the same
+site to every pass. Each site also records the score chain, head counts and head dims, any
+materialised K/V head repeat (along whichever axis holds the heads) and the module path; every
+softmax that is not a site gets the reason, naming the op that blocked it. Passes consume these
+records instead of re-deriving them.
 """
 
 from __future__ import annotations
