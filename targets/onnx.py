@@ -165,12 +165,13 @@ def _contiguous_as_clone(ep) -> None:
             n.target, n.kwargs = aten.clone.default, {"memory_format": torch.contiguous_format}
         # the same for a flatten of permuted heads after a fused attention call (whose output strides
         # torch.onnx's decomposition sees differently): copy first
-        elif n.op == "call_function" and n.target in (aten.flatten.using_ints, aten.view.default) and \
+        elif n.op == "call_function" and n.target in (aten.flatten.using_ints, aten.view.default, aten.reshape.default,
+                                                      aten._unsafe_view.default) and \
                 getattr(n.args[0], "target", None) in (aten.permute.default, aten.transpose.int):
             with ep.graph.inserting_before(n):
                 n.args = (ep.graph.call_function(aten.clone.default, (n.args[0],),
                                                  {"memory_format": torch.contiguous_format}), *n.args[1:])
-            if n.target is aten.view.default:
+            if n.target in (aten.view.default, aten._unsafe_view.default):
                 n.target = aten.reshape.default
     ep.graph_module.recompile()
 
