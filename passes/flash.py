@@ -62,8 +62,14 @@ def _const(x):
     return None
 
 
+_LAYOUT_OPS = {aten.unsqueeze.default, aten.squeeze.dim, aten.transpose.int, aten.permute.default, aten.expand.default,
+               aten.slice.Tensor, aten.view.default, aten.reshape.default, aten._unsafe_view.default, *CASTS}
+
+
 def _name(x) -> str:
-    """How a reason names an operand: its op (``linear``, ``sigmoid``) or its kind."""
+    """How a reason names an operand: the op that computed it (``sigmoid``, not the views after it), or its kind."""
+    while isinstance(x, fx.Node) and x.op == "call_function" and x.target in _LAYOUT_OPS and isinstance(x.args[0], fx.Node):
+        x = x.args[0]
     if isinstance(x, fx.Node):
         t = x.target
         op = t.overloadpacket.__name__ if hasattr(t, "overloadpacket") else getattr(t, "__name__", str(t))

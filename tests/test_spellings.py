@@ -43,7 +43,7 @@ RATE = 0.99
 NEGATIVE_REASONS = {"query_axis": "not the last (key) axis", "return_probs": "probabilities are used 2 times",
                     "reuse_probs": "probabilities are used 2 times", "classifier": "not a product of Q and Kᵀ",
                     "data_gate": "scaled by a non-constant tensor", "data_replace": "replaced by a non-constant tensor",
-                    "square": "pow"}
+                    "square": "reached square"}
 
 
 def draw(strategy, n: int) -> list[Spelling]:
