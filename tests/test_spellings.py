@@ -62,23 +62,26 @@ def draw(strategy, n: int) -> list[Spelling]:
     return out
 
 
-def _second_size(sp: Spelling):
-    return sp.example_inputs(batch=3, seq=9, mem=4)
-
-
 def _sdpa_count(program) -> int:
     return sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target is SDPA)
 
 
-def _matches(module, model, sp: Spelling) -> str:
-    """'' when ``module`` computes what ``model`` does at the example size and another; else the difference."""
-    for inputs in (sp.example_inputs(), _second_size(sp)):
+def _matches(module, model, program) -> str:
+    """'' when ``module`` computes what ``model`` does at the example size and at the program's second size
+    (every symbolic dimension changed); else the difference."""
+    for inputs in (program.inputs, program.second_inputs()):
+        if inputs is None:
+            continue
         with torch.no_grad():
-            got, ref = module(*inputs), model(*inputs)
+            try:
+                got = module(*inputs.args, **inputs.kwargs)
+            except Exception as e:  # noqa: BLE001 - a miss, with its reason
+                return f"fails on {inputs.describe()}: {type(e).__name__}: {str(e).splitlines()[0]}"
+            ref = model(*inputs.args, **inputs.kwargs)
         try:
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
         except AssertionError as e:
-            return f"outputs differ at {[tuple(t.shape) for t in inputs]}: {str(e).splitlines()[-1]}"
+            return f"outputs differ on {inputs.describe()}: {str(e).splitlines()[-1]}"
     return ""
 
 
@@ -111,7 +114,7 @@ def outcomes(n: int) -> dict:
         if fused.rewrites != 1 or sdpa != 1 or left:
             why = "; ".join(s.reason for s in fused.skipped) or fused.message
             flash_miss.append((sp, f"{fused.rewrites} rewrites, {sdpa} SDPA calls: {why}"))
-        elif diff := _matches(fused.program.module, model, sp):
+        elif diff := _matches(fused.program.module, model, program):
             flash_miss.append((sp, f"fused but {diff}"))
         else:
             programs[sp] = fused.program
@@ -125,7 +128,7 @@ def outcomes(n: int) -> dict:
         if grouped.rewrites != 1 or k_rows != target * D:
             why = "; ".join(s.reason for s in grouped.skipped) or grouped.message
             gqa_miss.append((sp, f"{grouped.rewrites} rewrites, K rows {k_rows}: {why}"))
-        elif diff := _matches(grouped.program.module, model, sp):
+        elif diff := _matches(grouped.program.module, model, program):
             gqa_miss.append((sp, f"grouped but {diff}"))
     return {"n": n, "flash": flash_miss, "gqa": gqa_miss, "programs": programs,
             "seconds": time.perf_counter() - t0}
