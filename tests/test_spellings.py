@@ -135,6 +135,8 @@ def outcomes(n: int) -> dict:
 
 
 def _assert_rate(misses, n: int, what: str) -> None:
+    print(f"{what}: {n - len(misses)}/{n} ({100 * (n - len(misses)) / n:.1f}%); misses: "
+          + ("; ".join(why for _, why in misses) or "none"))
     report = "\n".join(f"{sp}\n    {why}" for sp, why in misses[:20])
     assert all(why.strip() for _, why in misses), "a miss without a reason"
     assert len(misses) <= (1 - RATE) * n, f"{what}: {n - len(misses)}/{n} ({len(misses)} missed):\n{report}"
@@ -196,6 +198,7 @@ def test_onnx_fuses_generated_spellings(tmp_path):
 def test_negatives_never_fused():
     """Softmax over queries, probabilities kept, a classifier, data-dependent scores: 0 fused, each explained."""
     misses = _negative_misses(CI_NEGATIVE_DRAW)
+    print(f"negatives fused or unexplained: {len(misses)}/{CI_NEGATIVE_DRAW}")
     assert not misses, "\n".join(f"{sp}\n    {why}" for sp, why in misses[:20])
 
 
