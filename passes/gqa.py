@@ -84,6 +84,7 @@ class GQA(Pass):
                 skipped.append(Skip(f"already has {plan.kv_heads} K/V heads", s.module, s.output.name))
                 continue
             plans.append(plan)
+        plans, skipped = self._own_weights(program, plans, skipped)
         if not plans:
             already = all(k.reason.startswith("already has") for k in skipped)
             msg = (f"no site needs grouping to {self.kv_heads} K/V heads" if already else
@@ -130,6 +131,28 @@ class GQA(Pass):
         if s.fused and s.layout == "BHSD" and s.kv_heads not in (None, kv_heads):
             return "K is broadcast over query heads"
         return _Plan(s, k_in, s.v, k_path, v_path, kv_heads, heads, s.head_dim, s.v_head_dim or s.head_dim)
+
+    @staticmethod
+    def _own_weights(program: Program, plans: list[_Plan], skipped: list[Skip]):
+        """Keep the plans whose K/V projection weights feed only K/V projections of planned sites.
+
+        A weight that also feeds something else (DeBERTa projects its relative-position embeddings with
+        the key projection) cannot shrink without breaking that other use.
+        """
+        ours = {p.node for plan in plans for p in (plan.k_path.projection, plan.v_path.projection)}
+        kept = []
+        for plan in plans:
+            other = None
+            for proj in (plan.k_path.projection, plan.v_path.projection):
+                for n in program.graph.nodes:
+                    if n.op == "get_attr" and n.target in (proj.weight, proj.bias):
+                        other = other or next((u for u in _weight_consumers(n) if u not in ours), None)
+            if other is not None:
+                skipped.append(Skip(f"the K/V projection weight also feeds {other.name} ({_opname(other)}), "
+                                    "outside attention's K/V", plan.site.module, plan.site.output.name))
+            else:
+                kept.append(plan)
+        return kept, skipped
 
     # -- weights ----------------------------------------------------------------------------
 
@@ -286,6 +309,25 @@ def _set_repeat(g: fx.Graph, node: fx.Node, axis: int, kv_heads: int, rep: int) 
         shape = list(e.args[1])
         shape[axis], shape[axis + 1] = kv_heads, rep
         e.args = (e.args[0], shape, *e.args[2:])
+
+
+def _weight_consumers(w: fx.Node) -> list[fx.Node]:
+    """The ops that read a weight, through transposes and casts."""
+    out, stack = [], [w]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u.op == "call_function" and u.target in (aten.t.default, aten.transpose.int, aten.permute.default,
+                                                          aten._to_copy.default, aten.detach.default):
+                stack.append(u)
+            else:
+                out.append(u)
+    return out
+
+
+def _opname(n: fx.Node) -> str:
+    t = n.target
+    return t.overloadpacket.__name__ if hasattr(t, "overloadpacket") else getattr(t, "__name__", str(t))
 
 
 def _fused_consumers(proj_node: fx.Node) -> list[fx.Node]:
