@@ -1,11 +1,14 @@
 """`flash`: replace every attention subgraph with one fused ``scaled_dot_product_attention`` call.
 
 pattern  the attention sites of ``evo_rewrite.attention`` (softmax over the key axis of Q·Kᵀ, times V)
-check    the score chain is expressible by SDPA: constant scales, additive biases, masked_fill/where
-         with a very negative fill (a mask), casts; the probabilities feed only the product with V;
-         K/V heads equal Q heads or divide them (GQA)
+check    the score chain is expressible by SDPA: constant scales (literals, 0-d tensors made in
+         forward, buffers), additive biases (position biases, tables, padding: any tensor),
+         masked_fill/where with a very negative constant fill (a mask), casts; the probabilities feed
+         only the product with V; K/V heads equal Q heads or divide them (GQA)
 rewrite  SDPA(q, k, v, attn_mask=bias, scale=product of the scales, is_causal when the bias is
-         exactly causal and input-independent, enable_gqa instead of a materialised K/V repeat)
+         exactly causal and input-independent, enable_gqa instead of a materialised K/V repeat),
+         with q/k/v/bias permuted to SDPA's (batch…, S, D) order and the output permuted back to the
+         layout the model continues with; 3-D (B·H, S, D) sites as one head of (B·H, 1, S, D)
 """
 
 from __future__ import annotations
@@ -33,15 +36,21 @@ class _NotExpressible(Exception):
 
 
 def _const(x):
-    """A Python number for a scalar argument or a constant scalar tensor node, else None."""
+    """A Python number for a scalar argument or a tensor node whose every element is one known constant, else None.
+
+    Covers literals, ``torch.tensor(c)`` made in ``forward`` (a lifted constant), 0-d buffers and
+    parameters, ``full``/``full_like``/``new_full``/``scalar_tensor``, through casts and detaches.
+    """
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return float(x)
     if isinstance(x, fx.Node) and x.op == "call_function":
-        if x.target is aten.full.default and list(x.args[0]) == []:
-            return float(x.args[1])
+        if x.target is aten.full.default:
+            return _const(x.args[1])
+        if x.target in (aten.full_like.default, aten.new_full.default, aten.fill.Scalar):
+            return _const(x.args[1] if x.target is not aten.new_full.default else x.args[2])
         if x.target in (aten.scalar_tensor.default,):
             return float(x.args[0])
-        if x.target in (aten.lift_fresh_copy.default, aten.detach.default, *CASTS) and x.args:
+        if x.target in (aten.lift_fresh_copy.default, aten.detach.default, aten.detach_.default, *CASTS) and x.args:
             return _const(x.args[0])
     if isinstance(x, fx.Node) and x.op == "get_attr":
         owner = x.graph.owning_module
@@ -53,6 +62,21 @@ def _const(x):
     return None
 
 
+_LAYOUT_OPS = {aten.unsqueeze.default, aten.squeeze.dim, aten.transpose.int, aten.permute.default, aten.expand.default,
+               aten.slice.Tensor, aten.view.default, aten.reshape.default, aten._unsafe_view.default, *CASTS}
+
+
+def _name(x) -> str:
+    """How a reason names an operand: the op that computed it (``sigmoid``, not the views after it), or its kind."""
+    while isinstance(x, fx.Node) and x.op == "call_function" and x.target in _LAYOUT_OPS and isinstance(x.args[0], fx.Node):
+        x = x.args[0]
+    if isinstance(x, fx.Node):
+        t = x.target
+        op = t.overloadpacket.__name__ if hasattr(t, "overloadpacket") else getattr(t, "__name__", str(t))
+        return f"{op} ({x.name})" if x.op == "call_function" else f"{x.op} {x.target}"
+    return repr(x)
+
+
 class _Builder:
     """Translates a site's score chain into (scale, additive bias node) by inserting graph nodes."""
 
@@ -62,6 +86,7 @@ class _Builder:
         # tanh capping: None, or c with scores = c·tanh(scale·QKᵀ / c) (+ bias); allowed when softcap is set
         self.allow_softcap, self.softcap = softcap, None
         self.shifted = False  # a constant was added (softmax ignores it, tanh does not)
+        self.bias_rank = 0  # rank of the bias (its terms broadcast together)
         self.view_shape = None  # scores reshaped (B·H, Sq, Sk) -> (B, H, Sq, Sk) on the way (DeBERTa, Bloom)
 
     def start(self, prod: fx.Node) -> None:
@@ -70,7 +95,7 @@ class _Builder:
             self.scale = float(alpha)
             if beta != 0:
                 bias = prod.args[0]
-                self._add(bias if beta == 1 else self.g.call_function(aten.mul.Tensor, (bias, float(beta))))
+                self._add(bias if beta == 1 else self.g.call_function(aten.mul.Tensor, (bias, float(beta))), like=bias)
 
     def _full(self, bias: fx.Node, scores_val) -> fx.Node:
         """``bias`` expanded to the 3-D scores' shape, with sizes read from q and k — not from the scores
@@ -79,24 +104,30 @@ class _Builder:
         if vb is not None and tuple(map(str, vb.shape)) == tuple(map(str, scores_val.shape)):
             return bias  # already full (DeBERTa's relative-position terms)
         s = self.site
-        k_axis = -1 if s.k_transposed else -2
+        k_axis = s.k_perm[-2] if s.k_perm else -1 if s.k_transposed else -2
         sizes = []
-        for t, axis, d in ((s.q, 0, scores_val.shape[0]), (s.q, -2, scores_val.shape[1]), (s.k, k_axis, scores_val.shape[2])):
+        q_axis = s.q_perm[-2] if s.q_perm else -2
+        for t, axis, d in ((s.q, 0, scores_val.shape[0]), (s.q, q_axis, scores_val.shape[1]), (s.k, k_axis, scores_val.shape[2])):
             sizes.append(d if isinstance(d, int) else self.g.call_function(aten.sym_size.int, (t, axis)))
         return self.g.call_function(aten.expand.default, (bias, sizes))
 
-    def _add(self, term):
+    def _add(self, term, like=None):
+        """Add ``term`` to the bias; ``like``: a node of the term's rank where the term is new (has no shape)."""
+        vt = val(like if like is not None else term)
+        self.bias_rank = max(self.bias_rank, vt.dim() if vt is not None else 0)
         self.bias = term if self.bias is None else self.g.call_function(aten.add.Tensor, (self.bias, term))
 
     def _mask_term(self, cond, fill, negate=False):
         f = _const(fill)
         if f is None or not (f <= MASK_FLOOR or f == -math.inf):
-            raise _NotExpressible(f"scores are replaced by {fill if f is None else f:g}" if f is not None
-                                  else "scores are replaced by a non-constant tensor (not a mask)")
+            raise _NotExpressible(f"scores are replaced by {f:g}, which is not a mask fill (<= {MASK_FLOOR:g})"
+                                  if f is not None else
+                                  f"scores are replaced by a non-constant tensor, {_name(fill)} (not a mask)")
+        given = cond
         if negate:
             cond = self.g.call_function(aten.logical_not.default, (cond,))
         zeros = self.g.call_function(aten.zeros_like.default, (cond,), {"dtype": self.dtype})
-        self._add(self.g.call_function(aten.masked_fill.Scalar, (zeros, cond, f)))
+        self._add(self.g.call_function(aten.masked_fill.Scalar, (zeros, cond, f)), like=given)
 
     def step(self, n: fx.Node, prev: fx.Node) -> None:
         t = INPLACE.get(n.target, n.target)
@@ -111,6 +142,7 @@ class _Builder:
                 self.view_shape = n.args[1]
                 if self.bias is not None:  # bring the bias to the scores' full shape, then split the heads
                     self.bias = self.g.call_function(aten.reshape.default, (self._full(self.bias, vp), n.args[1]))
+                    self.bias_rank = vn.dim()
                 return
             raise _NotExpressible("scores are reshaped in a way SDPA cannot follow")
         if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
@@ -118,7 +150,8 @@ class _Builder:
                 raise _NotExpressible("scores are a divisor")
             c = _const(others[0]) if others else None
             if c is None:
-                raise _NotExpressible("scores are scaled by a non-constant tensor")
+                raise _NotExpressible(f"scores are scaled by a non-constant tensor, {_name(others[0] if others else prev)} "
+                                      "(not a mask or bias)")
             c = c if t in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / c
             self.scale *= c
             if self.softcap is not None:  # d·c·tanh(s·x / c) = (d·c)·tanh((s·d)·x / (d·c))
@@ -137,7 +170,8 @@ class _Builder:
                 self.shifted = True
                 return  # a constant shift: softmax ignores it
             if t is aten.sub.Tensor:
-                other = self.g.call_function(aten.neg.default, (other,))
+                self._add(self.g.call_function(aten.neg.default, (other,)), like=other)
+                return
             self._add(other)
             return
         if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
@@ -158,7 +192,24 @@ class _Builder:
                 raise _NotExpressible("scores are soft-capped with tanh after a bias or shift, or twice")
             self.softcap = 1.0  # tanh(s·x) = 1·tanh(s·x / 1); a following multiply sets the cap
             return
-        raise _NotExpressible(f"score op {t} has no SDPA equivalent")
+        raise _NotExpressible(f"score op {_name(n)} has no SDPA equivalent")
+
+
+def _permute(g: fx.Graph, t: fx.Node, perm) -> tuple[fx.Node, list | None]:
+    """``t`` permuted by ``perm`` (no node for the identity; the transposed input for a transpose of the
+    last two axes) and the result's shape, or None where unknown."""
+    vt = val(t)
+    shape = list(vt.shape) if vt is not None else None
+    if perm is None or list(perm) == list(range(len(perm))):
+        return t, shape
+    shape = [shape[i] for i in perm] if shape is not None and len(shape) == len(perm) else None
+    rank = len(perm)
+    if list(perm) == list(range(rank - 2)) + [rank - 1, rank - 2]:
+        src = untranspose(t)
+        if src is not None:
+            return src, shape
+        return g.call_function(aten.transpose.int, (t, -2, -1)), shape
+    return g.call_function(aten.permute.default, (t, list(perm))), shape
 
 
 def _input_independent(node: fx.Node) -> bool:
@@ -245,9 +296,7 @@ class Flash(Pass):
         for n in s.after:
             if n.target in DROPOUT and (n.args[2] if len(n.args) > 2 else n.kwargs.get("train", False)):
                 dropout_p = float(n.args[1])
-        q, k, v, gqa = s.q, s.k, s.v, False
-        if s.kv_repeat is not None:
-            k_src, v_src, _ = s.kv_repeat
+        gqa = False
         with g.inserting_before(s.output):
             b = _Builder(g, s, dtype, softcap=softcap)
             b.start(s.scores)
@@ -255,30 +304,45 @@ class Flash(Pass):
             for n in s.chain:
                 b.step(n, prev)
                 prev = n
+            # q, k, v in SDPA's (batch…, S, D) order, with their shapes
+            q, q_shape = _permute(g, s.q, s.q_perm)
             if s.kv_repeat is not None:
-                k, v, gqa = k_src, v_src, True
-            elif s.k_transposed:
-                k = untranspose(s.k) or g.call_function(aten.transpose.int, (s.k, -2, -1))
+                k_src, v_src, _ = s.kv_repeat
+                k, k_shape = _permute(g, k_src, None if s.k_transposed else s.k_perm)
+                v, v_shape = _permute(g, v_src, s.v_perm)
+                gqa = True
+            else:
+                k, k_shape = _permute(g, s.k, s.k_perm)
+                v, v_shape = _permute(g, s.v, s.v_perm)
+            bias = b.bias
+            if bias is not None and s.scores_perm is not None and list(s.scores_perm) != sorted(s.scores_perm):
+                rank = len(s.scores_perm)  # the bias follows the scores' layout: bring it to SDPA's
+                for _ in range(rank - b.bias_rank):
+                    bias = g.call_function(aten.unsqueeze.default, (bias, 0))
+                bias = g.call_function(aten.permute.default, (bias, list(s.scores_perm)))
+            three_d = b.view_shape is None and q_shape is not None and len(q_shape) == 3
             if b.view_shape is not None:  # 3-D (B·H, S, D) operands, 4-D mask: split the heads for SDPA
                 lead, (sq, sk) = list(b.view_shape[:2]), b.view_shape[2:4]
-                dq, dv = int(val(s.q).shape[-1]), int(val(s.v).shape[-1])
+                dq, dv = int(q_shape[-1]), int(v_shape[-1])
                 shapes = [lead + [sq, dq], lead + [sk, dq], lead + [sk, dv]]
                 if any(sum(1 for x in sh if isinstance(x, int) and x == -1) > 1 for sh in shapes):
                     raise _NotExpressible("cannot tell the head split of 3-D scores")
                 q, k, v = (g.call_function(aten.reshape.default, (t, sh)) for t, sh in zip((q, k, v), shapes))
-                for t in (q, k, v):
-                    t.meta["val"] = None
-            vk = val(k)
-            if vq is not None and vk is not None and vq.dim() == 4 and vk.dim() == 4 and not gqa:
-                hq, hk = vq.shape[1], vk.shape[1]
+                q_shape = k_shape = None
+            elif three_d:  # (B·H, S, D): one head of (B·H, 1, S, D), the 4-D form every runtime takes
+                q, k, v = (g.call_function(aten.unsqueeze.default, (t, 1)) for t in (q, k, v))
+                if bias is not None and b.bias_rank == 3:
+                    bias = g.call_function(aten.unsqueeze.default, (bias, 1))
+                q_shape = k_shape = None
+            if q_shape is not None and k_shape is not None and len(q_shape) == 4 and len(k_shape) == 4 and not gqa:
+                hq, hk = q_shape[1], k_shape[1]
                 if str(hq) != str(hk):
                     if isinstance(hk, int) and isinstance(hq, int) and hq % hk == 0:
                         gqa = True  # K/V broadcast over query heads (multi-query)
                     else:
                         raise _NotExpressible(f"K/V heads ({hk}) do not divide query heads ({hq})")
-            if vq is not None and vk is not None and str(vq.shape[0]) != str(vk.shape[0]):
+            if q_shape is not None and k_shape is not None and str(q_shape[0]) != str(k_shape[0]):
                 raise _NotExpressible("K/V are broadcast over the batch")
-            bias = b.bias
             if bias is not None:
                 bias = g.call_function(aten._to_copy.default, (bias,), {"dtype": dtype})
             if b.softcap is not None:
@@ -295,6 +359,10 @@ class Flash(Pass):
             result = node
             if b.view_shape is not None:  # back to the (B·H, Sq, Dv) the model continues with
                 result = g.call_function(aten.flatten.using_ints, (node, 0, 1))
+            elif three_d:
+                result = g.call_function(aten.squeeze.dim, (node, 1))
+            if s.out_perm is not None and list(s.out_perm) != sorted(s.out_perm):  # the layout the product had
+                result = g.call_function(aten.permute.default, (result, list(s.out_perm)))
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if key in s.softmax.meta:
                 node.meta[key] = s.softmax.meta[key]

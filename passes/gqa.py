@@ -54,30 +54,6 @@ class _Plan:
     v_head_dim: int
 
 
-def _seq_first_k(site: AttentionSite) -> fx.Node | None:
-    if site.kv_repeat is not None:
-        return site.kv_repeat[0]
-    if site.fused or not site.k_transposed:
-        return site.k
-    return untranspose(site.k)
-
-
-def _repeat_nodes(site: AttentionSite) -> list[fx.Node]:
-    """The nodes that materialise repeated K/V heads (expand of expand+reshape, or repeat_interleave)."""
-    out = []
-    k = site.k if not site.k_transposed or site.fused else untranspose(site.k)
-    for t in (k, site.v):
-        if t is None or t.op != "call_function":
-            continue
-        if t.target is aten.repeat_interleave.self_int:
-            out.append(t)
-        elif t.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
-            e = t.args[0]
-            if isinstance(e, fx.Node) and e.target is aten.expand.default:
-                out.append(e)
-    return out
-
-
 def merge_mean(w: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
     """(heads·D, in) -> (groups·D, in): mean over consecutive heads of each group."""
     heads = w.shape[0] // head_dim
@@ -125,6 +101,7 @@ class GQA(Pass):
                 skipped.append(Skip(f"already has {plan.kv_heads} K/V heads", s.module, s.output.name))
                 continue
             plans.append(plan)
+        plans, skipped = self._own_weights(program, plans, skipped)
         if not plans:
             already = all(k.reason.startswith("already has") for k in skipped)
             msg = (f"no site needs grouping to {self.kv_heads} K/V heads" if already else
@@ -196,28 +173,57 @@ class GQA(Pass):
     # -- analysis ---------------------------------------------------------------------------
 
     def _plan(self, s: AttentionSite) -> _Plan | str:
-        if s.layout != "BHSD" or s.heads is None or s.kv_heads is None or s.head_dim is None:
-            return f"layout {s.layout}: head counts unknown"
-        k_seq, v_seq = _seq_first_k(s), (s.kv_repeat[1] if s.kv_repeat else s.v)
-        if k_seq is None:
-            return "cannot find K before its transpose"
-        vk = val(k_seq)
-        if vk is None or vk.dim() != 4 or int(vk.shape[1]) != s.kv_heads:
-            if vk is not None and vk.dim() == 4 and int(vk.shape[1]) == 1 and s.kv_heads != 1:
-                return "K/V broadcast over query heads"
-            return "K is not (B, K/V heads, S, D)"
+        """Head counts from the head-split reshapes of Q, K and V (any layout: the split makes (B, S, H, D));
+        K and V traced back to their projections through transposes, flattening and K/V head repeats."""
+        if s.head_dim is None:
+            return f"layout {s.layout}: head dim unknown"
+        k_in = s.k if s.fused or not s.k_transposed else (untranspose(s.k) or s.k)
         paths = []
-        for name, t in (("K", k_seq), ("V", v_seq)):
+        for name, t in (("K", k_in), ("V", s.v)):
             p = trace_projection(t)
             if isinstance(p, str):
                 return f"{name} projection not found: {p}"
-            if p.head_split is None:
+            if p.head_split is None or p.heads is None:
                 return f"{name} has no head-split reshape"
-            hd = p.head_split.args[1][p.heads_dim]
-            if not (isinstance(hd, int) and hd in (-1, s.kv_heads)):
+            hd = p.head_split.args[p.shape_arg][p.heads_dim]
+            if not (isinstance(hd, int) and hd in (-1, p.heads)):
                 return f"{name}'s head-split reshape does not name its head count as a constant"
             paths.append(p)
-        return _Plan(s, k_seq, v_seq, paths[0], paths[1], s.kv_heads, s.heads, s.head_dim, s.v_head_dim or s.head_dim)
+        k_path, v_path = paths
+        kv_heads = k_path.heads
+        if v_path.heads != kv_heads or len(k_path.repeats) != len(v_path.repeats):
+            return "K and V are split into different head counts or repeated differently"
+        heads = s.heads
+        if heads is None or s.layout not in ("BHSD", "BSHD"):  # 3-D (B·H, S, D): the query's head split tells
+            q_path = trace_projection(s.q)
+            heads = q_path.heads if not isinstance(q_path, str) else None
+        if heads is None:
+            return f"layout {s.layout}: the query's head count is unknown (no head-split reshape found)"
+        if s.fused and s.layout == "BHSD" and s.kv_heads not in (None, kv_heads):
+            return "K is broadcast over query heads"
+        return _Plan(s, k_in, s.v, k_path, v_path, kv_heads, heads, s.head_dim, s.v_head_dim or s.head_dim)
+
+    @staticmethod
+    def _own_weights(program: Program, plans: list[_Plan], skipped: list[Skip]):
+        """Keep the plans whose K/V projection weights feed only K/V projections of planned sites.
+
+        A weight that also feeds something else (DeBERTa projects its relative-position embeddings with
+        the key projection) cannot shrink without breaking that other use.
+        """
+        ours = {p.node for plan in plans for p in (plan.k_path.projection, plan.v_path.projection)}
+        kept = []
+        for plan in plans:
+            other = None
+            for proj in (plan.k_path.projection, plan.v_path.projection):
+                for n in program.graph.nodes:
+                    if n.op == "get_attr" and n.target in (proj.weight, proj.bias):
+                        other = other or next((u for u in _weight_consumers(n) if u not in ours), None)
+            if other is not None:
+                skipped.append(Skip(f"the K/V projection weight also feeds {other.name} ({_opname(other)}), "
+                                    "outside attention's K/V", plan.site.module, plan.site.output.name))
+            else:
+                kept.append(plan)
+        return kept, skipped
 
     # -- weights ----------------------------------------------------------------------------
 
@@ -333,27 +339,31 @@ class GQA(Pass):
         n, rep = self.kv_heads, plan.heads // self.kv_heads
         for path in (plan.k_path, plan.v_path):
             hs = path.head_split
-            shape = list(hs.args[1])
+            shape = list(hs.args[path.shape_arg])
             if shape[path.heads_dim] != -1:
                 shape[path.heads_dim] = n
-                hs.args = (hs.args[0], shape, *hs.args[2:])
-        repeats = _repeat_nodes(plan.site)
-        for r in repeats:
-            if r.target is aten.expand.default:
-                shape = list(r.args[1])
-                shape[1], shape[2] = n, rep
-                r.args = (r.args[0], shape, *r.args[2:])
-            else:
-                r.args = (r.args[0], rep, *r.args[2:])
-        if repeats or rep == 1:
+                args = list(hs.args)
+                args[path.shape_arg] = shape
+                hs.args = tuple(args)
+            for node, axis, _ in path.repeats:  # existing K/V repeats: now by heads / n
+                _set_repeat(g, node, axis, n, rep)
+        if plan.k_path.repeats or rep == 1:
             return
         s = plan.site
         if s.fused:
             s.output.kwargs = {**s.output.kwargs, "enable_gqa": True}
             return
-        for t in (plan.k_seq, plan.v_seq):  # materialise the repeat; `flash` turns it into enable_gqa
+        # materialise the repeat where attention reads K and V (so `flash` turns it into enable_gqa), or right
+        # after the head split where attention reads flattened (B·H, S, D) heads
+        if s.layout == "BHSD" and plan.k_seq is not s.k:
+            where = [(plan.k_seq, 1), (plan.v_seq, 1)]
+        elif s.layout in ("BHSD", "BSHD") and s.k_perm is not None and s.v_perm is not None:
+            where = [(plan.k_seq, s.k_perm[1]), (plan.v_seq, s.v_perm[1])]
+        else:
+            where = [(plan.k_path.head_split, 2), (plan.v_path.head_split, 2)]
+        for t, axis in where:
             with g.inserting_after(t):
-                r = g.call_function(aten.repeat_interleave.self_int, (t, rep, 1))
+                r = g.call_function(aten.repeat_interleave.self_int, (t, rep, axis))
             # attention reads the repeated heads; a decoder's present K/V output keeps the grouped ones
             t.replace_all_uses_with(r, delete_user_cb=lambda u, r=r: u is not r and u.op != "output")
 
@@ -380,6 +390,40 @@ def _brief(m: dict) -> str:
     parts += [f"SQNR {m['sqnr_db']:.1f} dB"] if "sqnr_db" in m and math.isfinite(m["sqnr_db"]) else []
     parts += [f"KL {m['kl']:.3g}"] if "kl" in m else []
     return ", ".join(parts) or "no figures"
+
+
+def _set_repeat(g: fx.Graph, node: fx.Node, axis: int, kv_heads: int, rep: int) -> None:
+    """Make a K/V head repeat (repeat_interleave, expand+reshape, or indexing) repeat ``rep`` times."""
+    if node.target is aten.repeat_interleave.self_int:
+        node.args = (node.args[0], rep, *node.args[2:])
+    elif node.target is aten.index.Tensor:
+        with g.inserting_before(node):
+            r = g.call_function(aten.repeat_interleave.self_int, (node.args[0], rep, axis))
+        node.replace_all_uses_with(r)
+    else:  # reshape(expand(unsqueeze(x, axis + 1), [..., Hkv, r, ...]))
+        e = node.args[0]
+        shape = list(e.args[1])
+        shape[axis], shape[axis + 1] = kv_heads, rep
+        e.args = (e.args[0], shape, *e.args[2:])
+
+
+def _weight_consumers(w: fx.Node) -> list[fx.Node]:
+    """The ops that read a weight, through transposes and casts."""
+    out, stack = [], [w]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u.op == "call_function" and u.target in (aten.t.default, aten.transpose.int, aten.permute.default,
+                                                          aten._to_copy.default, aten.detach.default):
+                stack.append(u)
+            else:
+                out.append(u)
+    return out
+
+
+def _opname(n: fx.Node) -> str:
+    t = n.target
+    return t.overloadpacket.__name__ if hasattr(t, "overloadpacket") else getattr(t, "__name__", str(t))
 
 
 def _fused_consumers(proj_node: fx.Node) -> list[fx.Node]:

@@ -2,11 +2,19 @@
 
 An attention site is a softmax over the last (key) axis whose input is, after optional score
 modifiers (scale by mul/div, additive bias or mask, masked_fill/where, dtype casts, tanh capping),
-a product of Q and Kᵀ (matmul, bmm or einsum), and whose output, after optional dropout and casts,
-is the left operand of a product with V. A call of ``scaled_dot_product_attention`` is a site that
-is already fused. Each site records the q/k/v nodes, the score chain, head counts and head dim
-(where the layout tells them), any materialised K/V head repeat, and the module path. Passes
-consume these records instead of re-deriving them.
+a product of Q and Kᵀ (matmul, bmm, baddbmm or einsum), and whose output, after optional dropout and
+casts, is multiplied with V over the key axis. A call of ``scaled_dot_product_attention`` is a site
+that is already fused.
+
+Layouts are read, not assumed: each axis of the score product gets a role (a batch axis, the query
+positions, the key positions) from the product itself — an einsum's letters in any order and any
+operand order, or matmul's (…, Sq, D) × (…, D, Sk) — and the product with V is read against those
+roles. The site records, for q, k, v, the scores and the output, the permutation to SDPA's
+(batch…, S, D) order, so (B, S, H, D) einsum attention and (B·H, S, D) bmm attention are the same
+site to every pass. Each site also records the score chain, head counts and head dims, any
+materialised K/V head repeat (along whichever axis holds the heads) and the module path; every
+softmax that is not a site gets the reason, naming the op that blocked it. Passes consume these
+records instead of re-deriving them.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import torch.fx as fx
 
 from .pass_infra import module_path
 
-__all__ = ["AttentionSite", "SoftmaxReport", "find_attention", "attention_sites", "untranspose", "INPLACE", "RESHAPES", "val", "real_users", "SOFTMAX_OPS", "MATMUL_OPS", "SDPA_OPS"]
+__all__ = ["AttentionSite", "SoftmaxReport", "find_attention", "attention_sites", "untranspose", "strip_repeat", "INPLACE", "RESHAPES", "val", "real_users", "SOFTMAX_OPS", "MATMUL_OPS", "SDPA_OPS"]
 
 aten = torch.ops.aten
 SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
@@ -67,10 +75,10 @@ class AttentionSite:
     scores: fx.Node | None  # the Q·Kᵀ product
     output: fx.Node  # the P·V product (or the fused call)
     q: fx.Node  # (…, Sq, D)
-    k: fx.Node  # as it enters the Q·Kᵀ product: (…, D, Sk) for matmul/bmm, (…, Sk, D) for einsum
-    v: fx.Node  # (…, Sk, Dv)
+    k: fx.Node  # as it enters the Q·Kᵀ product: (…, D, Sk) for matmul/bmm, any axis order for einsum
+    v: fx.Node  # (…, Sk, Dv) for matmul/bmm, any axis order for einsum
     module: str
-    layout: str  # "BHSD", "(BH)SD" or "?"
+    layout: str  # "BHSD" (as SDPA takes it), "BSHD" (4-D in another axis order: einsum), "(BH)SD" or "?"
     heads: int | None
     kv_heads: int | None  # after removing a materialised repeat
     head_dim: int | None
@@ -81,6 +89,14 @@ class AttentionSite:
     kv_repeat: tuple[fx.Node, fx.Node, int] | None = None  # (k source, v source, repeat factor)
     fused: bool = False
     cross: bool = False  # query and key sequence lengths are different symbols
+    # the layout, normalised: permute(q, q_perm) is (batch…, Sq, D), permute(k, k_perm) (batch…, Sk, D),
+    # permute(v, v_perm) (batch…, Sk, Dv); permute(scores, scores_perm) is (batch…, Sq, Sk); the product
+    # with V is permute(canonical output (batch…, Sq, Dv), out_perm). None: unknown (a fused site).
+    q_perm: tuple[int, ...] | None = None
+    k_perm: tuple[int, ...] | None = None
+    v_perm: tuple[int, ...] | None = None
+    scores_perm: tuple[int, ...] | None = None
+    out_perm: tuple[int, ...] | None = None
 
     @property
     def modifiers(self) -> list[str]:
@@ -160,60 +176,159 @@ def _find_scores(start, shape) -> tuple[fx.Node | None, list[fx.Node], str]:
     return prod, list(reversed(path)), ""
 
 
-_EINSUM_TERM = re.compile(r"^([a-zA-Z.]*)$")
+_EINSUM_TERM = re.compile(r"^[a-zA-Z]+$")
+Perm = tuple[int, ...]
 
 
-def _einsum_roles(eq: str):
-    """For 'bhqd,bhkd->bhqk' return (q letter, k letter, contracted letter) or None."""
+def _identity(rank: int) -> Perm:
+    return tuple(range(rank))
+
+
+def _swap_last(rank: int) -> Perm:
+    return tuple(range(rank - 2)) + (rank - 1, rank - 2)
+
+
+def _einsum_terms(eq: str):
+    """('bhqd', 'bhkd', 'bhqk') for 'bhqd,bhkd->bhqk'; None for ellipses, repeated letters or not two operands."""
     eq = eq.replace(" ", "")
     if "->" not in eq:
         return None
     ins, out = eq.split("->")
     parts = ins.split(",")
-    if len(parts) != 2 or not all(_EINSUM_TERM.match(p) for p in parts):
+    if len(parts) != 2 or not all(_EINSUM_TERM.match(t) for t in (*parts, out)):
         return None
-    a, b = parts
-    if len(a) < 2 or len(b) < 2 or a[:-2] != b[:-2] or out[:-2] != a[:-2]:
+    if any(len(set(t)) != len(t) for t in (*parts, out)):
         return None
-    return a, b, out
+    return parts[0], parts[1], out
 
 
-def _qk_from_product(prod: fx.Node):
-    """(q, k, k_transposed) from the Q·Kᵀ product, or a reason string."""
+@dataclasses.dataclass
+class _Operands:
+    """Q and K of the score product, each with the permutation to (batch…, S, D), and the product's axis roles.
+
+    Roles name the score product's axes: ``"Q"`` and ``"K"`` (the query and key positions) and the
+    batch axes by the letter (or position) they carry; the canonical score layout is the batch axes in
+    Q's order, then Q, then K. ``scores_perm`` takes the product to it.
+    """
+
+    q: fx.Node
+    k: fx.Node
+    q_perm: Perm
+    k_perm: Perm
+    roles: list[str]  # one per axis of the product
+    batch: list[str]  # batch roles in canonical order
+
+    @property
+    def scores_perm(self) -> Perm:
+        return tuple(self.roles.index(r) for r in self.batch + ["Q", "K"])
+
+
+def _qk_operands(prod: fx.Node) -> _Operands | str:
+    """Q and K (with their layouts) from the Q·Kᵀ product, or the reason it is not one."""
     if prod.target is aten.einsum.default:
-        roles = _einsum_roles(prod.args[0])
-        if roles is None:
-            return f"einsum '{prod.args[0]}' is not a batched Q·Kᵀ"
-        a, b, out = roles
-        if a[-1] == b[-1] and out[-2:] == a[-2] + b[-2]:  # ...qd,...kd->...qk
-            return prod.args[1][0], prod.args[1][1], False
-        if a[-1] == b[-2] and out[-2:] == a[-2] + b[-1]:  # ...qd,...dk->...qk
-            return prod.args[1][0], prod.args[1][1], True
-        return f"einsum '{prod.args[0]}' is not a batched Q·Kᵀ"
-    if prod.target is aten.baddbmm.default:
-        return prod.args[1], prod.args[2], True
-    return prod.args[0], prod.args[1], True
+        eq = prod.args[0]
+        terms = _einsum_terms(eq)
+        if terms is None:
+            return f"einsum '{eq}' is not a product of two operands with named axes"
+        a, b, out = terms
+        contracted = [c for c in a if c in b and c not in out]
+        key = out[-1]  # softmax runs over the product's last axis
+        if len(contracted) != 1 or key in contracted:
+            return f"einsum '{eq}' does not contract exactly one head-dim axis into (…, query, key) scores"
+        if key in a and key in b or key not in a + b:
+            return f"einsum '{eq}': the last (key) axis is not an axis of one operand only"
+        (qt, qn), (kt, kn) = ((b, 1), (a, 0)) if key in a else ((a, 0), (b, 1))
+        query = [c for c in qt if c not in kt]
+        if len(query) != 1 or query[0] not in out or [c for c in kt if c not in qt] != [key]:
+            return f"einsum '{eq}' is not a batched Q·Kᵀ (query and key axes unclear)"
+        d = contracted[0]
+        batch = [c for c in qt if c not in (query[0], d)]
+        if set(batch) != set(out) - {query[0], key} or not set(batch) <= set(kt):
+            return f"einsum '{eq}' broadcasts a batch axis over one operand"
+        roles = ["Q" if c == query[0] else "K" if c == key else c for c in out]
+        q_perm = tuple(qt.index(c) for c in batch + [query[0], d])
+        k_perm = tuple(kt.index(c) for c in batch + [key, d])
+        return _Operands(prod.args[1][qn], prod.args[1][kn], q_perm, k_perm, roles, batch)
+    q, kT = (prod.args[1], prod.args[2]) if prod.target is aten.baddbmm.default else (prod.args[0], prod.args[1])
+    vq, vs = val(q), val(prod)
+    rank = vs.dim() if vs is not None else (vq.dim() if vq is not None else 4)
+    batch = [str(i) for i in range(rank - 2)]
+    vk = val(kT)
+    q_perm = _identity(vq.dim()) if vq is not None else _identity(rank)
+    k_perm = _swap_last(vk.dim()) if vk is not None else _swap_last(rank)
+    if vq is not None and vk is not None and (vq.dim() != rank or vk.dim() != rank):
+        return f"{_opname(prod)} broadcasts operands of rank {vq.dim()} and {vk.dim()}"
+    return _Operands(q, kT, q_perm, k_perm, batch + ["Q", "K"], batch)
 
 
-def _v_from_product(out: fx.Node, p: fx.Node):
+def _pv_operands(out: fx.Node, p: fx.Node, ops: _Operands, p_rank_matches: bool):
+    """(v, v_perm, out_perm) of the product with V, or the reason it is not one.
+
+    ``out_perm`` takes the canonical output (batch…, Sq, Dv) to the product's own layout.
+    """
     if out.target is aten.einsum.default:
-        roles = _einsum_roles(out.args[0])
-        if roles is None or out.args[1][0] is not p:
-            return None
-        a, b, o = roles
-        if a[-1] == b[-2] and o[-2:] == a[-2] + b[-1]:  # ...qk,...kd->...qd
-            return out.args[1][1]
+        eq = out.args[0]
+        terms = _einsum_terms(eq)
+        if terms is None:
+            return f"einsum '{eq}' (the product with V) is not a product of two operands with named axes"
+        a, b, o = terms
+        if out.args[1][0] is p:
+            pt, vt, vn = a, b, out.args[1][1]
+        elif out.args[1][1] is p:
+            pt, vt, vn = b, a, out.args[1][0]
+        else:
+            return "probabilities are not an operand of the product with V"
+        if not p_rank_matches or len(pt) != len(ops.roles):
+            return f"einsum '{eq}': the probabilities' axes cannot be matched to the scores' axes"
+        role = dict(zip(pt, ops.roles))
+        kl = next(c for c, r in role.items() if r == "K")
+        ql = next(c for c, r in role.items() if r == "Q")
+        extra = [c for c in vt if c not in role]
+        if kl not in vt or kl in o or len(extra) != 1 or ql in vt or set(o) != (set(pt) - {kl}) | set(extra):
+            return f"einsum '{eq}' is not probabilities × V over the key axis"
+        role[extra[0]] = "E"
+        letter = {r: c for c, r in role.items()}
+        if not all(letter[r] in vt for r in ops.batch):
+            return f"einsum '{eq}' broadcasts V over a batch axis"
+        v_perm = tuple(vt.index(letter[r]) for r in ops.batch + ["K", "E"])
+        canon = ops.batch + ["Q", "E"]
+        out_perm = tuple(canon.index(role[c]) for c in o)
+        return vn, v_perm, out_perm
+    if out.args[0] is not p:
+        return "probabilities are not the left operand of the product with V"
+    if ops.scores_perm != _identity(len(ops.roles)):
+        return f"{_opname(out)} multiplies probabilities of a permuted score layout"
+    v = out.args[1]
+    vv = val(v)
+    rank = vv.dim() if vv is not None else len(ops.roles)
+    return v, _identity(rank), _identity(rank)
+
+
+def _arange_floordiv(n) -> int | None:
+    """r when n is ``arange(H) // r`` (the head index of a K/V repeat by indexing), else None."""
+    if not isinstance(n, fx.Node) or n.op != "call_function":
         return None
-    return out.args[1] if out.args[0] is p else None
+    if n.target is aten.floor_divide.default or (n.target is aten.div.Tensor_mode and n.kwargs.get("rounding_mode") == "floor"):
+        src, r = n.args[0], n.args[1]
+        if isinstance(src, fx.Node) and src.target in (aten.arange.default, aten.arange.start) and isinstance(r, int):
+            return r
+    return None
 
 
-def _strip_repeat(n: fx.Node) -> tuple[fx.Node, int] | None:
-    """If n materialises repeated K/V heads of a (B, Hkv, S, D) tensor, return (that tensor, repeat)."""
+def strip_repeat(n: fx.Node, axis: int = 1) -> tuple[fx.Node, int] | None:
+    """If n materialises repeated K/V heads along ``axis`` of a 4-D tensor, return (the unrepeated tensor, repeat).
+
+    The spellings: ``repeat_interleave(r, dim=axis)``; HF's ``x.unsqueeze(axis+1).expand(…, r, …).reshape``;
+    indexing the heads with ``arange(H) // r``.
+    """
     v = val(n)
     if v is None or v.dim() != 4 or n.op != "call_function":
         return None
-    if n.target is aten.repeat_interleave.self_int and (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")) in (1, -3):
-        return n.args[0], int(n.args[1])
+    axis %= 4
+    if n.target is aten.repeat_interleave.self_int:
+        dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+        if dim is not None and dim % 4 == axis and isinstance(n.args[1], int):
+            return n.args[0], int(n.args[1])
     if n.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
         e = n.args[0]
         if isinstance(e, fx.Node) and e.op == "call_function" and e.target is aten.expand.default:
@@ -225,13 +340,27 @@ def _strip_repeat(n: fx.Node) -> tuple[fx.Node, int] | None:
                     break
                 src = src.args[0]
             vs = val(src)
-            if ve is not None and ve.dim() == 5 and vs is not None and vs.dim() == 4 and _int(ve.shape[2]):
-                if _int(vs.shape[1]) == _int(ve.shape[1]):
-                    return src, _int(ve.shape[2])
+            if ve is not None and ve.dim() == 5 and vs is not None and vs.dim() == 4 and _int(ve.shape[axis + 1]):
+                es, ss, rep = [str(d) for d in ve.shape], [str(d) for d in vs.shape], _int(ve.shape[axis + 1])
+                if es[:axis + 1] + es[axis + 2:] == ss and _int(v.shape[axis]) == _int(vs.shape[axis]) * rep:
+                    return src, rep
+    if n.target is aten.index.Tensor:
+        src, idx = n.args[0], list(n.args[1])
+        if len(idx) == axis + 1 and all(i is None for i in idx[:-1]):
+            r = _arange_floordiv(idx[-1])
+            vs = val(src)
+            if r and vs is not None and _int(vs.shape[axis]) and _int(vs.shape[axis]) * r == _int(v.shape[axis]):
+                return src, r
     return None
 
 
+def _permuted_dim(t: fx.Node, perm: Perm, axis: int):
+    v = val(t)
+    return _int(v.shape[perm[axis]]) if v is not None and len(perm) == v.dim() else None
+
+
 def _layout(q, k_seq_first, v):
+    """Layout, heads, K/V heads, head dims of SDPA-ordered (…, S, D) operands."""
     vq, vk, vv = val(q), val(k_seq_first), val(v)
     if vq is None or vk is None or vv is None:
         return "?", None, None, None, None
@@ -261,16 +390,16 @@ def _classify(sm: fx.Node) -> SoftmaxReport:
     prod, chain, miss = _find_scores(sm.args[0], v.shape)
     if prod is None:
         return SoftmaxReport(sm, mod, None, f"softmax input is not a product of Q and Kᵀ (closest: reached {miss})")
-    qk = _qk_from_product(prod)
-    if isinstance(qk, str):
-        return SoftmaxReport(sm, mod, None, qk)
-    q, k, k_transposed = qk
+    ops = _qk_operands(prod)
+    if isinstance(ops, str):
+        return SoftmaxReport(sm, mod, None, ops)
     cur, after = sm, []
     while True:
         users = real_users(cur)
         if len(users) != 1:
             return SoftmaxReport(sm, mod, None, f"attention probabilities are used {len(users)} times "
-                                 "(returned or reused), so fusing would lose them")
+                                 f"({', '.join(_opname(u) if u.op == 'call_function' else u.op for u in users)}: "
+                                 "returned or reused), so fusing would lose them")
         u = users[0]
         if u.op == "call_function" and u.target in CASTS | DROPOUT | RESHAPES:
             after.append(u)
@@ -280,24 +409,41 @@ def _classify(sm: fx.Node) -> SoftmaxReport:
     if u.op != "call_function" or u.target not in MATMUL_OPS:
         return SoftmaxReport(sm, mod, None, "probabilities do not multiply V (closest: Q·Kᵀ -> softmax found, "
                              f"then {_opname(u) if u.op == 'call_function' else u.op})")
-    v_node = _v_from_product(u, cur)
-    if v_node is None:
-        return SoftmaxReport(sm, mod, None, "probabilities are not the left operand of the product with V")
-    k_rep, v_rep = _strip_repeat(k if not k_transposed else untranspose(k) or k), _strip_repeat(v_node)
+    vp, vprod = val(cur), val(prod)
+    same_rank = vp is not None and vprod is not None and vp.dim() == vprod.dim()
+    pv = _pv_operands(u, cur, ops, same_rank)
+    if isinstance(pv, str):
+        return SoftmaxReport(sm, mod, None, pv)
+    v_node, v_perm, out_perm = pv
+    q, k = ops.q, ops.k
+    k_transposed = prod.target is not aten.einsum.default
+    vq = val(q)
+    four = vq is not None and vq.dim() == 4
     kv_repeat = None
-    if k_rep and v_rep and k_rep[1] == v_rep[1]:
-        kv_repeat = (k_rep[0], v_rep[0], k_rep[1])
-    layout, heads, kvh, hd, vhd = _layout(q, v_node, v_node)
+    if four:
+        k_seq = (untranspose(k) if k_transposed else None)
+        k_rep = strip_repeat(k_seq, 1) if k_seq is not None else strip_repeat(k, ops.k_perm[1])
+        v_rep = strip_repeat(v_node, v_perm[1])
+        if k_rep and v_rep and k_rep[1] == v_rep[1]:
+            kv_repeat = (k_rep[0], v_rep[0], k_rep[1])
+    identity = ops.q_perm == _identity(len(ops.q_perm)) and ops.scores_perm == _identity(len(ops.roles)) \
+        and out_perm == _identity(len(out_perm)) and v_perm == _identity(len(v_perm))
+    layout = "?" if vq is None else "BHSD" if four and identity else "BSHD" if four else "(BH)SD" if vq.dim() == 3 else "?"
+    heads = _permuted_dim(q, ops.q_perm, 1) if four else None
+    kvh = _permuted_dim(v_node, v_perm, 1) if four else None
     if kv_repeat is not None:
-        kvh = _int(val(kv_repeat[1]).shape[1])
+        kvh = _permuted_dim(kv_repeat[1], v_perm, 1)
+    hd = _permuted_dim(q, ops.q_perm, -1)
+    vhd = _permuted_dim(v_node, v_perm, -1)
     if layout == "(BH)SD":  # heads split off the scores on the way (DeBERTa, Bloom): (B·H, S, S) -> (B, H, S, S)
         split = [n for n in chain if n.target in RESHAPES and val(n) is not None and val(n).dim() == 4]
         if split:
             heads = kvh = _int(val(split[0]).shape[1])
-    vq, vv = val(q), val(v_node)
-    cross = vq is not None and vv is not None and not _same_len(vq.shape[-2], vv.shape[-2])
+    vv = val(v_node)
+    cross = vq is not None and vv is not None and not _same_len(vq.shape[ops.q_perm[-2]], vv.shape[v_perm[-2]])
     site = AttentionSite(sm, prod, u, q, k, v_node, mod, layout, heads, kvh, hd, vhd, chain, after,
-                         k_transposed, kv_repeat, cross=cross)
+                         k_transposed, kv_repeat, cross=cross, q_perm=ops.q_perm, k_perm=ops.k_perm, v_perm=v_perm,
+                         scores_perm=ops.scores_perm, out_perm=out_perm)
     return SoftmaxReport(sm, mod, site)
 
 
@@ -310,6 +456,8 @@ def untranspose(kT: fx.Node) -> fx.Node | None:
         d0, d1 = sorted(a % vk.dim() for a in kT.args[1:3])
         if (d0, d1) == (vk.dim() - 2, vk.dim() - 1):
             return kT.args[0]
+    if kT.target is aten.mT.default:
+        return kT.args[0]
     if kT.target is aten.permute.default and vk is not None:
         perm = [p % vk.dim() for p in kT.args[1]]
         if perm[:-2] == list(range(vk.dim() - 2)) and perm[-2:] == [vk.dim() - 1, vk.dim() - 2]:

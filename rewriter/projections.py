@@ -14,12 +14,12 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from .attention import CASTS, RESHAPES, AttentionSite, val
+from .attention import CASTS, RESHAPES, AttentionSite, strip_repeat, val
 
 __all__ = ["Projection", "HeadPath", "trace_projection", "output_projection"]
 
 aten = torch.ops.aten
-_TRANSPOSES = {aten.transpose.int, aten.permute.default}
+_TRANSPOSES = {aten.transpose.int, aten.permute.default, aten.mT.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int}
 
 
@@ -39,11 +39,24 @@ class HeadPath:
     """How one of q/k/v is made: the projection, its slice, the head-split reshape, rotary."""
 
     projection: Projection
-    head_split: fx.Node | None  # the reshape (B, S, H·D) -> (B, S, H, D)
+    head_split: fx.Node | None  # the reshape (B, S, H·D) -> (B, S, H, D), or unflatten(-1, (H, D))
     heads_dim: int | None  # index of the heads entry in head_split's shape argument
     split: tuple[fx.Node, int] | None  # (split node, output index) of a fused projection
     rotary: bool
     cache: fx.Node | None = None  # the past K/V input concatenated before it (a decoder program's cache)
+    # K/V head repeats between the head split and attention: (node, heads axis of its output, repeat)
+    repeats: list[tuple[fx.Node, int, int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def shape_arg(self) -> int:
+        """The argument of ``head_split`` that holds the list with the heads entry."""
+        return 2 if self.head_split is not None and self.head_split.target is aten.unflatten.int else 1
+
+    @property
+    def heads(self) -> int | None:
+        """The head count the head split makes (its output is (B, S, H, D))."""
+        v = val(self.head_split) if self.head_split is not None else None
+        return int(v.shape[2]) if v is not None and v.dim() == 4 and isinstance(v.shape[2], int) else None
 
 
 def _get_attr_target(n) -> tuple[str | None, bool]:
@@ -97,7 +110,7 @@ def _rotary_operand(add: fx.Node, shape) -> fx.Node | None:
 
 def trace_projection(t: fx.Node, max_depth: int = 24) -> HeadPath | str:
     """Walk back from a per-head tensor to its projection; a reason string when the walk fails."""
-    head_split, heads_dim, split, rotary, cache = None, None, None, False, None
+    head_split, heads_dim, split, rotary, repeats, cache = None, None, None, False, [], None
     cur = t
     for _ in range(max_depth):
         if not isinstance(cur, fx.Node):
@@ -111,12 +124,21 @@ def trace_projection(t: fx.Node, max_depth: int = 24) -> HeadPath | str:
                 proj.start, proj.stop = start, stop
             else:
                 proj.stop = proj.out_features
-            return HeadPath(proj, head_split, heads_dim, split, rotary, cache)
+            return HeadPath(proj, head_split, heads_dim, split, rotary, cache=cache, repeats=repeats)
         if cur.op != "call_function":
             return f"reached {cur.op} {cur.target} before a projection"
         tgt = cur.target
         v = val(cur)
-        if tgt in _TRANSPOSES or tgt in CASTS or tgt in (aten.contiguous.default, aten.clone.default):
+        rep = next(((r, a) for a in (1, 2) if head_split is None and (r := strip_repeat(cur, a))), None)
+        if rep is not None:  # K/V heads repeated for grouped attention (repeat_interleave, expand, indexing)
+            (src, r), axis = rep
+            repeats.append((cur, axis, r))
+            cur = src
+        elif tgt in _TRANSPOSES or tgt in CASTS or tgt in (aten.contiguous.default, aten.clone.default):
+            cur = cur.args[0]
+        elif tgt is aten.unflatten.int and head_split is None and v is not None and v.dim() == 4 \
+                and cur.args[1] % 3 == 2:
+            head_split, heads_dim = cur, 0  # (B, S, H·D).unflatten(-1, (H, D))
             cur = cur.args[0]
         elif tgt in RESHAPES:
             src = val(cur.args[0])

@@ -38,6 +38,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -166,9 +168,20 @@ def _contiguous_as_clone(ep) -> None:
     (B, S, H, D) attention output can be judged a no-op, and the ``reshape`` after it then fails as
     a ``view`` (T5 after ``flash``). A clone always copies; in ONNX it is an Identity the optimizer drops.
     """
-    for n in ep.graph.nodes:
-        if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default:
-            n.target, n.kwargs = torch.ops.aten.clone.default, {"memory_format": torch.contiguous_format}
+    aten = torch.ops.aten
+    for n in list(ep.graph.nodes):
+        if n.op == "call_function" and n.target is aten.contiguous.default:
+            n.target, n.kwargs = aten.clone.default, {"memory_format": torch.contiguous_format}
+        # the same for a flatten of permuted heads after a fused attention call (whose output strides
+        # torch.onnx's decomposition sees differently): copy first
+        elif n.op == "call_function" and n.target in (aten.flatten.using_ints, aten.view.default, aten.reshape.default,
+                                                      aten._unsafe_view.default) and \
+                getattr(n.args[0], "target", None) in (aten.permute.default, aten.transpose.int):
+            with ep.graph.inserting_before(n):
+                n.args = (ep.graph.call_function(aten.clone.default, (n.args[0],),
+                                                 {"memory_format": torch.contiguous_format}), *n.args[1:])
+            if n.target in (aten.view.default, aten._unsafe_view.default):
+                n.target = aten.reshape.default
     ep.graph_module.recompile()
 
 
@@ -192,9 +205,8 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
             onnx_program = torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
                                              report=False, verify=False, custom_translation_table=translation_table())
         except Exception as exc:  # noqa: BLE001 - exporter failures are the model's, say which op
-            msg = str(exc).strip().splitlines()
-            raise RewriteError(f"torch.onnx.export cannot export this program: {msg[0] if msg else type(exc).__name__}"
-                               ". Try --target pytorch, or report the operator above.") from None
+            raise VerificationError(f"torch.onnx.export cannot export this program: {_export_failure(exc)}; "
+                                    "nothing was written (--target pytorch writes this program)") from None
         finally:
             quiet.setLevel(level)
     model = onnx_program.model
@@ -231,6 +243,33 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
                    "repaired": repaired,
                    "ort_fusions": ort_fusions,
                    "user_inputs": user_inputs}
+
+
+_TRANSLATING = re.compile(r"Error when translating node %(\S+) .*?target=([\w.:]+)")
+
+
+def _export_failure(exc: BaseException) -> str:
+    """The operator torch.onnx could not translate and why, from its chain of exceptions.
+
+    torch.onnx wraps the cause in several layers ("Failed to convert the exported program ... step 3/3");
+    the useful parts are the node it was translating and the innermost message.
+    """
+    chain, seen, cur = [], set(), exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    op = None
+    for e in chain:
+        m = _TRANSLATING.search(str(e))
+        if m:
+            op = (m.group(2), m.group(1))
+    root = next((line.strip() for e in reversed(chain) for line in str(e).splitlines() if line.strip()),
+                type(chain[-1]).__name__)
+    root = re.sub(r"\x1b\[[0-9;]*m", "", root)[:300]
+    if op is None:
+        return root
+    return f"operator {op[0]} (node {op[1]}) cannot be translated: {root}"
 
 
 # --------------------------------------------------------------------------------------------

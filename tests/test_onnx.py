@@ -267,9 +267,9 @@ def test_softcap_spelling_to_onnx(attention, tmp_path):
     assert rep.fused_ops == {op: 1} and "Softmax" not in rep.op_counts and "Tanh" not in rep.op_counts
 
 
-# sites the gqa pass cannot plan: 3-D (B·H, S, D) scores, q/k norms between projection and attention, and
-# GPT-NeoX's interleaved fused QKV projection
-GQA_CANNOT_GROUP = {"deberta-v2": "head counts unknown", "bloom": "head counts unknown",
+# sites the gqa pass cannot plan: a key projection shared with the relative-position terms (DeBERTa), q/k
+# norms between projection and attention, and Bloom's and GPT-NeoX's interleaved fused QKV projections
+GQA_CANNOT_GROUP = {"deberta-v2": "K/V projection weight also feeds", "bloom": "K projection not found",
                     "qwen3": "K projection not found", "gpt-neox": "K projection not found"}
 
 
