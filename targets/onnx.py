@@ -454,8 +454,7 @@ class OnnxTarget(Target):
             raise OutputError(f"cannot write {path.name} as one file ({exc}); use external data "
                               "(onnx(external_data=true) / --onnx-external-data)") from None
         return OnnxReport(
-            attention=self.attention, dtype=self.dtype, attention_sites=sum(1 for r in find_attention(program.module)
-                                                                            if r.site is not None),
+            attention=self.attention, dtype=self.dtype, attention_sites=_attention_sites(program),
             fused=len(fused_nodes), fused_ops=dict(collections.Counter(_fused_name(n) for n in fused_nodes)),
             kv_heads=[_heads(n) for n in fused_nodes], unfused=unfused, op_counts=dict(counts.most_common()),
             external_data=data_name, notes=notes, user_inputs=facts["user_inputs"])
@@ -482,6 +481,12 @@ def save_onnx(program: Program, path: str | os.PathLike, *, attention: str = DEF
     VerificationError when ONNX Runtime does not reproduce the program.
     """
     return emit(program, OnnxTarget(attention or DEFAULT_ATTENTION, dtype, external_data), path, log=log)
+
+
+def _attention_sites(program: Program) -> int:
+    """Attention sites of the program, fused or not (soft-capped ones are evo_rewrite::softcap_attention nodes)."""
+    return (sum(1 for r in find_attention(program.module) if r.site is not None)
+            + sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target is SOFTCAP_ATTENTION))
 
 
 def _fused_name(node) -> str:
