@@ -87,3 +87,20 @@ def encoder_program():
 
     model, inputs = zoo.encoder()
     return evo_rewrite.prepare(model, inputs)
+
+
+# ---- the fast subset (pytest -m "not slow") --------------------------------------------------------------
+# Architecture sweeps keep three representatives in the fast subset (a decoder with rotary and GQA, an
+# encoder, a Conv1D GPT); the other architectures of a sweep are `slow`. CI runs everything.
+FAST_ARCHS = {"llama", "bert", "gpt2"}
+
+
+def pytest_collection_modifyitems(config, items):
+    from hf_configs import ARCHITECTURES
+
+    sweep = set(ARCHITECTURES)
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        arch = params.get("arch")
+        if isinstance(arch, str) and arch in sweep and arch not in FAST_ARCHS:
+            item.add_marker(pytest.mark.slow)

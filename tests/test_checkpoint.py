@@ -165,6 +165,7 @@ def test_budget_picks_fewest_blocks_on_uneven_model_and_estimate_matches_measure
     assert abs(measured - meta["estimate_bytes_after"]) <= 0.1 * measured
 
 
+@pytest.mark.slow
 def test_composes_with_gqa_flash_bf16_in_any_order(gpt):
     model, inputs = gpt
     for pipeline in ["gqa(kv_heads=2),flash,checkpoint(every=2),bf16", "checkpoint,flash,bf16"]:
@@ -273,6 +274,7 @@ def test_generated_model_runs_without_evo_rewrite(gpt, tmp_path):
     assert calls["n"] == 2
 
 
+@pytest.mark.slow
 def test_cli_default_output_is_a_directory_and_onnx_inlines(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code = main(["evo_rewrite.zoo:gpt", "--passes", "checkpoint(every=2)", "-q"])

@@ -1,5 +1,6 @@
 """`gqa` on real trained weights: the calibrated method must beat mean-pooling (all-MiniLM-L6-v2)."""
 
+import pytest
 import torch
 
 import evo_rewrite
@@ -11,6 +12,7 @@ def _embed(hidden, mask):
     return (hidden * m).sum(1) / m.sum(1)
 
 
+@pytest.mark.slow
 def test_fit_beats_mean_on_minilm_12_to_4():
     model, tok = rm.minilm()
     calibration = rm.minilm_batches(rm.texts("calibration"), batch=16, max_len=64, tokenizer=tok, limit=2)

@@ -177,6 +177,7 @@ def test_cli_heal_errors(capsys, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow
 def test_minilm_grouped_heal_on_real_text(tmp_path):
     """Real weights, real text, text files through the tokenizer of the HF source: heal lifts the cosine."""
     import real_models as rm

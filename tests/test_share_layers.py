@@ -350,6 +350,7 @@ def test_rank_as_a_parameter_budget(gpt_program):
     assert before - after == 2 * MATRIX - rec.notes["residual parameters"]
 
 
+@pytest.mark.slow
 def test_calibrated_sharing_beats_plain_sharing_on_minilm():
     """Real weights, held-out text: the defaults (init=fit, residual=activation, bias=fit) against the plain
     mean + weight SVD, both with a 5% residual budget."""

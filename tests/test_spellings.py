@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 import math
 import time
 
@@ -36,6 +37,7 @@ from spelling_gen import C, D, H, Attention, Spelling, negatives, spellings
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default, torch.ops.aten._safe_softmax.default}
+FAST_DRAW = 40
 CI_DRAW, CI_ONNX_DRAW, CI_NEGATIVE_DRAW = 500, 24, 60
 SLOW_DRAW, SLOW_ONNX_DRAW, SLOW_NEGATIVE_DRAW = 2000, 200, 300
 RATE = 0.99
@@ -177,22 +179,33 @@ def _negative_misses(n: int) -> list:
 # -- the CI draw ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the CI draw: CI runs it; the fast subset draws FAST_DRAW below
 def test_flash_fuses_generated_spellings():
     """>= 99% of 500 drawn spellings: one SDPA call, no softmax, equal outputs at two sizes."""
     out = outcomes(CI_DRAW)
     _assert_rate(out["flash"], out["n"], "flash fused")
 
 
+@pytest.mark.slow  # the CI draw: CI runs it; the fast subset draws FAST_DRAW below
 def test_gqa_groups_generated_spellings():
     """>= 99% of the same draw grouped to half the K/V heads, exactly (tied groups), at two sizes."""
     out = outcomes(CI_DRAW)
     _assert_rate(out["gqa"], out["n"], "gqa grouped")
 
 
+@pytest.mark.slow  # the CI draw: CI runs it; the fast subset draws FAST_DRAW below
 def test_onnx_fuses_generated_spellings(tmp_path):
     """A smaller draw (an export takes seconds): one attention operator per site, ORT equal to PyTorch."""
     programs = outcomes(CI_DRAW)["programs"]
     _assert_rate(onnx_outcomes(CI_ONNX_DRAW, programs, tmp_path), CI_ONNX_DRAW, "ONNX fused")
+
+
+def test_fast_draw_flash_and_gqa():
+    """The fast subset's draw (the first FAST_DRAW of the CI draw's seed): every one fused and grouped."""
+    out = outcomes(FAST_DRAW)
+    assert out["n"] == FAST_DRAW
+    _assert_rate(out["flash"], out["n"], "flash fused")
+    _assert_rate(out["gqa"], out["n"], "gqa grouped")
 
 
 def test_negatives_never_fused():
@@ -216,6 +229,8 @@ def test_the_draw_covers_every_choice():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("EVO_REWRITE_NIGHTLY"), reason="nightly draw (2000 spellings, ~30 min on 2 "
+                    "cores): EVO_REWRITE_NIGHTLY=1 python -m pytest tests/test_spellings.py -k bigger_draw")
 def test_bigger_draw(tmp_path):
     out = outcomes(SLOW_DRAW)
     _assert_rate(out["flash"], out["n"], "flash fused")
