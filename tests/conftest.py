@@ -93,6 +93,8 @@ def encoder_program():
 # Architecture sweeps keep three representatives in the fast subset (a decoder with rotary and GQA, an
 # encoder, a Conv1D GPT); the other architectures of a sweep are `slow`. CI runs everything.
 FAST_ARCHS = {"llama", "bert", "gpt2"}
+# ONNX export per architecture takes seconds: the fast subset exports llama only
+FAST_ONNX_ARCHS = {"llama"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -102,5 +104,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         arch = params.get("arch")
-        if isinstance(arch, str) and arch in sweep and arch not in FAST_ARCHS:
+        fast = FAST_ONNX_ARCHS if item.module.__name__ == "test_onnx" else FAST_ARCHS
+        if isinstance(arch, str) and arch in sweep and arch not in fast:
             item.add_marker(pytest.mark.slow)

@@ -251,6 +251,7 @@ def test_source_directory_round_trip_keeps_regions(gpt, tmp_path):
         again.save(out)
 
 
+@pytest.mark.slow
 def test_generated_model_runs_without_evo_rewrite(gpt, tmp_path):
     """model.py builds and trains the model on its own: the checkpoint calls are in its source."""
     import importlib.util
@@ -292,6 +293,7 @@ def test_cli_default_output_is_a_directory_and_onnx_inlines(tmp_path, monkeypatc
     assert "fused attention operators / attention sites: 4 / 4" in out and (tmp_path / "g.onnx").is_file()
 
 
+@pytest.mark.slow
 def test_hf_llama_gradients_and_regions():
     from hf_configs import build
 

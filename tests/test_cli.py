@@ -40,6 +40,7 @@ def test_round_trip_writes_pt2_and_report(capsys, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_explain_lists_softmaxes(capsys, tmp_path):
     code, out, _ = run(capsys, "evo_rewrite.zoo:gpt", "--explain", "-o", str(tmp_path / "g.pt2"), "-q")
     assert code == 0
@@ -116,6 +117,7 @@ def test_pickle_without_opt_in_exit_3(capsys, tmp_path):
     assert code == 0 and (tmp_path / "o.pt2").exists()
 
 
+@pytest.mark.slow
 def test_console_script_runs(tmp_path):
     """The installed entry point, as a user would run it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

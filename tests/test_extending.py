@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,6 +47,7 @@ def test_page_has_one_pass_and_one_target():
     assert all(len(b.strip().splitlines()) <= 45 for b in blocks)  # "about 30 lines each"
 
 
+@pytest.mark.slow
 def test_third_party_pass_and_target_run_from_the_cli(tmp_path):
     site = tmp_path / "site"
     _install(site)

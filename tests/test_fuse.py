@@ -204,6 +204,7 @@ def test_residual_sum_with_more_uses_keeps_its_add():
     assert _fused_nodes(result.program) == {"rms_norm": 1}
 
 
+@pytest.mark.slow
 def test_options_select_kinds_and_fuse_twice_is_a_no_op():
     model = fm.tiny_lm()
     ids = torch.randint(0, fm.VOCAB, (2, 12))

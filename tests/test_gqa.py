@@ -143,6 +143,7 @@ def test_hf_checkpoint_refused_when_not_expressible(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_writes_hf_checkpoint_for_hf_source(tmp_path, capsys):
     import transformers
 

@@ -87,6 +87,7 @@ def test_healed_program_reloads(healed, tmp_path):
         torch.testing.assert_close(loaded.module(x), result.module(x))
 
 
+@pytest.mark.slow
 def test_train_all_changes_every_parameter_and_is_deterministic():
     model, inputs = _gpt()
     runs = [_heal(model, inputs, "gqa(kv_heads=2),heal(steps=3,train=all,seq_len=16,seed=5)") for _ in range(2)]
@@ -97,6 +98,7 @@ def test_train_all_changes_every_parameter_and_is_deterministic():
     assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same result
 
 
+@pytest.mark.slow
 def test_encoder_heal_with_block_matching_lifts_cosine():
     model, inputs = zoo.encoder(n_layer=2)
     result = evo_rewrite.rewrite(model, "share-layers,heal(steps=20,lr=3e-3,seq_len=16,layers=1.0)", inputs,
@@ -150,6 +152,7 @@ def test_data_errors(tmp_path):
         _heal(model, inputs, "gqa(kv_heads=2),heal(steps=1,seq_len=16)", data=torch.randint(0, 256, (20,)))
 
 
+@pytest.mark.slow
 def test_cli_heal_with_token_file(capsys, tmp_path):
     tokens = tmp_path / "tokens.npy"
     np.save(tokens, _tokens(3000).numpy())
