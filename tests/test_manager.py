@@ -1,4 +1,6 @@
+import dataclasses
 import json
+from typing import ClassVar
 import math
 
 import pytest
@@ -85,3 +87,64 @@ def test_report_json_schema(gpt_program):
 def test_thresholds_validate():
     with pytest.raises(ValueError, match=r"min_cosine must lie in \[-1, 1\], got 2"):
         Thresholds(min_cosine=2)
+
+
+# ---- annotations and the reference (issue 14) ------------------------------------------------------------
+
+_SEEN_REFERENCES: list = []
+
+
+@evo_rewrite.register_pass
+@dataclasses.dataclass(frozen=True)
+class _TeacherProbe(evo_rewrite.Pass):
+    """Test pass: records the reference the manager hands it (as heal would get it) and changes nothing."""
+
+    name: ClassVar[str] = "test-teacher-probe"
+    exact: ClassVar[bool] = False
+    needs: ClassVar[frozenset[str]] = frozenset({"reference"})
+    placement: ClassVar[evo_rewrite.Placement] = evo_rewrite.Placement(after_lossy=True)
+
+    def run(self, program):
+        _SEEN_REFERENCES.append(program.annotations.reference)
+        return evo_rewrite.PassResult(program, 0, message="probe")
+
+
+def test_a_rewrite_of_a_rewritten_program_gets_a_fresh_reference():
+    model, inputs = zoo.gpt(n_layer=1)
+    r1 = evo_rewrite.rewrite(model, "test-noise(scale=2e-3)", example_inputs=inputs, strict=True)
+    _SEEN_REFERENCES.clear()
+    r2 = evo_rewrite.rewrite(r1.program, "test-noise(scale=1e-3),test-teacher-probe", strict=True)
+    (ref,) = _SEEN_REFERENCES
+    assert ref is not None and ref.applied == ["test-noise(scale=0.002)"]  # r1's program, not the original
+    # the reference is handed to the pass that needs it and not carried on
+    assert r2.program.annotations.reference is None and r1.program.annotations.reference is None
+
+
+def test_clone_shares_tensors_and_copies_annotations_shallowly(gpt_program):
+    p = gpt_program.clone()
+    p.annotations.calibration = evo_rewrite.Calibration((p.inputs,), "one batch")
+    q = p.clone()
+    assert q.annotations is not p.annotations and q.annotations.calibration is p.annotations.calibration
+    assert q.annotations.calibration.batches[0] is p.inputs  # tensors shared, never copied
+    name, t = next(iter(p.named_tensors().items()))
+    assert q.get_tensor(name) is t
+    q.annotations.calibration = None
+    assert p.annotations.calibration is not None  # replacing one on the clone leaves the original alone
+
+
+def test_pipeline_rules_are_checked_before_loading():
+    with pytest.raises(evo_rewrite.PipelineError, match=r"pass 'tensor-parallel\(degree=2\)' \(position 1 of 2\) "
+                                                        r"must be the last pass: nothing may follow it; move 'flash'"):
+        evo_rewrite.check_pipeline(evo_rewrite.parse_pipeline("tensor-parallel(degree=2),flash"))
+    with pytest.raises(evo_rewrite.PipelineError, match=r"must not come after 'bf16'; put bf16 after heal"):
+        evo_rewrite.check_pipeline(evo_rewrite.parse_pipeline("gqa(kv_heads=2),bf16,heal"), {"heal_data"})
+    evo_rewrite.check_pipeline(evo_rewrite.parse_pipeline("gqa(kv_heads=2),heal,bf16"), {"heal_data"})  # fine
+
+
+def test_written_pt2_keeps_the_annotations(tmp_path):
+    model, inputs = zoo.gpt(n_layer=2)
+    r = evo_rewrite.rewrite(model, "tensor-parallel(degree=2)", example_inputs=inputs, strict=True)
+    plan = r.program.annotations.tensor_parallel
+    path = r.save(tmp_path / "tp.pt2")
+    again = evo_rewrite.load(path).program
+    assert again.annotations.tensor_parallel == plan and again.applied == ["tensor-parallel(degree=2)"]
