@@ -20,7 +20,8 @@ from typing import ClassVar, Literal
 import torch
 import torch.fx as fx
 
-from evo_rewrite.attention import CASTS, DROPOUT, INPLACE, RESHAPES, AttentionSite, find_attention, untranspose, val
+from evo_rewrite.attention import (CASTS, DROPOUT, INPLACE, RESHAPES, AttentionSite, data_dependent, find_attention,
+                                   untranspose, val)
 from evo_rewrite.errors import PassNotApplicable
 from evo_rewrite.pass_infra import Pass, PassResult, Skip, register_pass
 from evo_rewrite.program import Program
@@ -212,22 +213,6 @@ def _permute(g: fx.Graph, t: fx.Node, perm) -> tuple[fx.Node, list | None]:
     return g.call_function(aten.permute.default, (t, list(perm))), shape
 
 
-def _input_independent(node: fx.Node) -> bool:
-    """True when the node's value depends on no user input (only weights, buffers and sizes)."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if not isinstance(n, fx.Node) or n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            return False
-        if n.op == "call_function" and n.target is aten.sym_size.int:
-            continue
-        stack.extend(n.all_input_nodes)
-    return True
-
-
 def _is_causal_bias(b: torch.Tensor) -> bool:
     if b.dim() < 2 or b.shape[-1] != b.shape[-2]:
         return False
@@ -273,7 +258,7 @@ class Flash(Pass):
                 capped.append((r.site.module, node))
                 continue
             fused.append((r.site.module, node))
-            if self.causal and bias is not None and _input_independent(bias) and not r.site.cross:
+            if self.causal and bias is not None and not data_dependent(bias) and not r.site.cross:
                 causal_candidates.append((node, bias))
         g.eliminate_dead_code()
         program.module.recompile()

@@ -20,7 +20,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from evo_rewrite.attention import RESHAPES, real_users, val
+from evo_rewrite.attention import RESHAPES, data_dependent, real_users, val
 from evo_rewrite.pass_infra import module_path
 
 aten = torch.ops.aten
@@ -73,20 +73,6 @@ def _dim_list_last(n, dims) -> bool:
     return isinstance(dims, (list, tuple)) and len(dims) == 1 and _last_dim(n, dims[0])
 
 
-def input_dependent(node) -> bool:
-    """True when a value depends on a user input (a placeholder), not only on weights and constants."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if not isinstance(n, fx.Node) or n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            return True
-        stack.extend(n.all_input_nodes)
-    return False
-
-
 def _check_private(inner, out, kind: str) -> None:
     """Every node of a subgraph but its output is used only inside it (else fusing would recompute it)."""
     own = set(inner)
@@ -128,7 +114,7 @@ def _weight_expr(w, width):
     v = val(base)
     if v is None or v.dim() != 1 or str(v.shape[0]) != str(width):
         return None, 0.0
-    if input_dependent(base):
+    if data_dependent(base):
         raise Miss("weight is data-dependent")
     return base, offset
 

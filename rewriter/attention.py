@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from .pass_infra import module_path
 
-__all__ = ["AttentionSite", "SoftmaxReport", "find_attention", "attention_sites", "untranspose", "strip_repeat", "INPLACE", "RESHAPES", "val", "real_users", "SOFTMAX_OPS", "MATMUL_OPS", "SDPA_OPS"]
+__all__ = ["AttentionSite", "SoftmaxReport", "find_attention", "attention_sites", "untranspose", "strip_repeat", "INPLACE", "RESHAPES", "val", "real_users", "data_dependent", "SOFTMAX_OPS", "MATMUL_OPS", "SDPA_OPS"]
 
 aten = torch.ops.aten
 SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
@@ -62,6 +62,23 @@ def _int(x):
         return int(x)
     except (TypeError, ValueError):
         return None
+
+
+def data_dependent(node) -> bool:
+    """Whether a value depends on the data inputs; one made only from weights, buffers, constants and sizes
+    (``sym_size``: shapes, positions) is constant in the data — a mask, a bias, a norm's weight."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        if n.op == "call_function" and n.target is aten.sym_size.int:
+            continue
+        stack.extend(n.all_input_nodes)
+    return False
 
 
 def real_users(n: fx.Node) -> list[fx.Node]:
