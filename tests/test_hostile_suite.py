@@ -200,8 +200,8 @@ BAD_PIPELINES = [
     "flash(causal=maybe)", "flash(unknown=1)", "flash(backend=magic)", "flash(causal=true,causal=false)",
     "gqa(kv_heads=-1)", "gqa(kv_heads=0)", "gqa(kv_heads=3)", "gqa(method=magic)", "gqa(kv_heads=2.5)",
     "heal(steps=-1)", "heal(lr=nan)", "heal(lr=inf)", "heal(lr=-1)", "heal(holdout=2)",
-    "test-noise(scale=-1),heal", "share-layers(k=0)", "share-layers(strategy=some)",
-    "checkpoint(every=0)", "checkpoint(every=-2)", "checkpoint(policy=half)", "factorize-embeddings(rank=-1)",
+    "test-noise(scale=-1),heal", "share-layers(strategy=some)",
+    "share-layers(strategy=every,k=1)", "share-layers(strategy=cycle,k=0)", "checkpoint(every=0)", "checkpoint(every=-2)", "checkpoint(policy=half)", "factorize-embeddings(rank=-1)",
     "tensor-parallel(degree=-2)", "bf16(keep_io=perhaps)", "fuse(norm=2)",
     # ordering rules
     "heal", "flash,heal", "bf16,gqa(kv_heads=2),heal", "tensor-parallel(degree=2),flash",
@@ -219,7 +219,7 @@ def pipeline_cases():
                                                                 _write(c, "d/t.txt", "hello " * 100), "-o", c.out()], 2))
     cases.append(Case("pipe-heal-without-data", lambda c: [c.factory, "--passes", "gqa(kv_heads=2),heal", "-o", c.out()], 2))
     for flag in ("--min-sqnr", "--min-cosine", "--max-kl"):
-        for v in ("nan", "inf", "-inf", "abc", ""):
+        for v in ("nan", "-inf", "abc", "", "1e400x") + (("inf", "2", "-2") if flag == "--min-cosine" else ()):
             cases.append(Case(f"pipe-threshold{flag}={v}", lambda c, f=flag, v=v: [c.factory, f, v, "-o", c.out()], 2))
     return cases
 
@@ -227,10 +227,10 @@ def pipeline_cases():
 # ---- axis: --inputs ------------------------------------------------------------------------------
 
 BAD_INPUTS = [
-    "ids:int64[2,16]", "1x:int64[2,16]", ":int64[2,16]", "idx", "idx:", "idx:int64", "idx:int64[]",
+    "ids:int64[2,16]", "1x:int64[2,16]", ":int64[2,16]", "idx", "idx:", "idx:int64",
     "idx:int65[2,16]", "idx:complex[2,16]", "idx:str[2,16]", "idx:int64[2;16]", "idx:int64(2,16)",
     "idx:int64[2,16]@a..b", "idx:int64[2,16]@5..3", "idx:int8[2,16]@0..1000", "idx:uint8[2,16]@-1..3",
-    "idx:int64[2,16]@0..100000", "idx:int64[2,16]@-5..3", "idx:int64[2,16]@0..99999999999999999999",
+    "idx:int64[2,16]@0..100000", "idx:int64[2,16]@-5..3", "idx:int64[2,16]@0..inf", "idx:int64[2,16]@0..99999999999999999999",
     "idx:int32[2,16]@0..3000000000", "idx:int64[100000,100000]", "idx:int64[99999999999999999999,2]",
     "idx:int64[-1,16]", "idx:int64[2,-16]", "idx:int64[2,16],idx:int64[2,16]", "idx:float32[2,16]@0..3",
     "idx:int64[2,16],extra:int64[2,16]", "idx:int64[2,16]@nan..3",
@@ -240,6 +240,7 @@ BAD_INPUTS = [
 def inputs_cases():
     cases = [Case(f"inputs-{i}-{s}", lambda c, s=s: [c.factory, "--inputs", s, "-o", c.out()], 2)
              for i, s in enumerate(BAD_INPUTS)]
+    cases.append(Case("inputs-rank-0", lambda c: [c.factory, "--inputs", "idx:int64[]", "-o", c.out()], 3))  # valid spec, uncapturable
     cases += [Case(f"inputs-pt2-{i}-{s}", lambda c, s=s: [_cached(c, "good.pt2", None), "--inputs", s, "-o", c.out()], 2)
               for i, s in enumerate(["ids:int64[2,16]", "idx:int64[2,16]@0..1000", "idx:int64[-2,16]"])]
     return cases
@@ -324,8 +325,9 @@ def output_cases():
     for target, suffix in TARGETS.items():
         kinds = {
             "onto-factory": (lambda c: (c.factory, str(c.tmp / "src" / "models.py")), 5),
-            "into-source-dir": (lambda c, s=suffix: (c.factory, str(c.tmp / "src" / ("x" + s))), 5),
-            "through-symlink": (lambda c, s=suffix: (c.factory, _symlink(c, "link", c.tmp / "src") + "/x" + s), 5),
+            "into-source-dir": (lambda c, s=suffix: (_hf(c), str(c.tmp / "hf" / ("x" + s))), 5),
+            "onto-source-file": (lambda c: (_hf(c), str(c.tmp / "hf" / "model.safetensors")), 5),
+            "through-symlink": (lambda c, s=suffix: (_hf(c), _symlink(c, "link", c.tmp / "hf") + "/x" + s), 5),
             "symlink-to-source": (lambda c: (c.factory, _symlink(c, "out/l", c.tmp / "src" / "models.py")), 5),
             "dev-null": (lambda c: (c.factory, "/dev/null"), 5),
             "fifo": (lambda c: (c.factory, _fifo(c)), 5),
@@ -343,7 +345,8 @@ def output_cases():
               "safetensors(a=b)", "hf(", "", "onnx(dtype=fp16,dtype=fp32)"]:
         cases.append(Case(f"out-target-{t or 'empty'}", lambda c, t=t: [c.factory, "--target", t, "-o", c.out()], 2))
     cases.append(Case("out-bf16-onnx", lambda c: [c.factory, "--passes", "bf16", "--target", "onnx", "-o", c.out("m.onnx")], 2))
-    cases.append(Case("out-report-into-source", lambda c: [c.factory, "-o", c.out(), "--report-json", str(c.tmp / "src" / "r.json")], 5))
+    cases.append(Case("out-report-into-source", lambda c: [_hf(c), "-o", c.out(), "--report-json", str(c.tmp / "hf" / "r.json")], 5))
+    cases.append(Case("out-hf-output-into-source", lambda c: [_hf(c), "-o", c.out(), "--hf-output", str(c.tmp / "hf" / "sub")], 5))
     cases.append(Case("out-report-onto-factory", lambda c: [c.factory, "-o", c.out(), "--report-json", str(c.tmp / "src" / "models.py")], 5))
     cases.append(Case("out-report-dev-null", lambda c: [c.factory, "-o", c.out(), "--report-json", "/dev/null"], 5))
     cases.append(Case("out-report-fifo", lambda c: [c.factory, "-o", c.out(), "--report-json", _fifo(c)], 5))
@@ -355,8 +358,17 @@ def output_cases():
     cases.append(Case("out-hf-output-equal-output", lambda c: [c.factory, "-o", c.out("h"), "--hf-output", c.out("h")], 2))
     cases.append(Case("out-default-equal-report", lambda c: [c.factory, "--report-json", "make.rewritten.pt2"], 2))
     cases.append(Case("out-onto-pt2-source", lambda c: [c.src(_copy(c, c.pay / "good.pt2", "s/good.pt2")), "-o", str(c.tmp / "s/good.pt2")], 5))
-    cases.append(Case("out-read-only-dir", lambda c: [c.factory, "-o", str(_ro(c) / "m.pt2")], 5))
     return cases
+
+
+def _hf(c):
+    """A copy of the session's tiny Hugging Face checkpoint in the case's directory (a source directory)."""
+    import shutil
+
+    d = c.tmp / "hf"
+    if not d.exists():
+        shutil.copytree(hp.hf_dir(c.pay), d)
+    return c.src(d)
 
 
 def _symlink(c, rel, to):
