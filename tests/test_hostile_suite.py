@@ -433,7 +433,7 @@ def _sigterm_argv(c, t, rep):
 def _run_sigterm(ctx, argv):
     script = ctx.pay.parent / "sigterm_script.py"
     script.write_text(SIGTERM_SCRIPT)
-    started = ctx.pay.parent / f"started-{ctx.tmp.name}"
+    started = ctx.tmp.parent / "started"  # outside the listed directory, one per case
     cls, *cli = argv
     proc = subprocess.Popen([sys.executable, str(script), cls, str(started), *cli, "-q"], cwd=ctx.tmp,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
