@@ -125,6 +125,9 @@ def load_calibration(path: str):
     batches = obj if isinstance(obj, list) else [obj]
     if not batches or not all(isinstance(b, dict) and all(isinstance(v, torch.Tensor) for v in b.values()) for b in batches):
         raise UsageError(f"--calibration {path}: expected a dict of input tensors or a list of such dicts")
+    empty = next((k for b in batches for k, v in b.items() if v.numel() == 0), None)
+    if empty is not None:
+        raise UsageError(f"--calibration {path}: tensor {empty!r} is empty; give at least one row of data")
     return batches
 
 

@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Callable
 
-from .errors import RewriteError
+from .errors import RewriteError, UsageError
 from .annotations import QualityCheck
 from .decoder import is_decoder, run_with_own_cache
 from .figures import figures
@@ -107,10 +107,11 @@ class PassManager:
             ref = _run_all(program, checks)
         except Exception as exc:  # noqa: BLE001
             frame = traceback.extract_tb(exc.__traceback__)[-1]
-            raise RewriteError(f"the captured program does not run on its verification inputs "
+            raise UsageError(f"the captured program does not run on its verification inputs "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}, at "
                                f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}). "
-                               "Give example inputs that the model accepts with --inputs.") from None
+                               "Give example inputs (--inputs) and calibration batches (--calibration) that the "
+                               "model accepts.") from None
         report.baseline_seconds = time.perf_counter() - t0
         original, original_out = program, ref
         reference = None  # heal's teacher: the program before the first lossy pass of this run (never an earlier run's)
