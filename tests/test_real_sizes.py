@@ -1,0 +1,66 @@
+"""Issue 16 (real sizes): precision-aware verification, batch-dynamic capture, HF call conventions,
+ONNX from bf16 programs."""
+
+import pytest
+import torch
+
+import evo_rewrite
+from evo_rewrite import zoo
+from evo_rewrite.verify import TOLERANCE, program_float_dtype, shadow_program
+
+
+@pytest.fixture(scope="module")
+def deep_bf16_program():
+    """A deep random GPT in bf16 with scaled weights: its own rounding error exceeds the fixed bf16 tolerance."""
+    model, inputs = zoo.gpt(n_layer=16, d_model=64)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and "wte" not in n and "wpe" not in n:
+                p.mul_(8.0)
+    return evo_rewrite.prepare(model.to(torch.bfloat16), inputs)
+
+
+def test_flash_passes_on_deep_bf16_by_the_shadow(deep_bf16_program):
+    _, report = evo_rewrite.PassManager(evo_rewrite.parse_pipeline("flash")).run(deep_bf16_program)
+    rec = report.passes[0]
+    assert rec.rewrites > 0
+    # today's fixed check would have rolled it back ...
+    assert rec.metrics["max_rel_error"] > TOLERANCE[torch.bfloat16]
+    # ... but against the fp32 shadow it is no worse than the original
+    assert rec.verified and not rec.rolled_back, rec.failure
+    assert rec.metrics["error_vs_shadow"] <= 1.25 * rec.metrics["before_vs_shadow"] + 1e-2
+    assert "float32 shadow" in rec.notes["verification"]
+
+
+def test_wrong_exact_pass_still_rolled_back_in_bf16(deep_bf16_program):
+    _, report = evo_rewrite.PassManager(evo_rewrite.parse_pipeline("test-corrupt(factor=1.1)")).run(deep_bf16_program)
+    rec = report.passes[0]
+    assert rec.rolled_back and not rec.verified
+    assert "higher-precision shadow" in rec.failure
+    assert rec.metrics["error_vs_shadow"] > rec.metrics["before_vs_shadow"]
+
+
+def test_shadow_leaves_the_program_alone(deep_bf16_program):
+    before = {k: (v.dtype, v.data_ptr()) for k, v in deep_bf16_program.named_tensors().items()}
+    sp, low, high = shadow_program(deep_bf16_program)
+    assert (low, high) == (torch.bfloat16, torch.float32)
+    assert program_float_dtype(sp) == torch.float32
+    assert {k: (v.dtype, v.data_ptr()) for k, v in deep_bf16_program.named_tensors().items()} == before
+    out = sp(deep_bf16_program.inputs)
+    assert out.dtype == torch.float32
+
+
+def test_fp32_program_uses_fp64_shadow(gpt_program):
+    _, report = evo_rewrite.PassManager(evo_rewrite.parse_pipeline("flash")).run(gpt_program)
+    rec = report.passes[0]
+    assert rec.verified and "float64 shadow" in rec.notes["verification"]
+    assert rec.metrics["error_vs_shadow"] < 1e-4 and rec.metrics["before_vs_shadow"] < 1e-4
+
+
+def test_fp64_program_falls_back_to_fixed_tolerance():
+    model, inputs = zoo.gpt(n_layer=2)
+    program = evo_rewrite.prepare(model.double(), inputs)
+    _, report = evo_rewrite.PassManager(evo_rewrite.parse_pipeline("test-corrupt")).run(program)
+    rec = report.passes[0]
+    assert rec.rolled_back and "fixed tolerance" in rec.notes["verification"]
+    assert "error_vs_shadow" not in rec.metrics
