@@ -64,3 +64,28 @@ def test_fp64_program_falls_back_to_fixed_tolerance():
     rec = report.passes[0]
     assert rec.rolled_back and "fixed tolerance" in rec.notes["verification"]
     assert "error_vs_shadow" not in rec.metrics
+
+
+# --- 2. batch-1 examples stay batch-dynamic --------------------------------------------------------
+
+
+def test_batch_one_capture_stays_dynamic_and_runs_at_batch_three(tmp_path):
+    model, _ = zoo.gpt(n_layer=2)
+    ids = torch.randint(0, 256, (1, 16))
+    result = evo_rewrite.rewrite(model, "flash", (ids,))
+    program = result.program
+    assert program.inputs.args[0].shape == (1, 16)  # the user's example stays the program's inputs
+    assert set(program.dynamic_dims[0]) == {0, 1}  # batch and sequence symbolic
+    second = program.second_inputs()
+    assert second.args[0].shape[0] != 1 and second.args[0].shape[1] != 16
+    assert result.report.verify_inputs[1].split("[")[1].split(",")[0] != "1"  # another batch was verified
+    path = result.save(tmp_path / "gpt.pt2")
+    loaded = evo_rewrite.load(path).program
+    assert set(loaded.dynamic_dims[0]) == {0, 1}
+    x3 = torch.randint(0, 256, (3, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(evo_rewrite.Inputs((x3,), {})), model(x3), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(loaded(evo_rewrite.Inputs((ids,), {})), model(ids), atol=1e-4, rtol=1e-4)
+    m = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        assert m(x3).shape == (3, 9, 256)
