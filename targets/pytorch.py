@@ -56,10 +56,12 @@ def export_program(program: Program) -> torch.export.ExportedProgram:
     dynamic_shapes = {**dict(zip(names, dyn_args)), **dyn_kwargs}
     if program.annotations.kv_cache is not None:  # a decoder: named lengths, the past may be empty (prefill)
         dynamic_shapes = export_dynamic_shapes(program)
+    # keyword inputs stay keywords: torch.export.load's module checks calls against the exported spec, so a .pt2
+    # accepts either keywords (a tokenizer's output) or positions, not both; evo_rewrite.load accepts both
+    example_args, example_kwargs = tuple(example_args), dict(example_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.export.export(gm, tuple(example_args), dict(example_kwargs),
-                                   dynamic_shapes=dynamic_shapes, strict=False)
+        return torch.export.export(gm, example_args, example_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
 @register_target

@@ -89,3 +89,27 @@ def test_batch_one_capture_stays_dynamic_and_runs_at_batch_three(tmp_path):
     m = torch.export.load(str(path)).module()
     with torch.no_grad():
         assert m(x3).shape == (3, 9, 256)
+
+
+# --- 3. Hugging Face call conventions --------------------------------------------------------------
+
+
+def test_hf_bert_pt2_positional_and_tokenizer_keywords(tmp_path):
+    import hf_configs
+
+    model = hf_configs.build("bert")
+    result = evo_rewrite.rewrite(model, "flash")
+    assert set(result.program.inputs.kwargs) == {"input_ids", "attention_mask", "token_type_ids"}
+    path = result.save(tmp_path / "bert.pt2")
+    ids = torch.randint(0, 128, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    tt = torch.zeros(3, 10, dtype=torch.long)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits
+        m = torch.export.load(str(path)).module()  # the tokenizer's output, by keyword
+        got_kw = m(**{"input_ids": ids, "attention_mask": mask, "token_type_ids": tt})
+        reloaded = evo_rewrite.load(path).program.module  # the original's positional order
+        got_pos = reloaded(ids, mask, tt)
+        got_pos2 = reloaded(ids, mask, token_type_ids=tt)
+    for got in (got_pos, got_kw, got_pos2):
+        torch.testing.assert_close(hf_configs.main_output(got), want, atol=1e-4, rtol=1e-4)
