@@ -113,3 +113,32 @@ def test_hf_bert_pt2_positional_and_tokenizer_keywords(tmp_path):
         got_pos2 = reloaded(ids, mask, token_type_ids=tt)
     for got in (got_pos, got_kw, got_pos2):
         torch.testing.assert_close(hf_configs.main_output(got), want, atol=1e-4, rtol=1e-4)
+
+
+# --- 4. ONNX from a bf16 program -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_bf16_program_exports_to_onnx(tmp_path, dtype):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    model, inputs = zoo.gpt(n_layer=2)
+    program = evo_rewrite.prepare(model.to(torch.bfloat16), inputs)
+    path = tmp_path / f"gpt-{dtype}.onnx"
+    from evo_rewrite.targets.onnx import save_onnx
+
+    save_onnx(program, path, dtype=dtype)  # checked in ONNX Runtime by emit
+    m = onnx.load(str(path))
+    want = onnx.TensorProto.FLOAT if dtype == "fp32" else onnx.TensorProto.FLOAT16
+    assert {i.data_type for i in m.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                                           onnx.TensorProto.BFLOAT16)} == {want}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = inputs[0].numpy()
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0].astype(np.float32)
+    with torch.no_grad():
+        ref = program(program.inputs).float()
+    rel = float(np.abs(got - ref.numpy()).max() / ref.abs().max())
+    assert rel < 6e-2  # the bf16 program's own tolerance
