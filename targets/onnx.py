@@ -420,8 +420,14 @@ class OnnxTarget(Target):
         return None
 
     def validate(self, program: Program | None, out: Path | None = None) -> None:
-        # bf16 weights are no longer refused: write() casts them (see as_float32). The parse-time advice for the
-        # bf16 pass + onnx stays (dtype_advice): the cast would undo that pass, so the user would get nothing from it.
+        # a program loaded in bf16 is cast to fp32 by write() (see as_float32). A program made bf16 by the `bf16`
+        # pass is refused, here and at parse time (dtype_advice): the cast would undo that pass, so the user would
+        # get nothing from it while believing they had a bf16 model
+        if program is None or not any(a.split("(")[0] == "bf16" for a in program.applied):
+            return None
+        if any(t.dtype == torch.bfloat16 for t in program.named_tensors().values()):
+            raise UsageError(f"the program holds bfloat16 weights ({', '.join(program.applied)}), which target "
+                             f"'{self.spec()}' cannot run: {self.dtype_advice('bfloat16')}")
         return None
 
     def prepare(self, program: Program) -> str:
