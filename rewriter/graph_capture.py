@@ -34,13 +34,40 @@ def default_dynamic_dims(t) -> list[int]:
     return [0, 1] if t.dim() in (2, 3) else [0]
 
 
-def _dynamic_shapes(model, inputs: Inputs, dims_of=default_dynamic_dims):
+def widen_size_one(leaves: list, dims: list) -> tuple[list, bool]:
+    """torch.export specialises a dimension whose example size is 1 (its "0/1 specialization"): the
+    leaves with every dynamic dimension (``dims[i]``: the dims of leaf ``i``) of size 1 duplicated to
+    size 2, for export only; and whether any was. The program keeps the user's example as its inputs."""
+    out, changed = [], False
+    for t, ds in zip(leaves, dims):
+        if isinstance(t, torch.Tensor):
+            for d in ds or ():
+                if d < t.dim() and t.shape[d] == 1:
+                    t, changed = torch.cat([t, t], d), True
+        out.append(t)
+    return out, changed
+
+
+# a dynamic dimension captured from a widened example still accepts size 1
+AUTO_FROM_ONE = Dim.AUTO(min=1)
+
+
+def _widened(inputs: Inputs, dims_of) -> Inputs | None:
+    flat, spec = pytree.tree_flatten((inputs.args, inputs.kwargs))
+    new, changed = widen_size_one(flat, [dims_of(t) for t in flat])
+    if not changed:
+        return None
+    args, kwargs = pytree.tree_unflatten(new, spec)
+    return Inputs(tuple(args), dict(kwargs))
+
+
+def _dynamic_shapes(model, inputs: Inputs, dims_of=default_dynamic_dims, hint=Dim.AUTO):
     """torch.export's dynamic_shapes, keyed by forward's parameter names."""
 
     def spec(t):
         if not isinstance(t, torch.Tensor):
             return None
-        return {d: Dim.AUTO for d in dims_of(t)} or None
+        return {d: hint for d in dims_of(t)} or None
 
     try:
         sig = inspect.signature(model.forward)
@@ -161,7 +188,18 @@ def program_from_exported(ep: torch.export.ExportedProgram, inputs: Inputs, sour
     return Program(module=gm, inputs=inputs, source=source, dynamic_dims=dynamic_dims, symbol_ranges=ranges)
 
 
-def _export(model, inputs: Inputs, dims_of):
+def _export(model, inputs: Inputs, dims_of, log=None):
+    wide = _widened(inputs, dims_of)
+    if wide is not None:  # a size-1 batch or sequence: export at size 2 so it stays symbolic (and accepts 1)
+        try:
+            dyn = _dynamic_shapes(model, wide, dims_of, AUTO_FROM_ONE)
+            with quiet(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.export.export(model, wide.args, wide.kwargs, dynamic_shapes=dyn, strict=False)
+        except Exception as exc:  # noqa: BLE001 - the model may really need size 1 there: capture it static
+            if log:
+                log(f"capture at a duplicated size-1 dimension failed ({_first_line(exc)}); the size-1 dimensions "
+                    "of the example stay static")
     dyn = _dynamic_shapes(model, inputs, dims_of)
     with quiet(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -185,7 +223,7 @@ def capture(model: torch.nn.Module, inputs: Inputs, *, source: SourceInfo | None
 
 def _capture(model, inputs: Inputs, source: SourceInfo, dims_of, log) -> Program:
     try:
-        ep = _export(model, inputs, dims_of)
+        ep = _export(model, inputs, dims_of, log)
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - every capture failure becomes one clear message
         mod, line = _module_frame(exc, model)
         first = exc
@@ -198,7 +236,7 @@ def _capture(model, inputs: Inputs, source: SourceInfo, dims_of, log) -> Program
         try:
             with quiet():
                 traced = fx.symbolic_trace(model)
-            ep = _export(traced, inputs, dims_of)
+            ep = _export(traced, inputs, dims_of, log)
         except (Exception, SystemExit):  # noqa: BLE001
             where = f" in module '{mod}'" if mod else ""
             at = f" at {line}" if line else ""

@@ -25,7 +25,8 @@ from .program import Program
 from .regions import keep_regions
 from .report import PassRecord, Report
 from .sdpa import record_pins
-from .verify import Thresholds, check, compare_outputs, first_divergence
+from .verify import (SHADOW_FACTOR, Thresholds, check, check_against_shadow, compare_outputs, first_divergence,
+                     shadow_error, shadow_program, upcast_inputs)
 
 __all__ = ["PassManager"]
 
@@ -114,6 +115,8 @@ class PassManager:
                                "model accepts.") from None
         report.baseline_seconds = time.perf_counter() - t0
         original, original_out = program, ref
+        shadow = self._shadow(program, checks)
+        report.notes.append(f"exact passes judged by: {shadow[2]}")
         reference = None  # heal's teacher: the program before the first lossy pass of this run (never an earlier run's)
         for i, p in enumerate(self.passes, 1):
             if not p.exact and "reference" not in p.requirements() and reference is None:
@@ -154,6 +157,18 @@ class PassManager:
             new.applied.append(p.spec())
             t1 = time.perf_counter()
             failure, metrics, dtype, new_out = self._verify(p, new, checks, ref, quality_idx)
+            if shadow[0] is not None and new_out is not None and not (failure and not failure.startswith("exact pass")):
+                sv = shadow[0]
+                new_errs = [shadow_error(sv[i], new_out[i], new.vocab_sizes()) for i in range(len(checks))]
+                before_errs = [shadow_error(sv[i], ref[i], new.vocab_sizes()) for i in range(len(checks))]
+                if None not in new_errs and None not in before_errs:
+                    metrics["error_vs_shadow"] = max(new_errs)
+                    metrics["before_vs_shadow"] = max(before_errs)
+                    if p.exact:
+                        failure = check_against_shadow(new_errs, before_errs, shadow[1])
+            if p.exact:
+                rec.notes["verification"] = (shadow[2] if "error_vs_shadow" in metrics
+                                             else "fixed tolerance against the program before the pass")
             rec.verify_seconds = time.perf_counter() - t1
             rec.metrics = metrics
             if failure:
@@ -167,6 +182,8 @@ class PassManager:
             else:
                 rec.verified = True
                 program, ref = new, new_out
+                if not p.exact and shadow[0] is not None:  # a lossy pass changed the math: a shadow of the new program
+                    shadow = self._shadow(program, checks)
                 err = metrics.get("max_abs_error", 0.0)
                 self._say(f"      {result.rewrites} rewrite(s), {len(result.skipped)} skipped, max abs error {err:.3g}")
             if not p.exact:
@@ -182,6 +199,24 @@ class PassManager:
             report.end_to_end = {**metrics, **({"problem": problem} if problem else {})}
         report.model_after = figures(program).as_dict()
         return program, report
+
+    def _shadow(self, program: Program, checks):
+        """(shadow outputs per verification input or None, program dtype, how exact passes are judged).
+
+        The shadow is the program run once per input in higher precision (fp64 for an fp32 program, fp32 for
+        bf16/fp16); where it cannot be built or run, exact passes fall back to the fixed tolerance."""
+        try:
+            built = shadow_program(program)
+            if built is None:
+                return None, None, "fixed tolerance (no higher-precision shadow for this program's dtype)"
+            sp, low, high = built
+            outs = [_call(sp, upcast_inputs(c, low, high)) for c in checks]
+            del sp
+        except Exception as exc:  # noqa: BLE001 - the shadow is an improvement; never fatal
+            return None, None, f"fixed tolerance (the higher-precision shadow failed: {type(exc).__name__}: {_first_line(exc)[:120]})"
+        dt = str(high).replace("torch.", "")
+        return outs, low, (f"error against a {dt} shadow of the program <= {SHADOW_FACTOR:g} x the error of "
+                           f"the program before the pass + a floor")
 
     def _verify(self, p: Pass, new: Program, checks, ref, quality_idx):
         """(failure, metrics, dtype, outputs): an exact pass is judged on every input; a lossy pass runs on every

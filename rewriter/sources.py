@@ -632,10 +632,22 @@ def hf_example_inputs(model, batch: int = 2, seq: int = 16) -> Inputs:
     seq = max(4, min(seq, int(maxpos) // 2))
     kw = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
           "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    if (getattr(text, "type_vocab_size", 0) or 0) > 1 and _accepts(model, "token_type_ids"):
+        # what a BERT-style tokenizer produces (model(**tok(texts))): the program must accept it
+        kw["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
     if getattr(cfg, "is_encoder_decoder", False):
         dseq = max(3, seq // 2)
         kw["decoder_input_ids"] = torch.randint(0, vocab, (batch, dseq), generator=g)
     return Inputs((), kw)
+
+
+def _accepts(model, name: str) -> bool:
+    try:
+        import inspect
+
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _vocab_size(model) -> int | None:

@@ -206,3 +206,98 @@ def first_divergence(before: Program, after: Program, inputs: Inputs, dtype=torc
         if m["max_rel_error"] > tol or m.get("nonfinite_mismatch"):
             return p
     return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Precision-aware verification: a higher-precision shadow of the program
+# ---------------------------------------------------------------------------------------------------
+
+# an exact pass passes when, on every verification input, its error against the shadow is at most
+# SHADOW_FACTOR x the error of the program before it against the same shadow, plus SHADOW_FLOOR[dtype]
+# (normalized max error, max |a-b| / max |shadow|): a rewrite closer to the truth is never rolled back,
+# one that adds more than a quarter of the rounding error already there (or more than the floor) is
+SHADOW_FACTOR = 1.25
+SHADOW_FLOOR = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# the dtype the shadow runs in, by the program's weight dtype
+SHADOW_DTYPE = {torch.float32: torch.float64, torch.bfloat16: torch.float32, torch.float16: torch.float32}
+
+
+def program_float_dtype(program: Program) -> torch.dtype | None:
+    """The floating dtype holding most of the program's weight elements (None: no floating weights)."""
+    count: dict[torch.dtype, int] = {}
+    for t in program.named_tensors().values():
+        if t.is_floating_point():
+            count[t.dtype] = count.get(t.dtype, 0) + t.numel()
+    return max(count, key=count.get) if count else None
+
+
+def _upcast_arg(a, low, high):
+    if isinstance(a, torch.dtype):
+        return high if a == low else a
+    if isinstance(a, (list, tuple)):
+        return type(a)(_upcast_arg(x, low, high) for x in a)
+    if isinstance(a, dict):
+        return {k: _upcast_arg(v, low, high) for k, v in a.items()}
+    return a
+
+
+def shadow_program(program: Program) -> tuple[Program, torch.dtype, torch.dtype] | None:
+    """A copy of ``program`` that computes in higher precision: weights and floating inputs upcast
+    (fp32 -> fp64, bf16/fp16 -> fp32) and every dtype the graph names that equals the program's dtype
+    replaced by the higher one. Returns (shadow, low dtype, high dtype), or None when no shadow applies
+    (fp64 or non-floating programs). The original program is untouched."""
+    import copy as _copy
+
+    from .program import copy_graph_module
+
+    low = program_float_dtype(program)
+    high = SHADOW_DTYPE.get(low)
+    if high is None:
+        return None
+    gm = copy_graph_module(program.module)
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            n.args = _upcast_arg(n.args, low, high)
+            n.kwargs = _upcast_arg(n.kwargs, low, high)
+    gm.recompile()
+    shadow = dataclasses.replace(program, module=gm, annotations=program.annotations.copy(),
+                                 dynamic_dims=[dict(d) for d in program.dynamic_dims])
+    done: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target not in done:
+            done.add(n.target)
+            t = shadow.get_tensor(n.target)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype in (low, torch.float16,
+                                                                                    torch.bfloat16):
+                shadow.set_tensor(n.target, t.detach().to(high), parameter=isinstance(t, torch.nn.Parameter))
+        elif n.op == "call_module":
+            *parents, leaf = n.target.split(".")
+            mod = gm
+            for p in parents:
+                mod = getattr(mod, p)
+            setattr(mod, leaf, _copy.deepcopy(getattr(mod, leaf)).to(high))
+    return shadow, low, high
+
+
+def upcast_inputs(inputs: Inputs, low: torch.dtype, high: torch.dtype) -> Inputs:
+    return inputs.map_tensors(lambda t: t.to(high) if t.is_floating_point() and t.dtype == low else t)
+
+
+def shadow_error(shadow_out, out, vocab_sizes=frozenset()) -> float | None:
+    """Normalized max error of ``out`` against the shadow's outputs (None: not comparable)."""
+    m, problem, _ = compare_outputs(shadow_out, out, vocab_sizes)
+    if problem or m.get("nonfinite_mismatch"):
+        return None
+    return m.get("max_rel_error", 0.0)
+
+
+def check_against_shadow(new_errs: list[float], before_errs: list[float], dtype) -> str | None:
+    """The reason an exact pass fails the shadow criterion (per input), or None."""
+    floor = SHADOW_FLOOR.get(dtype, 1e-5)
+    for i, (e_new, e_before) in enumerate(zip(new_errs, before_errs)):
+        limit = SHADOW_FACTOR * e_before + floor
+        if e_new > limit:
+            return (f"exact pass changed the outputs: max relative error against the higher-precision shadow "
+                    f"{e_new:.3g} > {SHADOW_FACTOR:g} x {e_before:.3g} (the program before it) + {floor:g} "
+                    f"on verification input {i}")
+    return None

@@ -24,6 +24,7 @@ from torch.export import Dim
 
 from evo_rewrite.annotations import METADATA_FILE, write_metadata
 from evo_rewrite.decoder import export_dynamic_shapes
+from evo_rewrite.graph_capture import AUTO_FROM_ONE, widen_size_one
 from evo_rewrite.errors import OutputError
 from evo_rewrite.program import Program
 from evo_rewrite.sdpa import portable
@@ -38,8 +39,16 @@ def export_program(program: Program) -> torch.export.ExportedProgram:
     """Re-export the program with its symbolic dimensions (portable SDPA calls: see evo_rewrite.sdpa)."""
     program = portable(program)
     flat, spec = pytree.tree_flatten((program.inputs.args, program.inputs.kwargs))
-    dyn_flat = [{d: Dim.AUTO for d in dims} or None if isinstance(t, torch.Tensor) else None
-                for t, dims in zip(flat, program.dynamic_dims + [{}] * (len(flat) - len(program.dynamic_dims)))]
+    all_dims = program.dynamic_dims + [{}] * (len(flat) - len(program.dynamic_dims))
+    example_args, example_kwargs = program.inputs.args, program.inputs.kwargs
+    hint = Dim.AUTO
+    if program.annotations.kv_cache is None:
+        wide, changed = widen_size_one(flat, [list(d) for d in all_dims])
+        if changed:  # a size-1 example: export at size 2 so the dimension stays symbolic (and still accepts 1)
+            example_args, example_kwargs = pytree.tree_unflatten(wide, spec)
+            hint = AUTO_FROM_ONE
+    dyn_flat = [{d: hint for d in dims} or None if isinstance(t, torch.Tensor) else None
+                for t, dims in zip(flat, all_dims)]
     dyn_args, dyn_kwargs = pytree.tree_unflatten(dyn_flat, spec)
     gm = program.module
     # forward's parameters are the original argument names: positional first, then keywords
@@ -47,10 +56,12 @@ def export_program(program: Program) -> torch.export.ExportedProgram:
     dynamic_shapes = {**dict(zip(names, dyn_args)), **dyn_kwargs}
     if program.annotations.kv_cache is not None:  # a decoder: named lengths, the past may be empty (prefill)
         dynamic_shapes = export_dynamic_shapes(program)
+    # keyword inputs stay keywords: torch.export.load's module checks calls against the exported spec, so a .pt2
+    # accepts either keywords (a tokenizer's output) or positions, not both; evo_rewrite.load accepts both
+    example_args, example_kwargs = tuple(example_args), dict(example_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.export.export(gm, program.inputs.args, program.inputs.kwargs,
-                                   dynamic_shapes=dynamic_shapes, strict=False)
+        return torch.export.export(gm, example_args, example_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
 @register_target

@@ -58,11 +58,11 @@ def test_capture_falls_back_to_symbolic_trace(monkeypatch):
     real = cap._export
     calls = []
 
-    def flaky(model, inputs, dims_of):
+    def flaky(model, inputs, dims_of, *rest):
         calls.append(isinstance(model, torch.fx.GraphModule))
         if not isinstance(model, torch.fx.GraphModule):
             raise RuntimeError("export does not like this module")
-        return real(model, inputs, dims_of)
+        return real(model, inputs, dims_of, *rest)
 
     monkeypatch.setattr(cap, "_export", flaky)
     m = _Lin()
