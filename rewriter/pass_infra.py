@@ -23,10 +23,11 @@ from typing import Any, ClassVar
 import torch.fx as fx
 
 from .errors import PipelineError
+from .registry import Registry
 from .program import Program
 
 __all__ = ["Pass", "PassResult", "Skip", "Placement", "NEEDS", "register_pass", "registered_passes", "get_pass",
-           "module_path", "option_error", "load_entry_points"]
+           "module_path", "option_error", "PASSES"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,72 +147,19 @@ def option_error(pass_name: str, option: str, value, allowed: str) -> PipelineEr
     return PipelineError(f"pass '{pass_name}': option {option}={value!r} is not valid; allowed: {allowed}")
 
 
-_REGISTRY: dict[str, type[Pass]] = {}
 ENTRY_POINT_GROUP = "evo_rewrite.passes"
 
 
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    if not isinstance(cls, type) or not issubclass(cls, Pass):
-        raise TypeError(f"register_pass takes a Pass subclass, not {cls!r}")
-    if not cls.name or cls.name != cls.name.lower() or "_" in cls.name:
-        raise ValueError(f"pass names are kebab-case: {cls.name!r}")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"pass {cls.name!r} registered twice ({_REGISTRY[cls.name].__module__} and {cls.__module__})")
+def _check_needs(cls: type[Pass]) -> None:
     unknown = set(cls.needs) - set(NEEDS)
     if unknown:
         raise ValueError(f"pass {cls.name!r} needs {sorted(unknown)}; known needs: {sorted(NEEDS)}")
-    _REGISTRY[cls.name] = cls
-    return cls
 
 
-def registered_passes() -> dict[str, type[Pass]]:
-    """Every pass: the built-in ones and any installed package's, through the entry-point group."""
-    load_entry_points(ENTRY_POINT_GROUP, register_pass, Pass)
-    return dict(sorted(_REGISTRY.items()))
-
-
-_LOADED: set[tuple[str, str]] = set()
-
-
-def load_entry_points(group: str, register, base: type) -> None:
-    """Import every entry point of ``group`` once; a class that is a ``base`` is registered.
-
-    An entry point that fails to import is a PipelineError naming the distribution and the error, so
-    a broken plugin says so instead of hiding every pass.
-    """
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=group):
-        key = (group, ep.value)
-        if key in _LOADED:
-            continue
-        try:
-            obj = ep.load()
-        except Exception as exc:  # noqa: BLE001 - a plugin's import error, reported with its source
-            dist = getattr(getattr(ep, "dist", None), "name", "?")
-            raise PipelineError(f"entry point {ep.name} = {ep.value} (group {group}, package {dist}) failed to load: "
-                                f"{type(exc).__name__}: {exc}") from None
-        _LOADED.add(key)
-        if isinstance(obj, type) and issubclass(obj, base) and obj.name != ep.name:
-            raise PipelineError(f"entry point {ep.name} = {ep.value} (group {group}) names a class called "
-                                f"{obj.name!r}; the entry point's name must be the {base.__name__.lower()}'s name")
-        if isinstance(obj, type) and issubclass(obj, base):
-            try:
-                register(obj)  # a no-op when its module's decorator registered it already
-            except ValueError as exc:
-                raise PipelineError(f"entry point {ep.name} = {ep.value} (group {group}): {exc}") from None
-
-
-def get_pass(name: str) -> type[Pass]:
-    reg = registered_passes()
-    if name not in reg:
-        import difflib
-
-        close = difflib.get_close_matches(name, reg, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise PipelineError(f"unknown pass '{name}'.{hint} Known passes: {', '.join(reg) or '(none)'} "
-                            "(evo-rewrite --list-passes shows their options)")
-    return reg[name]
+PASSES: Registry[type[Pass]] = Registry("pass", Pass, ENTRY_POINT_GROUP, "--list-passes", check=_check_needs)
+register_pass = PASSES.register
+registered_passes = PASSES.all
+get_pass = PASSES.get
 
 
 def module_path(node: fx.Node) -> str:

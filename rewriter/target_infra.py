@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 from .errors import OutputError, PipelineError
 from .program import Program
+from .registry import Registry
 
 __all__ = ["Target", "TargetReport", "register_target", "registered_targets", "get_target", "parse_target", "emit",
            "check_output", "write_text_atomic", "ENTRY_POINT_GROUP", "Terminated", "terminate_as_interrupt",
@@ -123,38 +124,10 @@ class Target:
         return option_table(cls)
 
 
-_REGISTRY: dict[str, type[Target]] = {}
-
-
-def register_target(cls: type[Target]) -> type[Target]:
-    if not isinstance(cls, type) or not issubclass(cls, Target):
-        raise TypeError(f"register_target takes a Target subclass, not {cls!r}")
-    if not cls.name or cls.name != cls.name.lower() or "_" in cls.name:
-        raise ValueError(f"target names are kebab-case: {cls.name!r}")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"target {cls.name!r} registered twice ({_REGISTRY[cls.name].__module__} and {cls.__module__})")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def registered_targets() -> dict[str, type[Target]]:
-    """Every target: built-in ones and any installed package's, through the entry-point group."""
-    from .pass_infra import load_entry_points
-
-    load_entry_points(ENTRY_POINT_GROUP, register_target, Target)
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get_target(name: str) -> type[Target]:
-    reg = registered_targets()
-    if name not in reg:
-        import difflib
-
-        close = difflib.get_close_matches(name, reg, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise PipelineError(f"unknown target '{name}'.{hint} Known targets: {', '.join(reg) or '(none)'} "
-                            "(evo-rewrite --list-targets shows their options)")
-    return reg[name]
+TARGETS: Registry[type[Target]] = Registry("target", Target, ENTRY_POINT_GROUP, "--list-targets")
+register_target = TARGETS.register
+registered_targets = TARGETS.all
+get_target = TARGETS.get
 
 
 def parse_target(text: str) -> Target:
