@@ -237,6 +237,7 @@ def test_gqa_then_flash_keeps_grouped_heads(tmp_path):
     assert rep.max_rel_error <= 1e-4
 
 
+@pytest.mark.slow
 def test_ort_form_layout_and_norms(tmp_path):
     """ORT form: encoder Q/K/V packed, no head split/merge left around attention, RMSNorm as ORT's own."""
     _, program = _captured("bert")

@@ -37,7 +37,7 @@ from spelling_gen import C, D, H, Attention, Spelling, negatives, spellings
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default, torch.ops.aten._safe_softmax.default}
-FAST_DRAW = 40
+FAST_DRAW, FAST_NEGATIVE_DRAW = 40, 20
 CI_DRAW, CI_ONNX_DRAW, CI_NEGATIVE_DRAW = 500, 24, 60
 SLOW_DRAW, SLOW_ONNX_DRAW, SLOW_NEGATIVE_DRAW = 2000, 200, 300
 RATE = 0.99
@@ -208,6 +208,13 @@ def test_fast_draw_flash_and_gqa():
     _assert_rate(out["gqa"], out["n"], "gqa grouped")
 
 
+def test_fast_negatives_never_fused():
+    """The fast subset's share of the negatives (the first FAST_NEGATIVE_DRAW of the same seed)."""
+    misses = _negative_misses(FAST_NEGATIVE_DRAW)
+    assert not misses, "\n".join(f"{sp}\n    {why}" for sp, why in misses[:20])
+
+
+@pytest.mark.slow  # the CI draw of negatives
 def test_negatives_never_fused():
     """Softmax over queries, probabilities kept, a classifier, data-dependent scores: 0 fused, each explained."""
     misses = _negative_misses(CI_NEGATIVE_DRAW)

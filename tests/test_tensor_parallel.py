@@ -195,6 +195,7 @@ def test_entry_point_refuses_a_plan_for_another_degree_or_graph(gpt_tp, llama):
         shard(llama, TwoRanks(), plan)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_unsharded(tmp_path, gpt_tp, llama):
     gpt_path, llama_path = tmp_path / "gpt.pt2", tmp_path / "llama.pt2"
     gpt_tp.save(gpt_path)
