@@ -329,28 +329,26 @@ def check_pt2_archive(path: str | os.PathLike, *, allow_pickle: bool = False) ->
             for legacy in (f"data/weights/{m}.pt", f"data/constants/{m}.pt"):
                 if legacy in rel and not _torch_load_safe(read(legacy)):
                     pickled.append(f"{root}/{legacy} (pickled objects)")
-            wcfg = f"data/weights/{m}_weights_config.json"
-            if wcfg in rel:
-                cfg = read_json(wcfg)
+            def payload(folder: str):
+                """(name, stored file, meta) of each entry of a weights/constants payload config, if present."""
+                config = f"data/{folder}/{m}_{folder}_config.json"
+                if config not in rel:
+                    return []
+                cfg = read_json(config)
                 entries = cfg.get("config") if isinstance(cfg, dict) else None
                 if not isinstance(entries, dict):
-                    raise _damaged(path, f"entry {root}/{wcfg} is not a payload config")
-                for fqn, meta in entries.items():
-                    if not isinstance(meta, dict) or meta.get("use_pickle"):
-                        where = meta.get("path_name", "?") if isinstance(meta, dict) else "?"
-                        pickled.append(f"{root}/data/weights/{where} (weight {fqn}, marked use_pickle)")
-            ccfg = f"data/constants/{m}_constants_config.json"
-            if ccfg in rel:
-                cfg = read_json(ccfg)
-                entries = cfg.get("config") if isinstance(cfg, dict) else None
-                if not isinstance(entries, dict):
-                    raise _damaged(path, f"entry {root}/{ccfg} is not a payload config")
-                for fqn, meta in entries.items():
-                    where = meta.get("path_name", "?") if isinstance(meta, dict) else "?"
-                    if not isinstance(meta, dict) or meta.get("use_pickle"):
-                        pickled.append(f"{root}/data/constants/{where} (constant {fqn}, marked use_pickle)")
-                    elif not str(where).startswith("tensor_"):
-                        pickled.append(f"{root}/data/constants/{where} (constant {fqn}, a pickled object)")
+                    raise _damaged(path, f"entry {root}/{config} is not a payload config")
+                return [(fqn, meta.get("path_name", "?") if isinstance(meta, dict) else "?", meta)
+                        for fqn, meta in entries.items()]
+
+            for fqn, where, meta in payload("weights"):
+                if not isinstance(meta, dict) or meta.get("use_pickle"):
+                    pickled.append(f"{root}/data/weights/{where} (weight {fqn}, marked use_pickle)")
+            for fqn, where, meta in payload("constants"):
+                if not isinstance(meta, dict) or meta.get("use_pickle"):
+                    pickled.append(f"{root}/data/constants/{where} (constant {fqn}, marked use_pickle)")
+                elif not str(where).startswith("tensor_"):
+                    pickled.append(f"{root}/data/constants/{where} (constant {fqn}, a pickled object)")
             sample = f"data/sample_inputs/{m}.pt"
             if sample in rel and not _torch_load_safe(read(sample)):
                 pickled.append(f"{root}/{sample} (sample inputs holding objects the safe unpickler refuses)")
