@@ -25,11 +25,11 @@ from evo_rewrite.attention import (CASTS, DROPOUT, INPLACE, RESHAPES, AttentionS
 from evo_rewrite.errors import PassNotApplicable
 from evo_rewrite.pass_infra import Pass, PassResult, Skip, register_pass
 from evo_rewrite.program import Program
+from evo_rewrite.sdpa import CAUSAL_IF_UNPADDED, MASK_FLOOR, is_causal_mask
 from evo_rewrite.verify import record
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
-MASK_FLOOR = -1e4  # a fill value at or below this is a mask, not a score
 
 
 class _NotExpressible(Exception):
@@ -213,15 +213,6 @@ def _permute(g: fx.Graph, t: fx.Node, perm) -> tuple[fx.Node, list | None]:
     return g.call_function(aten.permute.default, (t, list(perm))), shape
 
 
-def _is_causal_bias(b: torch.Tensor) -> bool:
-    if b.dim() < 2 or b.shape[-1] != b.shape[-2]:
-        return False
-    s = b.shape[-1]
-    lower = torch.ones(s, s, dtype=torch.bool, device=b.device).tril()
-    b = b.float()
-    return bool((b[..., lower] == 0).all()) and bool((b[..., ~lower] <= MASK_FLOOR).all())
-
-
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class Flash(Pass):
@@ -258,14 +249,16 @@ class Flash(Pass):
                 capped.append((r.site.module, node))
                 continue
             fused.append((r.site.module, node))
-            if self.causal and bias is not None and not data_dependent(bias) and not r.site.cross:
+            if self.causal and bias is not None and not r.site.cross:
                 causal_candidates.append((node, bias))
         g.eliminate_dead_code()
         program.module.recompile()
-        n_causal = self._use_is_causal(program, causal_candidates)
+        n_causal, padded = self._use_is_causal(program, causal_candidates)
         notes = {"causal sites": n_causal} if fused else {}
+        if padded:  # chosen per call on CUDA (see _choose_backends); on CPU the masked kernel serves them
+            notes["causal when unpadded"] = len(padded)
         if fused:
-            notes.update(self._choose_backends(program, fused))
+            notes.update(self._choose_backends(program, fused, padded))
         if capped:
             notes["soft-capped sites"] = f"{len(capped)} as evo_rewrite::softcap_attention (unfused arithmetic in PyTorch)"
         if not fused and not capped:
@@ -362,8 +355,12 @@ class Flash(Pass):
                 g.erase_node(n)
         return node, bias
 
-    def _choose_backends(self, program: Program, fused) -> dict:
-        """Pin an SDPA backend per site on CUDA (measured for auto); report the backend per site."""
+    def _choose_backends(self, program: Program, fused, padded: frozenset = frozenset()) -> dict:
+        """Pin an SDPA backend per site on CUDA (measured for auto); report the backend per site.
+
+        ``padded``: sites whose mask is causal AND a padding mask from an input (exactly causal on the example
+        inputs): with ``auto`` they choose per call (evo_rewrite.sdpa.sdpa_causal_if_unpadded) — the causal
+        kernel, which skips the upper triangle, for a batch without padding; the masked one otherwise."""
         from . import flash_backends as fb
 
         device = next((t.device for t in program.named_tensors().values()), torch.device("cpu"))
@@ -376,6 +373,10 @@ class Flash(Pass):
             sig = fb.signature(node)
             if sig is None:
                 per_site[module] = "default (3-D or dynamic heads: not pinned)"
+                continue
+            if self.backend == "auto" and node in padded:
+                fb.pin(program.graph, node, CAUSAL_IF_UNPADDED)
+                per_site[module] = CAUSAL_IF_UNPADDED
                 continue
             if self.backend == "auto":
                 choice = fb.choose(sig, device, int(batch), regime=self.regime)
@@ -397,24 +398,30 @@ class Flash(Pass):
         return {"backend": ", ".join(f"{b}: {n} sites" for b, n in counts.items()), "backend_per_site": per_site,
                 "backend_measurements": measured}
 
-    def _use_is_causal(self, program: Program, candidates) -> int:
-        """Replace masks that are exactly causal at two sizes (and depend on no input) by is_causal."""
+    def _use_is_causal(self, program: Program, candidates) -> tuple[int, frozenset]:
+        """Replace masks that are exactly causal at two sizes (and depend on no input) by is_causal; return their
+        count and the sites whose mask depends on an input (padding) and is exactly causal on an example input."""
         if not candidates:
-            return 0
+            return 0, frozenset()
         second = program.second_inputs()
         checks = [program.inputs] + ([second] if second is not None else [])
         names = {b.name for _, b in candidates}
         try:
             values = [record(program.module, i, names) for i in checks]
         except Exception:  # noqa: BLE001 - fall back to the explicit mask
-            return 0
-        n = 0
+            return 0, frozenset()
+        n, padded = 0, set()
         for node, bias in candidates:
-            if all(bias.name in vals and _is_causal_bias(vals[bias.name]) for vals in values):
+            causal = [bias.name in vals and is_causal_mask(vals[bias.name]) for vals in values]
+            if data_dependent(bias):  # exact either way (checked per call): worth choosing if causal on an example
+                if any(causal):
+                    padded.add(node)
+                continue
+            if all(causal):
                 args = list(node.args)
                 args[3], args[5] = None, True
                 node.args = tuple(args)
                 n += 1
         program.graph.eliminate_dead_code()
         program.module.recompile()
-        return n
+        return n, frozenset(padded)

@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from .pass_infra import module_path
+from .sdpa import sdpa_causal_if_unpadded
 
 __all__ = ["AttentionSite", "SoftmaxReport", "find_attention", "attention_sites", "untranspose", "strip_repeat", "INPLACE", "RESHAPES", "val", "real_users", "data_dependent", "SOFTMAX_OPS", "MATMUL_OPS", "SDPA_OPS"]
 
@@ -34,7 +35,8 @@ SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.defau
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.einsum.default}
 SCORE_OPS = MATMUL_OPS | {aten.baddbmm.default}  # baddbmm(bias, q, kᵀ, beta, alpha): ALiBi in Bloom
 SDPA_OPS = {aten.scaled_dot_product_attention.default, aten._scaled_dot_product_cudnn_attention.default,
-            aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default}
+            aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
+            sdpa_causal_if_unpadded}  # the last: a run-time causal/masked choice (evo_rewrite.sdpa)
 CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default,
          aten.contiguous.default, aten.clone.default, aten.alias.default}
 DROPOUT = {aten.dropout.default, aten.native_dropout.default, aten.feature_dropout.default}

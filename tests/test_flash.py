@@ -123,6 +123,64 @@ def test_pin_and_unpin_round_trip_graph():
     assert fb.repin(program.graph, chosen) == 2
 
 
+def test_padding_mask_that_is_causal_when_unpadded_chooses_per_call(monkeypatch):
+    """A Llama mask (causal AND padding from attention_mask) is reported as causal-when-unpadded; pinned, the site
+    runs SDPA with is_causal=True for a batch without padding and with the mask otherwise; both equal the
+    original; portable() gives the plain masked SDPA back (what a .pt2 carries), with the choice recorded."""
+    import hf_configs
+    from evo_rewrite import sdpa
+
+    model = hf_configs.build("llama").eval()
+    ids = torch.randint(0, 64, (2, 12))
+    ex = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    result = evo_rewrite.rewrite(model, "flash", example_inputs=ex)
+    rec = result.report.passes[0]
+    assert rec.notes["causal when unpadded"] == 2 and rec.notes["causal sites"] == 0
+    program = result.program.clone()
+    nodes = _sdpa_nodes(program)
+    assert len(nodes) == 2 and all(n.args[3] is not None for n in nodes)
+    for node in nodes:
+        sdpa.pin(program.graph, node, sdpa.CAUSAL_IF_UNPADDED)
+    program.module.recompile()
+    assert _sdpa_nodes(program) == []
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[5] if len(a) > 5 else k.get("is_causal")) or real(*a, **k))
+    ids2 = torch.randint(0, 64, (3, 9))
+    full, padded = torch.ones_like(ids2), torch.ones_like(ids2)
+    padded[0, :3] = 0  # left padding: the mask is no longer causal
+    with torch.no_grad():
+        for mask, causal in ((full, True), (padded, False)):
+            calls.clear()
+            out = program.module(input_ids=ids2, attention_mask=mask)["logits"]
+            assert calls == [causal, causal]
+            ref = model(input_ids=ids2, attention_mask=mask).logits
+            keep = mask.bool()
+            torch.testing.assert_close(out[keep], ref[keep], rtol=1e-4, atol=1e-4)
+    assert sdpa.pinned_backend(next(n for n in program.graph.nodes if n.target is sdpa.sdpa_causal_if_unpadded)) \
+        == sdpa.CAUSAL_IF_UNPADDED
+    chosen = sdpa.unpin(program.graph)
+    assert set(chosen.values()) == {sdpa.CAUSAL_IF_UNPADDED} and len(chosen) == 2
+    assert len(_sdpa_nodes(program)) == 2 and all(n.args[3] is not None and not n.args[5] for n in _sdpa_nodes(program))
+    assert sdpa.repin(program.graph, chosen) == 2
+
+
+def test_is_causal_mask_exact():
+    """Only the exact square causal pattern counts: bool and additive forms, every row of the batch."""
+    from evo_rewrite.sdpa import is_causal_mask
+
+    tril = torch.ones(5, 5, dtype=torch.bool).tril()
+    assert is_causal_mask(tril[None, None].expand(2, 1, 5, 5))
+    additive = torch.zeros(2, 1, 5, 5).masked_fill(~tril, torch.finfo(torch.float32).min)
+    assert is_causal_mask(additive)
+    padded = additive.clone()
+    padded[1, ..., 0] = torch.finfo(torch.float32).min  # row 1 masks its first key: padding
+    assert not is_causal_mask(padded)
+    assert not is_causal_mask(additive.masked_fill(~tril, -1.0))  # a bias, not a mask
+    assert not is_causal_mask(torch.zeros(1, 1, 1, 5))  # a decode step: not square
+
+
 SOFTCAP_FUSABLE = [("softcap", 4), ("softcap_gqa_expand", 2), ("softcap_tril_after", 4)]
 
 

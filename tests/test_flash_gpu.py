@@ -74,3 +74,29 @@ def test_bf16_hf_llama_flash_matches():
     rec = result.report.passes[0]
     assert rec.verified and rec.rewrites == 2, rec.failure
     assert rec.metrics["max_rel_error"] < 3e-2
+
+
+def test_llama_padding_mask_runs_causal_when_unpadded_and_round_trips(tmp_path):
+    """A HF Llama's mask depends on attention_mask: on CUDA the sites choose per call (is_causal without padding),
+    outputs equal the original with and without padding, and a reloaded .pt2 chooses the same way."""
+    import hf_configs
+    from evo_rewrite import sdpa
+
+    model = hf_configs.build("llama").to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, 64, (2, 16), device="cuda")
+    result = evo_rewrite.rewrite(model, "flash", example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                 device="cuda")
+    rec = result.report.passes[0]
+    assert rec.verified and rec.notes["causal when unpadded"] == 2, rec.failure
+    assert set(rec.notes["backend_per_site"].values()) == {sdpa.CAUSAL_IF_UNPADDED}
+    path = result.save(tmp_path / "l.pt2")
+    loaded = evo_rewrite.load(path, device="cuda")
+    for module in (result.module, loaded.program.module):
+        assert sum(1 for n in module.graph.nodes if n.target is sdpa.sdpa_causal_if_unpadded) == 2
+        x = torch.randint(0, 64, (3, 21), device="cuda")
+        for mask in (torch.ones_like(x), torch.ones_like(x).index_fill_(1, torch.tensor([0, 1], device="cuda"), 0)):
+            with torch.no_grad():
+                ref = model(input_ids=x, attention_mask=mask).logits.float()
+                got = module(input_ids=x, attention_mask=mask)["logits"].float()
+            keep = mask.bool()
+            assert (ref[keep] - got[keep]).abs().max() / ref.abs().max() < 3e-2
