@@ -37,7 +37,7 @@ from spelling_gen import C, D, H, Attention, Spelling, negatives, spellings
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default, torch.ops.aten._safe_softmax.default}
-FAST_DRAW, FAST_NEGATIVE_DRAW = 40, 20
+FAST_DRAW, FAST_NEGATIVE_DRAW = 15, 10
 CI_DRAW, CI_ONNX_DRAW, CI_NEGATIVE_DRAW = 500, 24, 60
 SLOW_DRAW, SLOW_ONNX_DRAW, SLOW_NEGATIVE_DRAW = 2000, 200, 300
 RATE = 0.99
