@@ -1,0 +1,212 @@
+"""The in-place decode step of a decoder program: the KV cache written where it lies.
+
+A decoder program (rewriter/decoder.py) appends each layer's new K/V to its past with
+``cat([past, new], dim=2)`` and returns the result as the present. Generating from a preallocated
+cache that way copies the whole cache at every step (B × Hkv × T × D per layer, for K and V).
+:func:`inplace_step` derives, from a copy of the program's graph (the program is left untouched;
+the step shares its weights), a step module that instead
+
+* takes each layer's cache buffer ``(B, Hkv, T, D)`` and the buffer slots of the new tokens
+  (``cache_position``, ``(S,)`` int64) as inputs;
+* writes the new K/V into the buffer in place where the program concatenated
+  (``index_copy_`` along the sequence dimension) and attends over the whole buffer;
+* shows every other reader of a past input (the mask builder, which reads the past length from its
+  shape) a view of the buffer's first ``T - S`` positions: the program's own mask code then sees
+  ``T - S`` past + ``S`` new = ``T`` keys, and the attention mask ``(B, T)`` says which slots hold
+  tokens (1) and which are empty or padding (0);
+* returns the logits ``(B, S, V)`` only: the presents are the buffers themselves.
+
+The view tells the program that the new tokens sit at the end of the buffer. That is exact in the
+two ways generation calls the step:
+
+* **decode**, one new token (``S = 1``) in any slot of a buffer of any length: with one query,
+  causality allows every key, so the mask is the attention mask alone (the written slots and the
+  new one);
+* **prefill**, ``S`` tokens into a buffer view of exactly ``S`` positions (``buf[:, :, :S]``,
+  ``cache_position = arange(S)``): the past is empty and the view is where the tokens go.
+
+Storage dtype: a layer's cache is stored in the dtype every reader of the concatenation casts it to
+before use (bf16 when ``bf16`` made attention a bf16 op), else in the concatenation's own dtype —
+lossless either way, and the casts are dropped from the step (they would copy the whole cache).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import operator
+import re
+import warnings
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .errors import UsageError
+from .program import Program
+
+__all__ = ["InPlaceStep", "inplace_step", "cache_concats"]
+
+aten = torch.ops.aten
+PAST = "past_key_values"  # as rewriter/decoder.py names the past inputs
+_PAST_NAME = re.compile(rf"^{PAST}_(\d+)_(key|value)$")
+_CASTS = (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout)
+# ops that reshape or re-stride the cache without computing on it (a cast at their end still reads the cache)
+_VIEWS = (aten.unsqueeze.default, aten.expand.default, aten.reshape.default, aten.view.default,
+          aten._unsafe_view.default, aten.slice.Tensor, aten.transpose.int, aten.permute.default,
+          aten.alias.default, aten.contiguous.default, aten.clone.default)
+
+
+@dataclasses.dataclass
+class InPlaceStep:
+    """``module(input_ids, attention_mask, position_ids, *buffers, cache_position) -> logits`` (see the module
+    docstring); ``buffers`` in the order of ``names`` (``"N.key"``, ``"N.value"``), each ``(B, heads[N], T,
+    head_dims[N])`` of dtype ``dtypes[N.kind]``."""
+
+    module: fx.GraphModule
+    names: tuple[str, ...]
+    heads: dict[str, int]
+    head_dims: dict[str, int]
+    dtypes: dict[str, torch.dtype]
+
+    def allocate(self, batch: int, length: int, device) -> dict[str, torch.Tensor]:
+        """Zeroed buffers for ``batch`` rows of ``length`` positions."""
+        return {k: torch.zeros(batch, self.heads[k], length, self.head_dims[k], dtype=self.dtypes[k], device=device)
+                for k in self.names}
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes per token per sequence, in the storage dtypes."""
+        return sum(self.heads[k] * self.head_dims[k] * self.dtypes[k].itemsize for k in self.names)
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache_position, buffers: dict[str, torch.Tensor]):
+        return self.module(input_ids, attention_mask, position_ids, *(buffers[k] for k in self.names), cache_position)
+
+
+def cache_concats(graph: fx.Graph) -> dict[str, fx.Node]:
+    """``"N.key"`` -> the ``cat([past input, new], dim=2)`` node that appends layer N's new K (V) to its past."""
+    out = {}
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target is not aten.cat.default:
+            continue
+        parts, dim = n.args[0], (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0))
+        if len(parts) != 2 or dim % 4 != 2 or getattr(parts[0], "op", None) != "placeholder":
+            continue
+        m = _PAST_NAME.match(parts[0].name)
+        if m:
+            out[f"{m.group(1)}.{m.group(2)}"] = n
+    return out
+
+
+def _dtype(n) -> torch.dtype | None:
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def _cast_dtype(n: fx.Node) -> torch.dtype | None:
+    """The dtype a cast node casts to (None: not a pure dtype cast)."""
+    if n.target is aten._to_copy.default or n.target is aten.to.dtype_layout:
+        if set(n.kwargs) - {"dtype", "layout", "device"} or len(n.args) != 1:
+            return None
+        return n.kwargs.get("dtype")
+    if n.target is aten.to.dtype:
+        return n.args[1] if len(n.args) > 1 else n.kwargs.get("dtype")
+    return None
+
+
+def _reader_casts(cat: fx.Node) -> list[fx.Node] | None:
+    """The casts every path from ``cat`` through views ends in, or None when some reader uses the cache itself
+    (the program's output, the present, is not a reader: the step returns no presents)."""
+    casts, todo = [], list(cat.users)
+    while todo:
+        u = todo.pop()
+        if u.op == "output":
+            continue
+        if u.op == "call_function" and u.target in _CASTS and _cast_dtype(u) is not None:
+            casts.append(u)
+        elif u.op == "call_function" and u.target in _VIEWS and u.args[0] is not None:
+            todo.extend(u.users)
+        else:
+            return None
+    return casts or None
+
+
+def _storage_dtype(cat: fx.Node) -> tuple[torch.dtype, list[fx.Node]]:
+    """(dtype to store the cache in, the reader casts that become no-ops)."""
+    own = _dtype(cat) or torch.float32
+    casts = _reader_casts(cat)
+    if casts:
+        to = {_cast_dtype(c) for c in casts}
+        if len(to) == 1:
+            (dt,) = to
+            if isinstance(dt, torch.dtype) and dt.is_floating_point and dt.itemsize < own.itemsize:
+                return dt, casts
+    return own, []
+
+
+def inplace_step(program: Program) -> InPlaceStep:
+    """The in-place decode step of a decoder program (see the module docstring). Raises UsageError naming the
+    past input that is not appended to with ``cat([past, new], dim=2)`` (then only ``cache="dynamic"`` works)."""
+    src = program.module
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deepcopy of pytree specs warns in torch 2.13
+        graph = copy.deepcopy(src.graph)
+    holders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    past = {f"{m.group(1)}.{m.group(2)}": n for name, n in holders.items() if (m := _PAST_NAME.match(name))}
+    if not past or "input_ids" not in holders:
+        raise UsageError("the static cache needs a decoder program (inputs input_ids, attention_mask, position_ids, "
+                         "past_key_values); this program has none: use cache='dynamic'")
+    cats = cache_concats(graph)
+    missing = sorted(set(past) - set(cats), key=lambda k: (int(k.split(".")[0]), k))
+    if missing:
+        raise UsageError(f"the static cache writes each new K/V into its buffer where the program appends it with "
+                         f"cat([past, new], dim=2), but past input {PAST}.{missing[0]} is not appended that way; "
+                         "use cache='dynamic'")
+    names = tuple(past)  # placeholder order: the step's arguments after input_ids, attention_mask, position_ids
+    order = [n.name for n in graph.nodes if n.op == "placeholder"]
+    if order != ["input_ids", "attention_mask", "position_ids"] + [past[k].name for k in names]:
+        raise UsageError(f"the static cache needs a decoder program with the inputs input_ids, attention_mask, "
+                         f"position_ids, {PAST}; this one takes {', '.join(order)}: use cache='dynamic'")
+
+    # the flat output of the program: keep the logits only
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    flat_out = list(out_node.args[0]) if isinstance(out_node.args[0], (list, tuple)) else [out_node.args[0]]
+    spec = getattr(graph._codegen, "pytree_info", None)
+    index = pytree.tree_unflatten(list(range(len(flat_out))), spec.out_spec) if spec and spec.out_spec else None
+    logits = flat_out[index["logits"]] if isinstance(index, dict) and "logits" in index else flat_out[0]
+
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last):
+        cache_position = graph.placeholder("cache_position")
+    heads, dims, dtypes = {}, {}, {}
+    with graph.inserting_after(cache_position):
+        new_len = graph.call_function(aten.sym_size.int, (holders["input_ids"], 1))  # S
+    anchor = new_len.next  # the views go here, in order
+    for key in names:
+        holder, cat = past[key], cats[key]
+        v = holder.meta.get("val")
+        heads[key], dims[key] = int(v.shape[1]), int(v.shape[3])
+        dtype, casts = _storage_dtype(cat)
+        dtypes[key] = dtype
+        others = [u for u in holder.users if u is not cat]
+        if others:  # they read the past length (the mask): a view of the first T - S positions
+            with graph.inserting_before(anchor):
+                total = graph.call_function(aten.sym_size.int, (holder, 2))
+                past_len = graph.call_function(operator.sub, (total, new_len))
+                view = graph.call_function(aten.slice.Tensor, (holder, 2, 0, past_len))
+            for u in others:
+                u.replace_input_with(holder, view)
+        new = cat.args[0][1]
+        with graph.inserting_before(cat):
+            if _dtype(new) != dtype:
+                new = graph.call_function(aten._to_copy.default, (new,), {"dtype": dtype})
+            write = graph.call_function(aten.index_copy_.default, (holder, 2, cache_position, new))
+        cat.replace_all_uses_with(write)
+        graph.erase_node(cat)
+        for c in casts:  # the cache is already in the dtype these casts produced
+            c.replace_all_uses_with(c.args[0])
+            graph.erase_node(c)
+    out_node.args = (logits,)
+    graph._codegen = fx.graph.CodeGen()  # flat positional inputs, one output
+    graph.eliminate_dead_code()
+    module = fx.GraphModule(src, graph, class_name="InPlaceDecodeStep")
+    return InPlaceStep(module, names, heads, dims, dtypes)
