@@ -45,7 +45,7 @@ import torch.utils._pytree as pytree
 from .errors import UsageError
 from .program import Program
 
-__all__ = ["InPlaceStep", "inplace_step", "cache_concats"]
+__all__ = ["InPlaceStep", "inplace_step", "cache_concats", "storage_dtypes"]
 
 aten = torch.ops.aten
 PAST = "past_key_values"  # as rewriter/decoder.py names the past inputs
@@ -141,6 +141,12 @@ def _storage_dtype(cat: fx.Node) -> tuple[torch.dtype, list[fx.Node]]:
             if isinstance(dt, torch.dtype) and dt.is_floating_point and dt.itemsize < own.itemsize:
                 return dt, casts
     return own, []
+
+
+def storage_dtypes(program: Program) -> dict[str, torch.dtype]:
+    """``"N.key"`` -> the dtype the in-place step stores that cache in (read from the program, which stays as is);
+    only the layers whose past is appended to with ``cat([past, new], dim=2)``."""
+    return {k: _storage_dtype(cat)[0] for k, cat in cache_concats(program.graph).items()}
 
 
 def inplace_step(program: Program) -> InPlaceStep:
