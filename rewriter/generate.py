@@ -146,7 +146,8 @@ def generate(model_or_path: Any, input_ids: torch.Tensor, max_new_tokens: int = 
     ``model_or_path``: a decoder Program or RewriteResult, a ``.pt2`` an evo-rewrite run wrote from a causal
     LM, a Hugging Face directory or causal-LM module (captured with its cache first). ``attention_mask``:
     for left-padded batches (1 = token, 0 = padding). ``eos_token_id``/``pad_token_id``: default from the
-    source's Hugging Face config. ``cache``: ``"dynamic"`` or ``"static"`` (see the module docstring).
+    source's Hugging Face config. ``cache``: ``"dynamic"`` or ``"static"`` (see the module docstring; default
+    static on CUDA or when compiling, else dynamic).
     ``compile``: run the static cache's decode step under ``torch.compile`` (``True``: inductor, with
     ``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA; a string or callable: that ``torch.compile`` backend).
     """
@@ -165,7 +166,7 @@ def generate(model_or_path: Any, input_ids: torch.Tensor, max_new_tokens: int = 
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    cache = cache or ("static" if dev.type == "cuda" else "dynamic")
+    cache = cache or ("static" if dev.type == "cuda" or compile is not False else "dynamic")
     if cache not in CACHE_MODES:
         raise UsageError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
     if compile is not False and cache != "static":

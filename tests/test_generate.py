@@ -131,6 +131,7 @@ def test_inplace_step_copies_no_cache_and_leaves_the_program(llama):
     writes = _cache_reads(step.module.graph, aten.index_copy_.default)
     assert len(writes) == 2 * hf_configs.LAYERS  # one write per layer and K/V
     assert _cache_reads(step.module.graph, aten.cat.default) == []  # the whole-cache copy is gone
+    assert not [n for n in step.module.graph.nodes if n.target in (aten.detach_.default, aten.lift_fresh_copy.default)]
     # the program itself still appends with cat and is unchanged
     assert program.module.code == code
     assert len(_cache_reads(program.graph, aten.cat.default)) == 2 * hf_configs.LAYERS
