@@ -200,7 +200,8 @@ def main() -> None:
             rows[name]["speedup_vs_transformers_static_compile"] = rows[BASE]["ms_per_step"] / rows[name]["ms_per_step"]
     import transformers
 
-    out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+           "transformers": transformers.__version__,
            "batch": args.batch, "prompt": args.prompt, "new": args.new, "dtype": "bfloat16",
            "model": ("tiny Llama (2 layers, hidden 64), smoke test" if args.tiny else
                      "Llama-style 0.95B MHA (hidden 2048, 16 layers, 32 heads, FFN 5632), random weights"),

@@ -214,7 +214,8 @@ def inplace_step(program: Program) -> InPlaceStep:
     out_node.args = (logits,)
     graph._codegen = fx.graph.CodeGen()  # flat positional inputs, one output
     for n in list(graph.nodes):  # DynamicCache's empty start tensors (CPU constants): a dead detach_ of a fresh copy
-        if n.target is aten.detach_.default and not n.users and getattr(n.args[0], "target", None) is aten.lift_fresh_copy.default:
+        fresh = getattr(n.args[0], "target", None) is aten.lift_fresh_copy.default if n.args else False
+        if n.target is aten.detach_.default and not n.users and fresh:
             graph.erase_node(n)
     graph.eliminate_dead_code()
     module = fx.GraphModule(src, graph, class_name="InPlaceDecodeStep")
