@@ -25,6 +25,12 @@ two ways generation calls the step:
 * **prefill**, ``S`` tokens into a buffer view of exactly ``S`` positions (``buf[:, :, :S]``,
   ``cache_position = arange(S)``): the past is empty and the view is where the tokens go.
 
+Grouped attention (``gqa`` programs, Hq query heads over Hkv < Hq K/V heads) reaches the step as SDPA with
+``enable_gqa=True`` and a mask, which CUDA's fused kernels do not take (SDPA falls back to its math form, which
+repeats K and V to Hq heads). With ``fold_groups`` (the default on CUDA) the step folds each group's query heads
+into the query length instead — query ``(B, Hq, S, D)`` as ``(B, Hkv, G·S, D)``, the mask repeated G times along
+its rows — so one fused SDPA without ``enable_gqa`` reads each K/V head once: the same attention, row by row.
+
 Storage dtype: a layer's cache is stored in the dtype every reader of the concatenation casts it to
 before use (bf16 when ``bf16`` made attention a bf16 op), else in the concatenation's own dtype —
 lossless either way, and the casts are dropped from the step (they would copy the whole cache).
@@ -68,6 +74,7 @@ class InPlaceStep:
     heads: dict[str, int]
     head_dims: dict[str, int]
     dtypes: dict[str, torch.dtype]
+    folded: int = 0  # grouped SDPA sites with their query heads folded into the query length
 
     def allocate(self, batch: int, length: int, device) -> dict[str, torch.Tensor]:
         """Zeroed buffers for ``batch`` rows of ``length`` positions."""
@@ -149,8 +156,53 @@ def storage_dtypes(program: Program) -> dict[str, torch.dtype]:
     return {k: _storage_dtype(cat)[0] for k, cat in cache_concats(program.graph).items()}
 
 
-def inplace_step(program: Program) -> InPlaceStep:
-    """The in-place decode step of a decoder program (see the module docstring). Raises UsageError naming the
+def _sdpa_args(n: fx.Node) -> dict:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+    got = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+    got.update(dict(zip(names, n.args)))
+    got.update(n.kwargs)
+    return got
+
+
+def _fold_groups(graph: fx.Graph, writes: dict[fx.Node, int]) -> int:
+    """Rewrite every ``SDPA(q, K, V, mask, enable_gqa=True)`` over a written cache with fewer K/V heads than query
+    heads into SDPA over the query heads folded into the query length (see the module docstring); return how many."""
+    done = 0
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target is not aten.scaled_dot_product_attention.default:
+            continue
+        a = _sdpa_args(n)
+        q, k, mask = a["query"], a["key"], a["attn_mask"]
+        qv = q.meta.get("val")
+        mv = mask.meta.get("val") if isinstance(mask, fx.Node) else None
+        if (k not in writes or not a["enable_gqa"] or a["is_causal"] or a["dropout_p"] or mv is None or qv is None
+                or mv.dim() != 4 or mv.shape[1] != 1):
+            continue
+        hq, hkv = qv.shape[1], writes[k]
+        if not (isinstance(hq, int) and isinstance(hkv, int) and hq > hkv and hq % hkv == 0):
+            continue
+        g = hq // hkv
+        call = graph.call_function
+        with graph.inserting_before(n):
+            b, s, d = (call(aten.sym_size.int, (q, i)) for i in (0, 2, 3))
+            gs = call(operator.mul, (s, g))
+            q_f = call(aten.reshape.default, (q, [b, hkv, gs, d]))  # (B, Hkv, G*S, D): head h = kv * G + g
+            mb, mt = call(aten.sym_size.int, (mask, 0)), call(aten.sym_size.int, (mask, 3))
+            m5 = call(aten.expand.default, (call(aten.unsqueeze.default, (mask, 2)), [-1, -1, g, -1, -1]))
+            m_f = call(aten.reshape.default, (m5, [mb, 1, gs, mt]))  # (B, 1, G*S, T): row g*S + s = mask row s
+            o_f = call(aten.scaled_dot_product_attention.default, (q_f, k, a["value"], m_f, 0.0, False),
+                       {"scale": a["scale"]} if a["scale"] is not None else {})
+            dv = call(aten.sym_size.int, (o_f, 3))
+            out = call(aten.reshape.default, (o_f, [b, hq, s, dv]))
+        n.replace_all_uses_with(out)
+        graph.erase_node(n)
+        done += 1
+    return done
+
+
+def inplace_step(program: Program, *, fold_groups: bool | None = None) -> InPlaceStep:
+    """The in-place decode step of a decoder program (see the module docstring). ``fold_groups``: fold grouped
+    query heads into the query length (default: when the program is on CUDA). Raises UsageError naming the
     past input that is not appended to with ``cat([past, new], dim=2)`` (then only ``cache="dynamic"`` works)."""
     src = program.module
     with warnings.catch_warnings():
@@ -183,7 +235,7 @@ def inplace_step(program: Program) -> InPlaceStep:
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last):
         cache_position = graph.placeholder("cache_position")
-    heads, dims, dtypes = {}, {}, {}
+    heads, dims, dtypes, writes = {}, {}, {}, {}
     with graph.inserting_after(cache_position):
         new_len = graph.call_function(aten.sym_size.int, (holders["input_ids"], 1))  # S
     anchor = new_len.next  # the views go here, in order
@@ -206,11 +258,15 @@ def inplace_step(program: Program) -> InPlaceStep:
             if _dtype(new) != dtype:
                 new = graph.call_function(aten._to_copy.default, (new,), {"dtype": dtype})
             write = graph.call_function(aten.index_copy_.default, (holder, 2, cache_position, new))
+        writes[write] = heads[key]
         cat.replace_all_uses_with(write)
         graph.erase_node(cat)
         for c in casts:  # the cache is already in the dtype these casts produced
             c.replace_all_uses_with(c.args[0])
             graph.erase_node(c)
+    if fold_groups is None:
+        fold_groups = next((t.device.type == "cuda" for t in src.parameters()), False)
+    folded = _fold_groups(graph, writes) if fold_groups else 0
     out_node.args = (logits,)
     graph._codegen = fx.graph.CodeGen()  # flat positional inputs, one output
     for n in list(graph.nodes):  # DynamicCache's empty start tensors (CPU constants): a dead detach_ of a fresh copy
@@ -219,4 +275,4 @@ def inplace_step(program: Program) -> InPlaceStep:
             graph.erase_node(n)
     graph.eliminate_dead_code()
     module = fx.GraphModule(src, graph, class_name="InPlaceDecodeStep")
-    return InPlaceStep(module, names, heads, dims, dtypes)
+    return InPlaceStep(module, names, heads, dims, dtypes, folded)

@@ -177,6 +177,34 @@ def test_inplace_step_writes_exactly_the_new_slot(llama):
             torch.testing.assert_close(buf[:, :, slot], new, rtol=0, atol=1e-6)
 
 
+def test_grouped_query_heads_fold_into_the_query_length(llama, grouped):
+    """fold_groups (the CUDA default): each grouped SDPA becomes one SDPA without enable_gqa over Hkv heads with
+    the G query heads of a group as G query rows; logits match the unfolded step at prefill and every decode step,
+    and the cache is written identically. Not fired: without SDPA (the captured program) or when off."""
+    on, off = inplace_step(grouped, fold_groups=True), inplace_step(grouped, fold_groups=False)
+    assert on.folded == hf_configs.LAYERS and off.folded == 0
+    sdpa = [n for n in on.module.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
+    assert len(sdpa) == hf_configs.LAYERS and not any(n.kwargs.get("enable_gqa") for n in sdpa)
+    assert inplace_step(llama[1], fold_groups=True).folded == 0  # eager attention: no SDPA to fold
+    ids, mask = _padded_ids()
+    b, s = ids.shape
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    bufs = {"on": on.allocate(b, 12, "cpu"), "off": off.allocate(b, 12, "cpu")}
+    full = torch.zeros(b, 12, dtype=torch.long)
+    full[:, :s] = mask
+    with torch.no_grad():
+        got = {k: st(ids, mask, pos, torch.arange(s), {n: v[:, :, :s] for n, v in bufs[k].items()})
+               for k, st in (("on", on), ("off", off))}
+        for i in range(3):
+            torch.testing.assert_close(got["on"], got["off"], rtol=0, atol=1e-6)
+            tok = got["off"][:, -1].argmax(-1)[:, None]
+            full[:, s + i] = 1
+            got = {k: st(tok, full, pos[:, -1:] + 1 + i, torch.tensor([s + i]), bufs[k])
+                   for k, st in (("on", on), ("off", off))}
+    for n in on.names:
+        torch.testing.assert_close(bufs["on"][n], bufs["off"][n], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("which", ["llama", "grouped"])
 def test_static_equals_dynamic(llama, grouped, which):
     """Static (in-place) and dynamic caches give the same tokens, for the exact program and a gqa one."""
