@@ -290,7 +290,8 @@ def test_inductor_step_on_cpu_equals_transformers(llama):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_step_equals_dynamic_and_is_not_skipped():
     """On CUDA: compile=True (inductor, CUDA graphs) compiles the step once, CUDA graphs are not skipped (the
-    mutated buffers are static inputs), and the tokens equal the dynamic path's and transformers'."""
+    mutated buffers are static inputs), and the tokens equal the dynamic path's and transformers' (and, for a
+    grouped program whose attention the step folds, the dynamic path's)."""
     from torch._dynamo.utils import counters
 
     model = hf_configs.build("llama").cuda()
@@ -305,3 +306,9 @@ def test_cuda_graphs_step_equals_dynamic_and_is_not_skipped():
     assert torch.equal(got[0], dyn) and torch.equal(got[1], dyn) and torch.equal(dyn, ref)
     assert counters["stats"]["unique_graphs"] == 1
     assert counters["inductor"]["cudagraph_skips"] == 0
+    # a grouped program: on CUDA its SDPA sites are folded (fused kernel, no enable_gqa); tokens still the dynamic's
+    grouped = evo_rewrite.rewrite(program, "gqa(kv_heads=1),flash").program
+    dyn = evo_rewrite.generate(grouped, ids, max_new_tokens=NEW, attention_mask=mask, cache="dynamic")
+    got = evo_rewrite.generate(grouped, ids, max_new_tokens=NEW, attention_mask=mask, compile=True)
+    assert static_step(grouped).step.folded == hf_configs.LAYERS
+    assert torch.equal(got, dyn)
