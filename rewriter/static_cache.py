@@ -19,9 +19,10 @@ the step shares its weights), a step module that instead
 The view tells the program that the new tokens sit at the end of the buffer. That is exact in the
 two ways generation calls the step:
 
-* **decode**, one new token (``S = 1``) in any slot of a buffer of any length: with one query,
-  causality allows every key, so the mask is the attention mask alone (the written slots and the
-  new one);
+* **decode**, one new token (``S = 1``) in any slot of a buffer of any length: the query is taken to
+  sit at the last position, where causality allows every key, so the mask is the attention mask alone
+  (the written slots and the new one) — unless a sliding window shorter than the buffer cuts it, which
+  generate refuses;
 * **prefill**, ``S`` tokens into a buffer view of exactly ``S`` positions (``buf[:, :, :S]``,
   ``cache_position = arange(S)``): the past is empty and the view is where the tokens go.
 
