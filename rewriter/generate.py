@@ -1,36 +1,44 @@
 """Token generation with a decoder program (rewriter/decoder.py): ``evo_rewrite.generate``.
 
-The program runs once over the prompt (prefill, past length 0) and then once per new token, its
-cache held in buffers allocated once for the whole generation (``(B, Hkv, prompt + max_new, D)`` per
-layer and per K/V) — nothing grows or is reallocated between steps. Two ways to feed the buffers:
+The program runs once over the prompt (prefill) and then once per new token. Two caches
+(docs/generate.md):
 
 ``cache="dynamic"`` (CPU default)
-    the past is a view of the buffer's first P positions; the program returns the present
-    (P + 1 positions) and the new position is copied into the buffer. Work per step grows with P.
+    buffers ``(B, Hkv, prompt + max_new, D)`` per layer and per K/V, allocated once; the program itself
+    runs each step, its past a view of the buffer's first P positions, and the present's new position is
+    copied back. The program appends with ``cat(past, new)``, so every step copies the past: work per
+    step grows with P. This is the program as verified, the reference for the other path.
 ``cache="static"`` (CUDA default)
-    the past is the *whole* buffer, with the attention mask zero over the positions not yet written,
-    so every decode step has the same shapes: the step can run under ``torch.compile``
-    (``compile=True``: mode ``reduce-overhead``, CUDA graphs). Masked positions add exact zeros, so
-    greedy tokens are those of the dynamic form.
+    the in-place step (rewriter/static_cache.py): derived once per program (the program is untouched),
+    it writes each new K/V into its buffer slot with ``index_copy_`` and attends over the whole buffer
+    with a mask that is 1 on the written slots. Every decode step has the same shapes and the same
+    buffers (marked static for dynamo), so it runs under ``torch.compile`` (``compile=True``: mode
+    ``reduce-overhead``, CUDA graphs, on CUDA) without recompiling. The step and its buffers are kept
+    with the program for the next call (a buffer at least as long as needed is reused), as
+    transformers keeps its StaticCache.
 
-Greedy decoding (``do_sample=False``) picks the argmax, as transformers' ``generate`` does, so an
-exact pipeline reproduces transformers' tokens; sampling applies ``temperature`` then nucleus
-(``top_p``) filtering. Rows that produced ``eos_token_id`` continue with ``pad_token_id``; generation
-stops when every row has finished.
+Masked slots add exact zeros, so greedy tokens are those of the dynamic path. Greedy decoding
+(``do_sample=False``) picks the argmax, as transformers' ``generate`` does, so an exact pipeline
+reproduces transformers' tokens; sampling applies ``temperature`` then nucleus (``top_p``)
+filtering. Rows that produced ``eos_token_id`` continue with ``pad_token_id``; generation stops
+when every row has finished.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any
+import weakref
+from typing import Any, Callable
 
 import torch
 
 from .decoder import PAST, PRESENT, capture_decoder, is_causal_lm, is_decoder, not_causal_lm_message
 from .errors import UsageError
 from .program import Program, SourceInfo
+from .static_cache import InPlaceStep, inplace_step, storage_dtypes
 
-__all__ = ["generate", "decoder_program", "generate_text"]
+__all__ = ["generate", "decoder_program", "generate_text", "static_step"]
 
 CACHE_MODES = ("dynamic", "static")
 
@@ -79,18 +87,69 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+@dataclasses.dataclass
+class _Static:
+    """A program's in-place step, kept with the program (its module) between generate calls."""
+
+    code: str  # the program module's code when the step was derived (a changed graph derives it again)
+    device: torch.device
+    step: InPlaceStep
+    buffers: dict[str, torch.Tensor] | None = None
+    compiled: dict = dataclasses.field(default_factory=dict)  # compile argument -> compiled step module
+
+    def buffers_for(self, batch: int, length: int) -> dict[str, torch.Tensor]:
+        """Zeroed cache buffers of ``batch`` rows and at least ``length`` positions (the kept ones when they
+        fit: the same tensors at the same addresses, as a compiled step and its CUDA graphs want)."""
+        bufs = self.buffers
+        first = next(iter(bufs.values())) if bufs else None
+        if first is not None and first.shape[0] == batch and first.shape[2] >= length:
+            for t in bufs.values():
+                t.zero_()
+            return bufs
+        self.buffers = None  # free the old ones first
+        bufs = self.step.allocate(batch, length, self.device)
+        for t in bufs.values():
+            torch._dynamo.mark_static_address(t)
+        self.buffers = bufs
+        return bufs
+
+    def compiled_step(self, compile) -> Callable:
+        if compile not in self.compiled:
+            kw = ({"mode": "reduce-overhead"} if self.device.type == "cuda" else {}) if compile is True \
+                else {"backend": compile}
+            self.compiled[compile] = torch.compile(self.step.module, fullgraph=True, dynamic=False, **kw)
+        return self.compiled[compile]
+
+
+_STATIC: "weakref.WeakKeyDictionary[torch.nn.Module, _Static]" = weakref.WeakKeyDictionary()
+
+
+def static_step(program: Program) -> _Static:
+    """The program's in-place step (rewriter/static_cache.py) with its kept buffers and compiled forms."""
+    module = program.module
+    dev = next((t.device for t in module.parameters()), torch.device("cpu"))
+    state = _STATIC.get(module)
+    if state is None or state.code != module.code or state.device != dev:
+        state = _Static(module.code, dev, inplace_step(program))
+        _STATIC[module] = state
+    return state
+
+
 def generate(model_or_path: Any, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
              attention_mask: torch.Tensor | None = None, device: str | torch.device | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-             cache: str | None = None, compile: bool = False, seed: int | None = None, log=None) -> torch.Tensor:
+             cache: str | None = None, compile: bool | str | Callable = False, seed: int | None = None,
+             log=None) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids`` (B, S); return (B, S + new) token ids.
 
     ``model_or_path``: a decoder Program or RewriteResult, a ``.pt2`` an evo-rewrite run wrote from a causal
     LM, a Hugging Face directory or causal-LM module (captured with its cache first). ``attention_mask``:
     for left-padded batches (1 = token, 0 = padding). ``eos_token_id``/``pad_token_id``: default from the
-    source's Hugging Face config. ``cache``: ``"dynamic"`` or ``"static"`` (see the module docstring).
-    ``compile``: run the decode step under ``torch.compile`` (static cache; CUDA graphs on CUDA).
+    source's Hugging Face config. ``cache``: ``"dynamic"`` or ``"static"`` (see the module docstring; default
+    static on CUDA or when compiling, else dynamic).
+    ``compile``: run the static cache's decode step under ``torch.compile`` (``True``: inductor, with
+    ``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA; a string or callable: that ``torch.compile`` backend).
     """
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -105,11 +164,13 @@ def generate(model_or_path: Any, input_ids: torch.Tensor, max_new_tokens: int = 
         device = input_ids.device if input_ids.device.type != "cpu" else "cpu"
     program = decoder_program(model_or_path, device=device, log=log)
     dev = torch.device(device)
-    cache = cache or ("static" if dev.type == "cuda" else "dynamic")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    cache = cache or ("static" if dev.type == "cuda" or compile is not False else "dynamic")
     if cache not in CACHE_MODES:
         raise UsageError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
-    if compile and cache != "static":
-        raise UsageError("compile=True needs cache='static' (every decode step the same shapes)")
+    if compile is not False and cache != "static":
+        raise UsageError("compile needs cache='static' (every decode step the same shapes)")
     cfg = program.source.hf_config or {}
     eos = cfg.get("eos_token_id") if eos_token_id is None else eos_token_id
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
@@ -121,59 +182,78 @@ def generate(model_or_path: Any, input_ids: torch.Tensor, max_new_tokens: int = 
     b, s = ids.shape
     mask = (torch.ones_like(ids) if attention_mask is None else attention_mask.to(dev)).long()
     total = s + max_new_tokens
-    layout = program.annotations.kv_cache
-    dtype = next((t.dtype for t in program.module.parameters() if t.is_floating_point()), torch.float32)
-    bufs = {f"{i}.{kind}": torch.zeros(b, c.kv_heads, total, c.head_dim, dtype=dtype, device=dev)
-            for i, c in enumerate(layout.layers) for kind in ("key", "value")}
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) is not False else None
+    if cache == "static" and isinstance(window, int) and total > window:
+        raise UsageError(f"cache='static' attends over the whole buffer, which needs prompt + max_new_tokens "
+                         f"({total}) <= the model's sliding window ({window}); use cache='dynamic'")
     out = torch.full((b, total), pad, dtype=ids.dtype, device=dev)
     out[:, :s] = ids
-    full_mask = torch.zeros(b, total, dtype=torch.long, device=dev)
-    full_mask[:, :s] = mask
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    eos_t = torch.tensor(eos, device=dev) if eos else None
     module = program.module
 
-    def run(new_ids, step_mask, pos, past):
-        return module(input_ids=new_ids, attention_mask=step_mask, position_ids=pos, **{PAST: past})
-
-    step_fn = torch.compile(run, mode="reduce-overhead" if dev.type == "cuda" else None, dynamic=False) \
-        if compile else run
-
-    finished = torch.zeros(b, dtype=torch.bool, device=dev)
-    n = s  # positions written
     with torch.no_grad():
-        empty = {k: v[:, :, :0] for k, v in bufs.items()}
-        res = run(ids, mask, positions.contiguous(), empty)
-        _store(bufs, res, 0, s, 0)
+        if cache == "static":
+            state = static_step(program)
+            step = state.step
+            bufs = state.buffers_for(b, total)
+            length = next(iter(bufs.values())).shape[2]
+            if log:
+                log(f"static cache: {len(bufs)} buffers of {length} positions, "
+                    f"{step.bytes_per_token() * b * length / 2**20:.1f} MiB, written in place")
+            full_mask = torch.zeros(b, length, dtype=torch.long, device=dev)
+            # prefill through the in-place step on views of the prompt's slots (exact: see static_cache.py)
+            logits = step(ids, mask, positions.contiguous(), torch.arange(s, device=dev),
+                          {k: v[:, :, :s] for k, v in bufs.items()})
+            decode = state.compiled_step(compile) if compile is not False else step.module
+            mark = compile is True and dev.type == "cuda"
+            flat = [bufs[k] for k in step.names]
+            slot = torch.full((1,), s, dtype=torch.long, device=dev)  # the buffer slot of the next token
+        else:
+            dtypes = storage_dtypes(program)
+            fallback = next((t.dtype for t in module.parameters() if t.is_floating_point()), torch.float32)
+            bufs = {f"{i}.{kind}": torch.zeros(b, c.kv_heads, total, c.head_dim, device=dev,
+                                               dtype=dtypes.get(f"{i}.{kind}", fallback))
+                    for i, c in enumerate(program.annotations.kv_cache.layers) for kind in ("key", "value")}
+            full_mask = torch.zeros(b, total, dtype=torch.long, device=dev)
+            res = module(input_ids=ids, attention_mask=mask, position_ids=positions.contiguous(),
+                         **{PAST: {k: v[:, :, :0] for k, v in bufs.items()}})
+            _store(bufs, res, 0, s)
+            logits = res["logits"]
+        full_mask[:, :s] = mask
         next_pos = positions[:, -1:] + 1
-        for step in range(max_new_tokens):
-            tok = _pick(res["logits"][:, -1], do_sample, temperature, top_p, gen)
+        finished = torch.zeros(b, dtype=torch.bool, device=dev)
+        n = s  # positions written
+        for i in range(max_new_tokens):
+            tok = _pick(logits[:, -1], do_sample, temperature, top_p, gen)
             if eos:
                 tok = torch.where(finished, torch.full_like(tok, pad), tok)
             out[:, n] = tok
             full_mask[:, n] = 1
             if eos:
-                finished |= torch.isin(tok, torch.tensor(eos, device=dev))
+                finished |= torch.isin(tok, eos_t)
             n += 1
-            if step == max_new_tokens - 1 or (eos and bool(finished.all())):
+            if i == max_new_tokens - 1 or (eos and bool(finished.all())):
                 break
             if cache == "dynamic":
-                past = {k: v[:, :, :n - 1] for k, v in bufs.items()}
-                res = run(tok[:, None], full_mask[:, :n], next_pos, past)
-                _store(bufs, res, n - 1, n, n - 1)
-            else:  # the whole buffer with its unwritten tail masked, then the new token at the end
-                step_mask = torch.cat([full_mask[:, :total], torch.ones_like(full_mask[:, :1])], 1)
-                step_mask[:, n - 1] = 0  # the new token sits at the end, not at its buffer slot yet
-                res = step_fn(tok[:, None], step_mask, next_pos, bufs)
-                _store(bufs, res, n - 1, n, total)
+                res = module(input_ids=tok[:, None], attention_mask=full_mask[:, :n], position_ids=next_pos,
+                             **{PAST: {k: v[:, :, :n - 1] for k, v in bufs.items()}})
+                _store(bufs, res, n - 1, n)
+                logits = res["logits"]
+            else:  # the new token goes to its slot, n - 1; the mask is 1 on the slots 0..n-1 that are not padding
+                if mark:
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = decode(tok[:, None], full_mask, next_pos, *flat, slot)
+                slot += 1
             next_pos = next_pos + 1
     return out[:, :n]
 
 
-def _store(bufs: dict, res: dict, start: int, stop: int, src: int) -> None:
-    """Copy the present's new positions [src, src + stop - start) into the buffers' [start, stop)."""
+def _store(bufs: dict, res: dict, start: int, stop: int) -> None:
+    """Copy the present's last stop - start positions into the buffers' [start, stop)."""
     for k, buf in bufs.items():
         present = res[f"{PRESENT}.{k}"]
-        buf[:, :, start:stop] = present[:, :, src:src + stop - start]
+        buf[:, :, start:stop] = present[:, :, present.shape[2] - (stop - start):]
 
 
 def generate_text(program: Program, prompt: str, tokenizer: str | os.PathLike | None, max_new_tokens: int = 32,
