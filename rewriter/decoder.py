@@ -191,6 +191,11 @@ def protocol_module(model: torch.nn.Module) -> torch.nn.Module:
 
     def forward(input_ids, attention_mask, position_ids, past_key_values: dict[str, torch.Tensor]):
         past = [(past_key_values[f"{i}.key"], past_key_values[f"{i}.value"]) for i in range(len(past_key_values) // 2)]
+        # the mask's last P + S positions (all of it): its length stays a symbol of its own, as in the Hugging Face
+        # programs, rather than the expression P + S that a module broadcasting it against its keys would make it
+        total = past[0][0].shape[2] + input_ids.shape[1]
+        last = attention_mask.shape[1]
+        attention_mask = attention_mask.index_select(1, torch.arange(last - total, last, device=attention_mask.device))
         logits, presents = call_protocol(model, lambda *a, **k: own_forward(wrapper, *a, **k), input_ids, past,
                                          attention_mask, position_ids)
         result = {"logits": logits}
@@ -399,6 +404,10 @@ def capture_decoder(model: torch.nn.Module, *, source: SourceInfo | None = None,
             where = f" in module '{mod}'" if mod else ""
             at = f" at {line}" if line else ""
             first = (str(exc).strip().splitlines() or [""])[0][:300]
+            if "Constraints violated" in first:  # e.g. a position table or mask buffer of a fixed size
+                first += (f" (the decoder program's batch, new and past lengths are symbolic up to {_MAX}; a module "
+                          "that bounds them, such as with a fixed-size position table or mask buffer sliced by "
+                          "length, cannot be captured with its cache)")
             raise CaptureError(f"cannot capture {type(model).__name__} with its KV cache: torch.export failed{where}{at} "
                                f"with {type(exc).__name__}: {first}. Use --no-cache (rewrite(..., cache=False)) for "
                                "the cacheless forward.") from None
