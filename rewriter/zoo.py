@@ -9,6 +9,8 @@ Each factory returns ``(module, example_inputs)`` and is a SOURCE on the command
 Llama-style decoder written by hand, no transformers (RMSNorm, SwiGLU, rotary): the architecture
 Liger-Kernel patches in transformers, in a module it cannot patch; its pieces can be switched to
 other spellings (Gemma's ``1 + w`` norm, GeGLU, a fused gate/up projection, interleaved rotary).
+``cached_llama``: a Llama-style decoder that takes its KV cache (the cache protocol of
+rewriter/decoder.py), captured as a decoder program.
 """
 
 from __future__ import annotations
