@@ -62,7 +62,7 @@ from .program import Program, SourceInfo
 
 __all__ = ["cached_module", "protocol_module", "capture_decoder", "is_causal_lm", "declares_cache", "takes_cache",
            "CACHE_PROTOCOL", "CacheProtocolError", "not_causal_lm_message", "decoder_inputs",
-           "cache_layout", "sync_cache", "set_cache_heads", "is_decoder", "empty_past", "step_inputs", "run_with_own_cache",
+           "cache_layout", "sync_cache", "set_cache_heads", "is_decoder", "reads_mask", "empty_past", "step_inputs", "run_with_own_cache",
            "verify_decoder", "DecoderCheck", "second_decoder_inputs", "export_dynamic_shapes", "PAST", "PRESENT", "DIM_NAMES"]
 
 PAST = "past_key_values"  # the input dict; its flattened names read past_key_values.N.key / .value
@@ -363,6 +363,13 @@ def _dynamic_shapes(layout: KVCacheLayout):
 
 def is_decoder(program: Program) -> bool:
     return program.annotations.kv_cache is not None
+
+
+def reads_mask(program: Program) -> bool:
+    """Whether the decoder program uses its ``attention_mask`` input. A program captured from a cache-protocol
+    module without an ``attention_mask`` parameter takes the input but ignores it: it cannot hide padding or
+    the unwritten tail of a preallocated cache (generate's ``cache="static"``)."""
+    return any(n.name == "attention_mask" and len(n.users) > 0 for n in program.placeholders())
 
 
 def export_dynamic_shapes(program: Program):

@@ -239,11 +239,17 @@ def test_generate_reproduces_the_modules_own_greedy_loop(cached, cache):
     assert torch.equal(evo_rewrite.generate(flash, prompt, max_new_tokens=8, cache=cache), ref)
 
 
-def test_generate_from_the_module_and_from_a_pt2(cached, tmp_path):
+def test_generate_from_the_module(cached):
+    model, _ = cached
+    prompt = _ids(1, 4, seed=5)
+    assert torch.equal(evo_rewrite.generate(model, prompt, max_new_tokens=6), _own_greedy(model, prompt, 6))
+
+
+@pytest.mark.slow
+def test_generate_from_a_pt2_of_a_protocol_module(cached, tmp_path):
     model, program = cached
     prompt = _ids(1, 4, seed=5)
     ref = _own_greedy(model, prompt, 6)
-    assert torch.equal(evo_rewrite.generate(model, prompt, max_new_tokens=6), ref)  # captured on the way
     path = tmp_path / "lm.pt2"
     evo_rewrite.write(program, path)
     assert evo_rewrite.load(path).program.annotations.kv_cache == program.annotations.kv_cache
@@ -294,6 +300,7 @@ def test_a_module_without_mask_or_positions_ignores_those_inputs():
     holders = {n.name: n for n in program.placeholders()}
     assert list(holders)[:3] == ["input_ids", "attention_mask", "position_ids"]  # the same four inputs
     assert not holders["attention_mask"].users and not holders["position_ids"].users  # ... which it ignores
+    assert not D.reads_mask(program) and D.reads_mask(D.capture_decoder(zoo.cached_llama()[0]))
     assert D.verify_decoder(program, model, _ids(vocab=32), steps=3).max_rel_error <= 1e-5
     new, report = PassManager(parse_pipeline("flash")).run(program)
     assert report.passes[0].verified and report.passes[0].rewrites == 2
@@ -375,3 +382,17 @@ def test_cli_factory_source_writes_a_decoder_pt2_that_generates(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--generate needs a tokenizer" in r.stderr and "--tokenizer DIR" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_genai_directory_from_a_protocol_module(cached, tmp_path):
+    """--target genai from a module of your own: GroupQueryAttention per layer, tokens equal the PyTorch program's."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        pytest.fail("needs onnxruntime-genai: pip install 'evo-rewrite[genai]'")
+    model, program = cached
+    flash, _ = PassManager(parse_pipeline("flash")).run(program)
+    rep = evo_rewrite.write(flash, tmp_path / "lm", "genai")
+    assert rep.group_query_attention == len(model.blocks)
+    assert rep.check_tokens["genai"] == rep.check_tokens["pytorch"]
