@@ -208,13 +208,13 @@ def prepare(source, example_inputs=None, *, allow_pickle: bool = False, trust_co
             inputs = make_inputs(parse_input_spec(inputs))
         elif inputs is None and hf:
             inputs = hf_example_inputs(source)
-        elif inputs is None:
+        elif inputs is None and not (cache and declares_cache(source)):  # the decoder capture makes its own
             raise UsageError("rewrite(module, ...) needs example_inputs (a tuple of positional or a dict of "
                              "keyword tensors)")
         info = SourceInfo(kind="module", model_class=type(source).__qualname__)
         if hf:
             info.hf_config, info.hf_class = source.config.to_dict(), type(source).__name__
-        loaded = Loaded(source=info, model=source.to(device), inputs=inputs.to(device))
+        loaded = Loaded(source=info, model=source.to(device), inputs=None if inputs is None else inputs.to(device))
     else:
         loaded = load(source, inputs=inputs, allow_pickle=allow_pickle, trust_code=trust_code,
                       allow_missing_weights=allow_missing_weights, device=device)
@@ -226,6 +226,8 @@ def prepare(source, example_inputs=None, *, allow_pickle: bool = False, trust_co
         try:
             return capture_decoder(loaded.model, source=loaded.source, log=log)
         except CacheProtocolError as exc:
+            if loaded.inputs is None:  # nothing to capture the cacheless forward with
+                raise UsageError(f"{exc}; or give example_inputs") from None
             if log:
                 log(f"{loaded.source.model_class or type(loaded.model).__name__} takes past_key_values but does not "
                     f"follow the cache protocol ({exc.reason}): capturing it without its cache")

@@ -116,9 +116,9 @@ def takes_cache(model) -> bool:
 
 def not_causal_lm_message(what: str, thing: str) -> str:
     return (f"{what} needs a causal language model with a KV cache, and {thing} is not one: Hugging Face "
-            "*ForCausalLM / *LMHeadModel models (Llama, SmolLM2, Qwen2, Mistral, ...) qualify, or a module whose "
-            f"{CACHE_PROTOCOL} (docs/extending.md), or a program evo-rewrite captured from either with its cache "
-            "(the default; not with --no-cache)")
+            "*ForCausalLM / *LMHeadModel models (Llama, SmolLM2, Qwen2, Mistral, ...) qualify, or a module that "
+            f"follows the cache protocol, {CACHE_PROTOCOL} (docs/extending.md), or a program evo-rewrite captured "
+            "from either with its cache (the default; not with --no-cache)")
 
 
 def cached_module(model: torch.nn.Module) -> torch.nn.Module:

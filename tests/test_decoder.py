@@ -225,7 +225,7 @@ def test_gqa_then_flash_shrinks_a_protocol_modules_cache(cached):
 
 def test_a_grouped_protocol_module_shrinks_to_one_head():
     model, _ = zoo.cached_llama(n_kv_head=2)
-    result = evo_rewrite.rewrite(model, "gqa(kv_heads=1),flash", cache=True, example_inputs=(_ids(),))
+    result = evo_rewrite.rewrite(model, "gqa(kv_heads=1),flash", cache=True)  # no example inputs needed
     assert result.report.ok and [r.rewrites for r in result.report.passes] == [2, 2]
     assert [c.kv_heads for c in result.program.annotations.kv_cache.layers] == [1, 1]
 
@@ -349,6 +349,8 @@ def test_a_module_that_declares_a_cache_but_departs_from_the_protocol():
     program = evo_rewrite.prepare(model, (ids,), cache=True, log=logs.append)
     assert program.annotations.kv_cache is None  # captured without its cache, and the log says why
     assert any("does not follow the cache protocol" in m and "returned Tensor, not a pair" in m for m in logs)
+    with pytest.raises(UsageError, match=r"^LogitsOnly does not follow the cache protocol: .*; or give example_inputs$"):
+        evo_rewrite.prepare(model, cache=True)  # no example inputs for the cacheless forward either
     with pytest.raises(D.CacheProtocolError) as info:
         D.capture_decoder(model)
     msg = str(info.value)
