@@ -250,6 +250,10 @@ def _probe_protocol(model) -> tuple[KVCacheLayout, int]:
         logits0, presents0 = call("forward(input_ids, past_key_values=<empty past>)", ids, empty)
         if len(presents0) != len(presents):
             raise CacheProtocolError(name, "a prefill from an empty past returned a different number of layers")
+        scale = max(logits.float().abs().max().item(), 1e-6)
+        if not torch.allclose(logits0.float(), logits.float(), rtol=1e-3, atol=1e-3 * scale):
+            raise CacheProtocolError(name, "a prefill from an empty past (P = 0) gave other logits than from "
+                                           "past_key_values=None")
         call("a decode step (1 token after 2)", ids[:, :1], presents)
     layers = tuple(LayerCache(int(k.shape[1]), int(k.shape[-1]), str(k.dtype).removeprefix("torch."))
                    for k, _ in presents)

@@ -398,3 +398,17 @@ def test_genai_directory_from_a_protocol_module(cached, tmp_path):
     rep = evo_rewrite.write(flash, tmp_path / "lm", "genai")
     assert rep.group_query_attention == len(model.blocks)
     assert rep.check_tokens["genai"] == rep.check_tokens["pytorch"]
+
+
+class EmptyPastDiffers(NoMaskLM):
+    """Treats an empty past differently from None (adds 1 to the logits): departs from the protocol."""
+
+    def forward(self, input_ids, past_key_values=None):
+        logits, presents = super().forward(input_ids, past_key_values)
+        return (logits + 1 if past_key_values is not None else logits), presents
+
+
+def test_the_probe_checks_that_an_empty_past_is_a_prefill():
+    torch.manual_seed(0)
+    with pytest.raises(D.CacheProtocolError, match=r"prefill from an empty past \(P = 0\) gave other logits"):
+        D.capture_decoder(EmptyPastDiffers().eval())
