@@ -412,3 +412,16 @@ def test_the_probe_checks_that_an_empty_past_is_a_prefill():
     torch.manual_seed(0)
     with pytest.raises(D.CacheProtocolError, match=r"prefill from an empty past \(P = 0\) gave other logits"):
         D.capture_decoder(EmptyPastDiffers().eval())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_generate_of_a_protocol_module_equals_its_own_loop(compile):
+    """On CUDA the default cache is the preallocated one (mask over the unwritten tail), compiled on request."""
+    model, _ = zoo.cached_llama()
+    model = model.cuda()
+    program, _ = PassManager(parse_pipeline("flash")).run(D.capture_decoder(model))
+    prompt = _ids(2, 5, seed=3).cuda()
+    ref = _own_greedy(model, prompt, 8)
+    got = evo_rewrite.generate(program, prompt, max_new_tokens=8, device="cuda", cache="static", compile=compile)
+    assert torch.equal(got, ref)
