@@ -10,7 +10,7 @@ import torch
 
 from .annotations import Calibration
 from .errors import UsageError, VerificationError
-from .decoder import capture_decoder, is_causal_lm
+from .decoder import CacheProtocolError, capture_decoder, declares_cache, is_causal_lm
 from .graph_capture import capture
 from .heal_data import attach_heal_data
 from .inputs import Inputs, make_inputs, parse_input_spec
@@ -195,7 +195,9 @@ def prepare(source, example_inputs=None, *, allow_pickle: bool = False, trust_co
 
     ``allow_pickle``, ``trust_code``, ``allow_missing_weights``: consent for what loading SOURCE may
     do (see :func:`evo_rewrite.load`). ``cache``: capture a causal LM as a decoder program with its KV
-    cache (rewriter/decoder.py); other models are captured as usual.
+    cache (rewriter/decoder.py): a Hugging Face ``*ForCausalLM``, or a module that follows the cache
+    protocol (``forward(input_ids, past_key_values=None, ...) -> (logits, presents)``); other models,
+    and a module whose probe shows it departs from the protocol, are captured as usual.
     """
     if isinstance(source, Program):
         return source.clone()  # the caller's program keeps its annotations (calibration, heal data)
@@ -206,13 +208,13 @@ def prepare(source, example_inputs=None, *, allow_pickle: bool = False, trust_co
             inputs = make_inputs(parse_input_spec(inputs))
         elif inputs is None and hf:
             inputs = hf_example_inputs(source)
-        elif inputs is None:
+        elif inputs is None and not (cache and declares_cache(source)):  # the decoder capture makes its own
             raise UsageError("rewrite(module, ...) needs example_inputs (a tuple of positional or a dict of "
                              "keyword tensors)")
         info = SourceInfo(kind="module", model_class=type(source).__qualname__)
         if hf:
             info.hf_config, info.hf_class = source.config.to_dict(), type(source).__name__
-        loaded = Loaded(source=info, model=source.to(device), inputs=inputs.to(device))
+        loaded = Loaded(source=info, model=source.to(device), inputs=None if inputs is None else inputs.to(device))
     else:
         loaded = load(source, inputs=inputs, allow_pickle=allow_pickle, trust_code=trust_code,
                       allow_missing_weights=allow_missing_weights, device=device)
@@ -220,6 +222,15 @@ def prepare(source, example_inputs=None, *, allow_pickle: bool = False, trust_co
         return loaded.program
     if cache and is_causal_lm(loaded.model):
         return capture_decoder(loaded.model, source=loaded.source, log=log)
+    if cache and declares_cache(loaded.model):  # a module of your own: the cache protocol, confirmed by a probe
+        try:
+            return capture_decoder(loaded.model, source=loaded.source, log=log)
+        except CacheProtocolError as exc:
+            if loaded.inputs is None:  # nothing to capture the cacheless forward with
+                raise UsageError(f"{exc}; or give example_inputs") from None
+            if log:
+                log(f"{loaded.source.model_class or type(loaded.model).__name__} takes past_key_values but does not "
+                    f"follow the cache protocol ({exc.reason}): capturing it without its cache")
     if log:
         log(f"capturing {loaded.source.model_class} with torch.export ({loaded.inputs.describe()}) ...")
     return capture(loaded.model, loaded.inputs, source=loaded.source, log=log)
@@ -242,7 +253,8 @@ def rewrite(source, pipeline: str | list[Pass] = "", example_inputs=None, *, all
     ``heal_data``: unlabeled data for ``heal``: text or token files (paths), a list of strings, or a
     tensor of token ids; text is tokenized with ``tokenizer`` (a directory or a tokenizer object),
     by default the Hugging Face source's own.
-    ``cache``: capture a causal LM with its KV cache (a decoder program that ``generate`` runs).
+    ``cache``: capture a causal LM with its KV cache (a decoder program that ``generate`` runs): a Hugging
+    Face ``*ForCausalLM`` or a module that follows the cache protocol (rewriter/decoder.py).
     """
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
     check_pipeline(passes, given_inputs(calibration is not None, heal_data is not None, device))

@@ -17,8 +17,28 @@ The cache's shape per layer is the program's :class:`~evo_rewrite.annotations.KV
 annotation, read from the graph (:func:`cache_layout`), so a pass that changes it (``gqa``) keeps it
 true by calling :func:`sync_cache` on the program it returns.
 
+Two kinds of model qualify: Hugging Face ``*ForCausalLM`` / ``*LMHeadModel`` models (their cache is
+transformers' ``DynamicCache``, :func:`cached_module`), and a module of your own that follows the
+**cache protocol** (:data:`CACHE_PROTOCOL`, :func:`protocol_module`)::
+
+    forward(input_ids, past_key_values=None, attention_mask=None, position_ids=None) -> (logits, presents)
+
+``input_ids`` (B, S) is the first positional parameter; ``past_key_values`` (a parameter of that name) is
+None or a list/tuple with one ``(key, value)`` pair per layer, each ``(B, Hkv, P, D)`` (P = 0 is a
+prefill, as None is); ``presents`` is the same form with P + S positions (the past concatenated with
+the new tokens' K/V) and ``logits`` is (B, S, V). ``attention_mask`` (B, P+S; 1 token, 0 padding) and
+``position_ids`` (B, S) are optional parameters: the program always has the four inputs above, and
+passes each to the module only if its forward names it — a module without ``attention_mask`` ignores
+the program's mask (no left padding, and only the growing cache of ``generate(cache="dynamic")``,
+since a preallocated cache relies on the mask), one without ``position_ids`` computes positions itself
+(typically P, P+1, ...). A module qualifies by its signature (a ``past_key_values`` parameter) *and* a
+probe (:func:`_probe_protocol`: prefill 2 tokens from None and from an empty past, decode 1 more; the
+shapes must follow the protocol); anything else is captured without its cache. ``zoo.cached_llama``
+is an example.
+
 Checking a decoder program compares logits, step by step, against the original with its own cache
-(:func:`verify_decoder`: transformers' ``DynamicCache`` for Hugging Face models). For the pass
+(:func:`verify_decoder`: transformers' ``DynamicCache`` for Hugging Face models, the module's own
+``past_key_values``/``presents`` for the protocol). For the pass
 manager, whose verification inputs are fixed, :func:`run_with_own_cache` runs a program on decoder
 inputs after building the past from the program itself (a prefill over a fixed prefix): a pass that
 changes the cache's head count is then compared on logits alone, as it must be.
@@ -26,7 +46,9 @@ changes the cache's head count is then compared on logits alone, as it must be.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import inspect
 import re
 import warnings
 
@@ -38,8 +60,9 @@ from .errors import CaptureError, UsageError, VerificationError
 from .inputs import Inputs
 from .program import Program, SourceInfo
 
-__all__ = ["cached_module", "capture_decoder", "is_causal_lm", "not_causal_lm_message", "decoder_inputs",
-           "cache_layout", "sync_cache", "set_cache_heads", "is_decoder", "empty_past", "step_inputs", "run_with_own_cache",
+__all__ = ["cached_module", "protocol_module", "capture_decoder", "is_causal_lm", "declares_cache", "takes_cache",
+           "CACHE_PROTOCOL", "CacheProtocolError", "not_causal_lm_message", "decoder_inputs",
+           "cache_layout", "sync_cache", "set_cache_heads", "is_decoder", "reads_mask", "empty_past", "step_inputs", "run_with_own_cache",
            "verify_decoder", "DecoderCheck", "second_decoder_inputs", "export_dynamic_shapes", "PAST", "PRESENT", "DIM_NAMES"]
 
 PAST = "past_key_values"  # the input dict; its flattened names read past_key_values.N.key / .value
@@ -60,10 +83,42 @@ def is_causal_lm(model) -> bool:
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
 
+CACHE_PROTOCOL = ("forward(input_ids, past_key_values=None, [attention_mask], [position_ids]) returning (logits, "
+                  "presents), past and presents a list of per-layer (key, value) tensors (batch, kv_heads, length, "
+                  "head_dim)")
+
+
+class CacheProtocolError(UsageError):
+    """A module that declares ``past_key_values`` but does not follow the cache protocol (``reason`` says how)."""
+
+    def __init__(self, model_name: str, reason: str):
+        self.reason = reason
+        super().__init__(f"{model_name} does not follow the cache protocol: {reason}. A module qualifies with "
+                         f"{CACHE_PROTOCOL} (docs/extending.md); --no-cache (rewrite(..., cache=False)) captures it "
+                         "without its cache")
+
+
+def declares_cache(model) -> bool:
+    """A module of your own (not transformers') whose ``forward`` has a ``past_key_values`` parameter: it claims the
+    cache protocol, which the probe at capture confirms (:func:`_probe_protocol`)."""
+    if not isinstance(model, torch.nn.Module) or type(model).__module__.startswith("transformers"):
+        return False
+    try:
+        return PAST in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def takes_cache(model) -> bool:
+    """Qualifies for the decoder capture by its kind: a Hugging Face causal LM, or a module that declares the protocol."""
+    return is_causal_lm(model) or declares_cache(model)
+
+
 def not_causal_lm_message(what: str, thing: str) -> str:
     return (f"{what} needs a causal language model with a KV cache, and {thing} is not one: Hugging Face "
-            "*ForCausalLM / *LMHeadModel models (Llama, SmolLM2, Qwen2, Mistral, ...) qualify, or a program "
-            "evo-rewrite captured from one with its cache (the default; not with --no-cache)")
+            "*ForCausalLM / *LMHeadModel models (Llama, SmolLM2, Qwen2, Mistral, ...) qualify, or a module that "
+            f"follows the cache protocol, {CACHE_PROTOCOL} (docs/extending.md), or a program evo-rewrite captured "
+            "from either with its cache (the default; not with --no-cache)")
 
 
 def cached_module(model: torch.nn.Module) -> torch.nn.Module:
@@ -105,6 +160,104 @@ def cache_kwarg(model, cache) -> dict:
 def returned_cache(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+def _protocol_kwargs(model) -> tuple[bool, bool]:
+    """(takes attention_mask, takes position_ids): what the module's forward names."""
+    params = inspect.signature(model.forward).parameters
+    return "attention_mask" in params, "position_ids" in params
+
+
+def call_protocol(model, forward, input_ids, past, attention_mask=None, position_ids=None):
+    """Call a protocol module's ``forward`` (a bound method, or the class's function and the module) with the
+    optional inputs it names; return ``(logits, presents)``."""
+    takes_mask, takes_pos = _protocol_kwargs(model)
+    extra = {}
+    if takes_mask and attention_mask is not None:
+        extra["attention_mask"] = attention_mask
+    if takes_pos and position_ids is not None:
+        extra["position_ids"] = position_ids
+    out = forward(input_ids, past_key_values=past, **extra)
+    return out[0], out[1]
+
+
+def protocol_module(model: torch.nn.Module) -> torch.nn.Module:
+    """A cache-protocol module called as :func:`cached_module` calls a Hugging Face one: a shallow copy whose
+    ``forward`` takes ``(input_ids, attention_mask, position_ids, past_key_values)`` (the past a dict
+    ``{"N.key", "N.value"}``) and returns ``{"logits", "present.N.key", "present.N.value"}``; it shares the
+    model's parameters, so the program's weights keep the model's own names."""
+    wrapper = copy.copy(model)
+    own_forward = type(model).forward
+
+    def forward(input_ids, attention_mask, position_ids, past_key_values: dict[str, torch.Tensor]):
+        past = [(past_key_values[f"{i}.key"], past_key_values[f"{i}.value"]) for i in range(len(past_key_values) // 2)]
+        # the mask's last P + S positions (all of it): its length stays a symbol of its own, as in the Hugging Face
+        # programs, rather than the expression P + S that a module broadcasting it against its keys would make it
+        total = past[0][0].shape[2] + input_ids.shape[1]
+        last = attention_mask.shape[1]
+        attention_mask = attention_mask.index_select(1, torch.arange(last - total, last, device=attention_mask.device))
+        logits, presents = call_protocol(model, lambda *a, **k: own_forward(wrapper, *a, **k), input_ids, past,
+                                         attention_mask, position_ids)
+        result = {"logits": logits}
+        for i, (k, v) in enumerate(presents):
+            result[f"{PRESENT}.{i}.key"] = k
+            result[f"{PRESENT}.{i}.value"] = v
+        return result
+
+    wrapper.forward = forward
+    return wrapper
+
+
+def _probe_protocol(model) -> tuple[KVCacheLayout, int]:
+    """Check that ``model`` follows the cache protocol with three calls (prefill 2 tokens from None and from an
+    empty past, decode 1 more) and return its cache layout and vocabulary size; CacheProtocolError says where
+    it departs."""
+    name = type(model).__name__
+    dev = _device(model)
+    ids = torch.zeros(1, 2, dtype=torch.long, device=dev)
+
+    def call(what, new, past):
+        try:
+            out = model(new, past_key_values=past)
+        except Exception as exc:  # noqa: BLE001 - the reason goes into one line
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise CacheProtocolError(name, f"{what} raised {type(exc).__name__}: {first}") from None
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], torch.Tensor)):
+            raise CacheProtocolError(name, f"{what} returned {type(out).__name__}, not a pair (logits, presents)")
+        logits, presents = out
+        s, p = new.shape[1], (past[0][0].shape[2] if past else 0)
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != (1, s):
+            raise CacheProtocolError(name, f"{what} returned logits of shape {tuple(logits.shape)}, not (batch 1, "
+                                           f"{s} tokens, vocab)")
+        ok = isinstance(presents, (tuple, list)) and len(presents) > 0 and all(
+            isinstance(kv, (tuple, list)) and len(kv) == 2 and all(isinstance(t, torch.Tensor) and t.dim() == 4
+                                                                   for t in kv) for kv in presents)
+        if not ok:
+            raise CacheProtocolError(name, f"{what} returned presents that are not a list of per-layer (key, value) "
+                                           "4-D tensors")
+        for i, (k, v) in enumerate(presents):
+            if k.shape[0] != 1 or k.shape[2] != p + s or v.shape[2] != p + s or k.shape[1] != v.shape[1]:
+                raise CacheProtocolError(name, f"{what}: layer {i}'s present key {tuple(k.shape)} / value "
+                                               f"{tuple(v.shape)} is not (batch 1, kv_heads, {p + s} positions, "
+                                               "head_dim) with as many heads in both")
+            if k.shape[-1] != v.shape[-1]:
+                raise CacheProtocolError(name, f"{what}: K and V head sizes differ in layer {i}")
+        return logits, presents
+
+    with torch.no_grad():
+        logits, presents = call("forward(input_ids, past_key_values=None)", ids, None)
+        empty = [(k[:, :, :0], v[:, :, :0]) for k, v in presents]
+        logits0, presents0 = call("forward(input_ids, past_key_values=<empty past>)", ids, empty)
+        if len(presents0) != len(presents):
+            raise CacheProtocolError(name, "a prefill from an empty past returned a different number of layers")
+        scale = max(logits.float().abs().max().item(), 1e-6)
+        if not torch.allclose(logits0.float(), logits.float(), rtol=1e-3, atol=1e-3 * scale):
+            raise CacheProtocolError(name, "a prefill from an empty past (P = 0) gave other logits than from "
+                                           "past_key_values=None")
+        call("a decode step (1 token after 2)", ids[:, :1], presents)
+    layers = tuple(LayerCache(int(k.shape[1]), int(k.shape[-1]), str(k.dtype).removeprefix("torch."))
+                   for k, _ in presents)
+    return KVCacheLayout(layers), int(logits.shape[-1])
 
 
 def _probe(model) -> KVCacheLayout:
@@ -216,25 +369,38 @@ def is_decoder(program: Program) -> bool:
     return program.annotations.kv_cache is not None
 
 
+def reads_mask(program: Program) -> bool:
+    """Whether the decoder program uses its ``attention_mask`` input. A program captured from a cache-protocol
+    module without an ``attention_mask`` parameter takes the input but ignores it: it cannot hide padding or
+    the unwritten tail of a preallocated cache (generate's ``cache="static"``)."""
+    return any(n.name == "attention_mask" and len(n.users) > 0 for n in program.placeholders())
+
+
 def export_dynamic_shapes(program: Program):
     """torch.export's dynamic_shapes for re-exporting a decoder program (the pytorch target)."""
     return _dynamic_shapes(program.annotations.kv_cache)
 
 
 def capture_decoder(model: torch.nn.Module, *, source: SourceInfo | None = None, log=None) -> Program:
-    """Capture a Hugging Face causal LM as a decoder program (see the module docstring)."""
+    """Capture a causal LM as a decoder program (see the module docstring): a Hugging Face ``*ForCausalLM``, or a
+    module that follows the cache protocol (CacheProtocolError, a UsageError, says where one departs from it)."""
     from .graph_capture import _module_frame, program_from_exported
 
-    if not is_causal_lm(model):
+    hf = is_causal_lm(model)
+    if not hf and not declares_cache(model):
         raise UsageError(not_causal_lm_message("the decoder capture", type(model).__name__))
     source = source or SourceInfo(kind="module", model_class=type(model).__qualname__)
     was_training = model.training
     model.eval()
     try:
-        layout = _probe(model)
-        wrapper = cached_module(model)
-        vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
-            else int(model.config.vocab_size)
+        if hf:
+            layout = _probe(model)
+            wrapper = cached_module(model)
+            vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
+                else int(model.config.vocab_size)
+        else:
+            layout, vocab = _probe_protocol(model)
+            wrapper = protocol_module(model)
         inputs = decoder_inputs(wrapper, layout, vocab).to(_device(model))
         if log:
             log(f"capturing {type(model).__name__} as a decoder program with its KV cache "
@@ -249,6 +415,10 @@ def capture_decoder(model: torch.nn.Module, *, source: SourceInfo | None = None,
             where = f" in module '{mod}'" if mod else ""
             at = f" at {line}" if line else ""
             first = (str(exc).strip().splitlines() or [""])[0][:300]
+            if "Constraints violated" in first:  # e.g. a position table or mask buffer of a fixed size
+                first += (f" (the decoder program's batch, new and past lengths are symbolic up to {_MAX}; a module "
+                          "that bounds them, such as with a fixed-size position table or mask buffer sliced by "
+                          "length, cannot be captured with its cache)")
             raise CaptureError(f"cannot capture {type(model).__name__} with its KV cache: torch.export failed{where}{at} "
                                f"with {type(exc).__name__}: {first}. Use --no-cache (rewrite(..., cache=False)) for "
                                "the cacheless forward.") from None
@@ -409,28 +579,38 @@ class DecoderCheck:
 def verify_decoder(program: Program, model: torch.nn.Module, input_ids: torch.Tensor, *, steps: int = 3,
                    attention_mask: torch.Tensor | None = None, tolerance: float | None = None) -> DecoderCheck:
     """Prefill ``input_ids`` and decode ``steps`` greedy tokens (the original's choice) in both the program
-    and the original with its own cache (transformers' ``DynamicCache``); compare logits at every step.
+    and the original with its own cache (transformers' ``DynamicCache``, or a protocol module's own
+    ``past_key_values``/``presents``); compare logits at every step.
 
     ``tolerance``: max |Δ| / max |ref| allowed at any step (default: the exact-pass tolerance of the
     logits' dtype); raises VerificationError naming the first step past it.
     """
-    from transformers import DynamicCache
-
     from .verify import tolerance as dtype_tolerance
 
     if not is_decoder(program):
         raise UsageError(not_causal_lm_message("verify_decoder", "this program"))
+    if not takes_cache(model):
+        raise UsageError(not_causal_lm_message("verify_decoder", type(model).__name__))
     dev = _device(program)
     ids = input_ids.to(dev)
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(dev)
-    cache = DynamicCache()
+    hf = is_causal_lm(model)
+    if hf:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+    else:
+        cache = None  # the module's own presents, fed back as its past
     past = empty_past(program.annotations.kv_cache, ids.shape[0], 0, device=dev, dtype=_float_dtype(program))
     new, records, tol = ids, [], tolerance
     with torch.no_grad():
         for step in range(steps + 1):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -new.shape[1]:]
-            ref = model(input_ids=new, attention_mask=mask, position_ids=pos, **cache_kwarg(model, cache),
-                        use_cache=True, return_dict=True).logits
+            if hf:
+                ref = model(input_ids=new, attention_mask=mask, position_ids=pos, **cache_kwarg(model, cache),
+                            use_cache=True, return_dict=True).logits
+            else:
+                ref, cache = call_protocol(model, model, new, cache, mask, pos)
             out = program(step_inputs(new, mask, past))
             got = out["logits"]
             past = {k.removeprefix(f"{PRESENT}."): v for k, v in out.items() if k.startswith(f"{PRESENT}.")}

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from .decoder import PAST, PRESENT, capture_decoder, is_causal_lm, is_decoder, not_causal_lm_message
+from .decoder import PAST, PRESENT, capture_decoder, is_causal_lm, is_decoder, not_causal_lm_message, takes_cache
 from .errors import UsageError
 from .program import Program, SourceInfo
 from .static_cache import InPlaceStep, inplace_step, storage_dtypes
@@ -44,15 +44,17 @@ CACHE_MODES = ("dynamic", "static")
 
 
 def decoder_program(model_or_path: Any, *, device: str | torch.device = "cpu", log=None) -> Program:
-    """A decoder program from a Program, a RewriteResult, a path (.pt2 or any SOURCE) or a causal-LM module."""
+    """A decoder program from a Program, a RewriteResult, a path (.pt2 or any SOURCE) or a causal-LM module (a
+    Hugging Face ``*ForCausalLM`` or a module that follows the cache protocol of rewriter/decoder.py)."""
     obj = getattr(model_or_path, "program", model_or_path)  # a RewriteResult
     if isinstance(obj, Program):
         program = obj
     elif isinstance(obj, torch.nn.Module):
-        if not is_causal_lm(obj):
+        if not takes_cache(obj):
             raise UsageError(not_causal_lm_message("generate", type(obj).__name__))
-        info = SourceInfo(kind="module", model_class=type(obj).__qualname__, hf_config=obj.config.to_dict(),
-                          hf_class=type(obj).__name__)
+        info = SourceInfo(kind="module", model_class=type(obj).__qualname__)
+        if is_causal_lm(obj):
+            info.hf_config, info.hf_class = obj.config.to_dict(), type(obj).__name__
         program = capture_decoder(obj.to(device), source=info, log=log)
     elif isinstance(obj, (str, os.PathLike)):
         from .sources import load
@@ -60,7 +62,7 @@ def decoder_program(model_or_path: Any, *, device: str | torch.device = "cpu", l
         loaded = load(obj, device=device)
         if loaded.program is not None:
             program = loaded.program
-        elif loaded.model is not None and is_causal_lm(loaded.model):
+        elif loaded.model is not None and takes_cache(loaded.model):
             program = capture_decoder(loaded.model, source=loaded.source, log=log)
         else:
             raise UsageError(not_causal_lm_message("generate", str(obj)))

@@ -9,6 +9,8 @@ Each factory returns ``(module, example_inputs)`` and is a SOURCE on the command
 Llama-style decoder written by hand, no transformers (RMSNorm, SwiGLU, rotary): the architecture
 Liger-Kernel patches in transformers, in a module it cannot patch; its pieces can be switched to
 other spellings (Gemma's ``1 + w`` norm, GeGLU, a fused gate/up projection, interleaved rotary).
+``cached_llama``: a Llama-style decoder that takes its KV cache (the cache protocol of
+rewriter/decoder.py), captured as a decoder program.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["GPT", "Encoder", "Llama", "gpt", "encoder", "llama"]
+__all__ = ["GPT", "Encoder", "Llama", "CachedLlama", "gpt", "encoder", "llama", "cached_llama"]
 
 
 class CausalSelfAttention(nn.Module):
@@ -298,3 +300,103 @@ def llama(n_layer: int = 2, d_model: int = 32, n_head: int = 4, d_ff: int = 48, 
     model = Llama(vocab_size, n_layer, n_head, d_model, d_ff, **spelling).eval()
     ids = torch.randint(0, vocab_size, (2, 12))
     return model, ((ids, torch.randint(0, vocab_size, (2, 12))) if labels else (ids,))
+
+
+# ---- a Llama-style decoder that takes its KV cache (the cache protocol of rewriter/decoder.py) ----------
+
+class CachedLlamaAttention(nn.Module):
+    """Grouped-query attention over ``cat(past, new)`` K/V: additive mask, fp32 softmax, K/V heads
+    repeated to the query heads when there are fewer."""
+
+    def __init__(self, d_model, n_head, n_kv_head):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
+        hd = self.head_dim
+        self.q = nn.Linear(d_model, n_head * hd, bias=False)
+        self.k = nn.Linear(d_model, n_kv_head * hd, bias=False)
+        self.v = nn.Linear(d_model, n_kv_head * hd, bias=False)
+        self.o = nn.Linear(n_head * hd, d_model, bias=False)
+
+    def forward(self, x, cos, sin, bias, past):
+        B, S, _ = x.shape
+        hd = self.head_dim
+        q = self.q(x).view(B, S, self.n_head, hd).transpose(1, 2)  # (B, H, S, D)
+        k = self.k(x).view(B, S, self.n_kv_head, hd).transpose(1, 2)  # (B, Hkv, S, D)
+        v = self.v(x).view(B, S, self.n_kv_head, hd).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, Hkv, P+S, D)
+        present = (k, v)
+        rep = self.n_head // self.n_kv_head
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(hd) + bias  # (B, H, S, P+S)
+        y = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+        return self.o(y.transpose(1, 2).reshape(B, S, -1)), present
+
+
+class CachedLlamaBlock(nn.Module):
+    def __init__(self, d_model, n_head, n_kv_head, d_ff):
+        super().__init__()
+        self.ln1, self.attn = RMSNorm(d_model), CachedLlamaAttention(d_model, n_head, n_kv_head)
+        self.ln2, self.mlp = RMSNorm(d_model), GatedMLP(d_model, d_ff)
+
+    def forward(self, x, cos, sin, bias, past):
+        h, present = self.attn(self.ln1(x), cos, sin, bias, past)
+        x = x + h
+        return x + self.mlp(self.ln2(x)), present
+
+
+class CachedLlama(nn.Module):
+    """A Llama-style causal LM written by hand that takes its KV cache, following evo-rewrite's cache
+    protocol (rewriter/decoder.py)::
+
+        forward(input_ids, past_key_values=None, attention_mask=None, position_ids=None) -> (logits, presents)
+
+    ``past_key_values``: None or a sequence of per-layer ``(key, value)``, each ``(B, Hkv, P, D)``;
+    ``presents``: the same with ``P + S`` positions. ``attention_mask`` ``(B, P + S)``: 1 for real
+    tokens, 0 for padding; ``position_ids`` ``(B, S)``: by default ``P, P + 1, ...``.
+    """
+
+    def __init__(self, vocab_size=64, n_layer=2, n_head=4, n_kv_head=None, d_model=32, d_ff=48, theta=10000.0):
+        super().__init__()
+        n_kv_head = n_kv_head or n_head
+        self.vocab_size, self.head_dim = vocab_size, d_model // n_head
+        self.emb = nn.Embedding(vocab_size, d_model)
+        self.blocks = nn.ModuleList([CachedLlamaBlock(d_model, n_head, n_kv_head, d_ff) for _ in range(n_layer)])
+        self.norm = RMSNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        hd = self.head_dim
+        self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd), persistent=False)
+
+    def forward(self, input_ids, past_key_values=None, attention_mask=None, position_ids=None):
+        B, S = input_ids.shape
+        P = past_key_values[0][0].shape[2] if past_key_values else 0
+        dev = input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(P, P + S, device=dev)[None].expand(B, S)
+        x = self.emb(input_ids)  # (B, S, C)
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, S, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, S, D)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        # causal with offset P (query i sees keys 0..P+i), and padding where the mask is 0
+        allowed = torch.arange(P + S, device=dev)[None, :] <= torch.arange(S, device=dev)[:, None] + P  # (S, P+S)
+        allowed = allowed[None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, :].bool()  # (B, 1, S, P+S)
+        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=dev).masked_fill(~allowed, torch.finfo(x.dtype).min)
+        presents = []
+        for i, block in enumerate(self.blocks):
+            x, present = block(x, cos, sin, bias, past_key_values[i] if past_key_values else None)
+            presents.append(present)
+        return self.head(self.norm(x)), tuple(presents)
+
+
+def cached_llama(n_layer: int = 2, d_model: int = 32, n_head: int = 4, n_kv_head: int | None = None, d_ff: int = 48,
+                 vocab_size: int = 64, seed: int = 0):
+    """A hand-written Llama-style causal LM that takes its KV cache (:class:`CachedLlama`; ``n_kv_head``
+    fewer than ``n_head``: grouped-query attention) and example token ids (2, 12). Captured as a decoder
+    program by default on the command line (``evo-rewrite evo_rewrite.zoo:cached_llama --passes flash``)."""
+    torch.manual_seed(seed)
+    model = CachedLlama(vocab_size, n_layer, n_head, n_kv_head, d_model, d_ff).eval()
+    return model, (torch.randint(0, vocab_size, (2, 12)),)
