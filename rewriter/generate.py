@@ -33,7 +33,8 @@ from typing import Any, Callable
 
 import torch
 
-from .decoder import PAST, PRESENT, capture_decoder, is_causal_lm, is_decoder, not_causal_lm_message, takes_cache
+from .decoder import (PAST, PRESENT, capture_decoder, is_causal_lm, is_decoder, not_causal_lm_message, reads_mask,
+                      takes_cache)
 from .errors import UsageError
 from .program import Program, SourceInfo
 from .static_cache import InPlaceStep, inplace_step, storage_dtypes
@@ -168,9 +169,16 @@ def generate(model_or_path: Any, input_ids: torch.Tensor, max_new_tokens: int = 
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    cache = cache or ("static" if dev.type == "cuda" or compile is not False else "dynamic")
+    masked = reads_mask(program)  # a cache-protocol module without a mask cannot hide slots or padding
+    cache = cache or ("static" if (dev.type == "cuda" or compile is not False) and masked else "dynamic")
     if cache not in CACHE_MODES:
         raise UsageError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+    if cache == "static" and not masked:
+        raise UsageError("cache='static' hides the buffer's unwritten slots with attention_mask, which this program "
+                         "ignores (its module takes no attention_mask): use cache='dynamic' (without compile)")
+    if not masked and attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
+        raise UsageError("attention_mask has padding, which this program ignores (its module takes no attention_mask): "
+                         "generate rows of one length, without padding")
     if compile is not False and cache != "static":
         raise UsageError("compile needs cache='static' (every decode step the same shapes)")
     cfg = program.source.hf_config or {}

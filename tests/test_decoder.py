@@ -306,6 +306,11 @@ def test_a_module_without_mask_or_positions_ignores_those_inputs():
     assert report.passes[0].verified and report.passes[0].rewrites == 2
     prompt = _ids(2, 5, seed=2, vocab=32)
     assert torch.equal(evo_rewrite.generate(new, prompt, max_new_tokens=6), _own_greedy(model, prompt, 6))
+    # the static cache hides unwritten slots with the mask this program ignores: refused, not silently wrong
+    with pytest.raises(evo_rewrite.UsageError, match="cache='dynamic'"):
+        evo_rewrite.generate(new, prompt, max_new_tokens=2, cache="static")
+    with pytest.raises(evo_rewrite.UsageError, match="padding"):
+        evo_rewrite.generate(new, prompt, max_new_tokens=2, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1] * 5]))
 
 
 def test_a_module_that_bounds_its_lengths_says_so():
