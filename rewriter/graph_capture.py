@@ -376,7 +376,8 @@ class _SpecialisationLog(logging.Handler):
     def listening(self):
         """Hear INFO records of torch's symbolic-shapes logger, and nothing else (every other handler muted)."""
         lg = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-        loggers = [logging.root] + [x for x in logging.root.manager.loggerDict.values() if isinstance(x, logging.Logger)]
+        loggers = [logging.root] + [x for x in logging.root.manager.loggerDict.values()
+                                    if isinstance(x, logging.Logger)]
         muted = [(h, h.level) for x in loggers for h in x.handlers]
         if logging.lastResort is not None:
             muted.append((logging.lastResort, logging.lastResort.level))

@@ -269,8 +269,7 @@ class InputGuard:
         flat_dims = iter(program.dynamic_dims)
         leaves, specs = {}, {}
         for name in [*names[: len(ex.args)], *ex.kwargs]:  # the flattening order of (args, kwargs)
-            flat, spec = pytree.tree_flatten_with_path(values[name])
-            specs[name] = pytree.tree_structure(values[name])
+            flat, specs[name] = pytree.tree_flatten_with_path(values[name])
             out = []
             for path, leaf in flat:
                 dyn = next(flat_dims, {})
@@ -328,7 +327,8 @@ class InputGuard:
         if len(leaves) != 1:
             return f"{len(leaves)} tensors"
         lf = leaves[0]
-        return f"{_dtype_name(lf.dtype)}[{', '.join(self.allowed(d) if isinstance(d, str) else str(d) for d in lf.dims)}]"
+        sizes = ", ".join(self.allowed(d) if isinstance(d, str) else str(d) for d in lf.dims)
+        return f"{_dtype_name(lf.dtype)}[{sizes}]"
 
     def allowed(self, symbol: str) -> str:
         """The sizes a symbolic dimension accepts, as text: ``1..64``, ``1 or more``."""
@@ -350,8 +350,9 @@ class InputGuard:
             if not isinstance(got, torch.Tensor):
                 raise InputError(f"input {label} is {_kind(got)}; the program takes a tensor {self._describe(name)}")
             if got.dtype != leaf.dtype:
-                raise InputError(f"input {label} is {_dtype_name(got.dtype)}; the program takes {_dtype_name(leaf.dtype)} "
-                                 f"(convert it with .to(torch.{_dtype_name(leaf.dtype)}))")
+                want = _dtype_name(leaf.dtype)
+                raise InputError(f"input {label} is {_dtype_name(got.dtype)}; the program takes {want} "
+                                 f"(convert it with .to(torch.{want}))")
             if got.dim() != len(leaf.dims):
                 raise InputError(f"input {label} has {got.dim()} dimension(s) {list(got.shape)}; the program takes "
                                  f"{len(leaf.dims)}: {self._describe(name)}")

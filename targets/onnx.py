@@ -253,19 +253,24 @@ _TOKEN_SHAPED = ("input_ids", "attention_mask", "token_type_ids", "position_ids"
 def name_dims(model) -> dict[str, str]:
     """Name the graph's symbolic dimensions after what they are, not export's symbols (``s18``, ``s41``):
     ``batch`` for the first dimension of every input, ``sequence`` for the second of the main input and of
-    the inputs a tokenizer makes with it, ``<input>_dim<d>`` for the others. Expressions over them
+    the inputs a tokenizer makes with it, ``past_sequence`` / ``total_sequence`` for a decoder's cache and
+    mask, ``<input>_dim<d>`` for the others. Expressions over them
     (``s41 + 1``) are renamed too, on every value of the graph. Returns {old: new}."""
     import onnx_ir as ir
 
     renames: dict[str, str] = {}
+    # a decoder's mask spans the past and the new tokens: not the sequence of input_ids
+    cached = any("past" in v.name for v in model.graph.inputs)
     for i, v in enumerate(model.graph.inputs):
         for d, dim in enumerate(v.shape.dims if v.shape is not None else ()):
             if not isinstance(dim, ir.SymbolicDim) or not isinstance(dim.value, str) or dim.value in renames:
                 continue
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", dim.value):
                 continue  # an expression: renamed through its symbols
-            token_shaped = i == 0 or v.name in _TOKEN_SHAPED
+            token_shaped = i == 0 or v.name in _TOKEN_SHAPED and not (cached and v.name == "attention_mask")
             renames[dim.value] = ("batch" if d == 0 else "sequence" if d == 1 and token_shaped
+                                  else "past_sequence" if d == 2 and "past" in v.name
+                                  else "total_sequence" if d == 1 and v.name == "attention_mask"
                                   else f"{v.name}_dim{d}")
     if not renames:
         return renames
