@@ -167,6 +167,12 @@ def program_from_exported(ep: torch.export.ExportedProgram, inputs: Inputs, sour
     # on the same shape environment can pin to the example's sizes, and then rejects a valid batch
     gm._forward_pre_hooks.clear()
     gm._forward_pre_hooks_with_kwargs.clear()
+    # export records each dtype conversion with an assert of the dtype it saw (``.to(x.dtype)`` at
+    # capture time); the program is then refused under torch.autocast, where the same conversion sees
+    # another dtype. The asserts compute nothing and every pass skips them, so the program drops them.
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default and not n.users:
+            gm.graph.erase_node(n)
     gm.recompile()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     dynamic_dims = []
