@@ -244,7 +244,7 @@ def main():
             hand, _ = zoo.llama(n_layer=args.layers, d_model=args.hidden, n_head=args.heads, d_ff=args.ffn,
                                 vocab_size=args.vocab, seed=0)
         hand = hand.to(dev).train()
-        evo_rows("zoo.llama", hand, (ids[:2, :64].clone(), ids[:2, 1:65].clone()), (ids, shifted), "blocks.*")
+        evo_rows("zoo.llama", hand, (ids[:2, :64].clone(), shifted[:2, :64].clone()), (ids, shifted), "blocks.*")
 
     # ---- warm-up, memory, interleaved timing
     first_loss = {}

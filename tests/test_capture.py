@@ -136,3 +136,19 @@ def test_program_runs_under_autocast():
     want = want[0] if isinstance(want, (tuple, list)) else want
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.05)
+
+
+def test_labels_with_ignore_index_verify_at_the_second_size():
+    # next-token labels end in -100 (ignored): the second verification size must keep -100 a sentinel,
+    # not draw ids in [-100, vocab), which cross_entropy rejects
+    from evo_rewrite.inputs import like
+
+    model, (ids,) = zoo.llama(n_layer=2)
+    labels = torch.cat((ids[:, 1:], torch.full((ids.shape[0], 1), -100)), 1)
+    drawn = like(labels, (3, 40), seed=1)
+    assert drawn.shape == (3, 40) and set(drawn[drawn < 0].tolist()) <= {-100} and int(drawn.max()) < 64
+    assert 0 < int((drawn == -100).sum()) < drawn.numel()
+    result = evo_rewrite.rewrite(model, "flash", example_inputs=(ids, labels))
+    rec = result.report.passes[0]
+    assert rec.verified and not rec.rolled_back and rec.rewrites == 2, rec.failure
+    torch.testing.assert_close(result.program.module(ids, labels), model(ids, labels), atol=1e-5, rtol=1e-5)
