@@ -183,6 +183,9 @@ def main():
         except Exception as e:  # noqa: BLE001 - one failing row (an OOM, say) is recorded; the run goes on
             errors[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             log(f"  {label} FAILED: {errors[label]}")
+            # an exported program inlines a no_grad region as two grad-mode switches: an exception between
+            # them leaves grad mode off for every later row
+            torch.set_grad_enabled(True)
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
