@@ -217,7 +217,9 @@ def first_divergence(before: Program, after: Program, inputs: Inputs, dtype=torc
 # (normalized max error, max |a-b| / max |shadow|): a rewrite closer to the truth is never rolled back,
 # one that adds more than a quarter of the rounding error already there (or more than the floor) is
 SHADOW_FACTOR = 1.25
-SHADOW_FLOOR = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# fp32: 5e-5, half the fixed tolerance; fused fp32 Triton kernels (fuse with Liger on CUDA) add ~3e-5 on a
+# 16-layer model against fp64, where the program before them is at ~1.6e-5
+SHADOW_FLOOR = {torch.float32: 5e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # the dtype the shadow runs in, by the program's weight dtype
 SHADOW_DTYPE = {torch.float32: torch.float64, torch.bfloat16: torch.float32, torch.float16: torch.float32}
 
