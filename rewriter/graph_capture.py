@@ -5,12 +5,21 @@ tensor input and on the sequence dimension of rank-2 and rank-3 inputs, then unl
 weights are ``get_attr`` nodes named by module path. Where export fails, it retries on a
 ``torch.fx.symbolic_trace`` graph of the module, so passes still see the ATen dialect. When both
 fail, the error names the innermost module and the source line that failed.
+
+Where torch.export fixes a dimension capture asked to keep symbolic (a position table of fixed length
+added without slicing, a reshape to a constant, a size-1 example dimension the model cannot take at
+size 2), the program's ``static_dims`` say which input dimension, its size and why: the line of the
+model's code at which export fixed it, read from torch's shape-environment log of a second export.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import inspect
+import logging
 import os
+import re
 import traceback
 import warnings
 
@@ -21,7 +30,7 @@ from torch.export import Dim
 
 from .errors import CaptureError, quiet
 from .inputs import Inputs
-from .program import Program, SourceInfo
+from .program import Program, SourceInfo, StaticDim
 from .sources import is_hf_model
 
 __all__ = ["capture", "program_from_exported", "default_dynamic_dims"]
@@ -146,7 +155,11 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def program_from_exported(ep: torch.export.ExportedProgram, inputs: Inputs, source: SourceInfo) -> Program:
+def program_from_exported(ep: torch.export.ExportedProgram, inputs: Inputs, source: SourceInfo,
+                          guards: list[str] | None = None) -> Program:
+    """The unlifted Program of ``ep``. ``guards``: export's guard texts on the inputs (default: ``ep``'s own);
+    the Program keeps them as data for its InputGuard, which checks calls without executing them."""
+    guards = list(getattr(ep, "_guards_code", None) or []) if guards is None else list(guards)
     gm = ep.module()
     pi = getattr(gm.graph._codegen, "pytree_info", None)
     if pi is not None and pi.out_spec is not None:
@@ -156,7 +169,9 @@ def program_from_exported(ep: torch.export.ExportedProgram, inputs: Inputs, sour
         gm.recompile()
     # export's generated guard function re-checks input shapes; its generated code fails on some
     # torch versions (2.11: a guard reading an input that is None), and every Program is verified and
-    # re-exported (with fresh guards) before it is saved, so the captured program drops it
+    # re-exported (with fresh guards, which the written .pt2 keeps) before it is saved, so the in-memory
+    # program drops it: its InputGuard (rewriter/inputs.py) checks calls instead, from the same range
+    # constraints and guard texts, with messages that name the input and the allowed sizes
     for n in list(gm.graph.nodes):
         if n.op == "call_module" and n.target == "_guards_fn":
             gm.graph.erase_node(n)
@@ -196,25 +211,55 @@ def program_from_exported(ep: torch.export.ExportedProgram, inputs: Inputs, sour
         except Exception:  # noqa: BLE001 - sympy infinity variants
             hi = None
         ranges[str(sym)] = (int(vr.lower), hi)
-    return Program(module=gm, inputs=inputs, source=source, dynamic_dims=dynamic_dims, symbol_ranges=ranges)
+    return Program(module=gm, inputs=inputs, source=source, dynamic_dims=dynamic_dims, symbol_ranges=ranges,
+                   guards=tuple(g for g in guards if isinstance(g, str)))
 
 
-def _export(model, inputs: Inputs, dims_of, log=None):
+@dataclasses.dataclass
+class _Exported:
+    """One successful export: the program, what it was exported with, and why size-1 example dimensions stayed
+    static (capture at a duplicated size failed), or None."""
+
+    ep: torch.export.ExportedProgram
+    args: tuple
+    kwargs: dict
+    dynamic_shapes: object
+    size_one_failure: str | None = None
+
+
+def _export(model, inputs: Inputs, dims_of, log=None) -> _Exported:
     wide = _widened(inputs, dims_of)
+    failure = None
     if wide is not None:  # a size-1 batch or sequence: export at size 2 so it stays symbolic (and accepts 1)
         try:
             dyn = _dynamic_shapes(model, wide, dims_of, AUTO_FROM_ONE)
             with quiet(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return torch.export.export(model, wide.args, wide.kwargs, dynamic_shapes=dyn, strict=False)
+                ep = torch.export.export(model, wide.args, wide.kwargs, dynamic_shapes=dyn, strict=False)
+            return _Exported(ep, wide.args, wide.kwargs, dyn)
         except Exception as exc:  # noqa: BLE001 - the model may really need size 1 there: capture it static
+            failure = _first_line(exc)
             if log:
-                log(f"capture at a duplicated size-1 dimension failed ({_first_line(exc)}); the size-1 dimensions "
+                log(f"capture at a duplicated size-1 dimension failed ({failure}); the size-1 dimensions "
                     "of the example stay static")
     dyn = _dynamic_shapes(model, inputs, dims_of)
     with quiet(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=dyn, strict=False)
+        ep = torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=dyn, strict=False)
+    return _Exported(ep, inputs.args, inputs.kwargs, dyn, failure)
+
+
+def in_signature_order(model, inputs: Inputs) -> Inputs:
+    """Keyword example inputs in the order of ``forward``'s parameters, so the program's positional order is
+    the original's (a tokenizer's dict may list ``token_type_ids`` before ``attention_mask``)."""
+    if len(inputs.kwargs) < 2:
+        return inputs
+    try:
+        rank = {n: i for i, n in enumerate(inspect.signature(model.forward).parameters)}
+    except (TypeError, ValueError):
+        return inputs
+    order = sorted(inputs.kwargs, key=lambda k: rank.get(k, len(rank)))  # stable: **kwargs extras keep theirs
+    return Inputs(inputs.args, {k: inputs.kwargs[k] for k in order})
 
 
 def capture(model: torch.nn.Module, inputs: Inputs, *, source: SourceInfo | None = None,
@@ -233,8 +278,10 @@ def capture(model: torch.nn.Module, inputs: Inputs, *, source: SourceInfo | None
 
 
 def _capture(model, inputs: Inputs, source: SourceInfo, dims_of, log) -> Program:
+    inputs = in_signature_order(model, inputs)
+    exporting = model
     try:
-        ep = _export(model, inputs, dims_of, log)
+        exported = _export(model, inputs, dims_of, log)
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - every capture failure becomes one clear message
         mod, line = _module_frame(exc, model)
         first = exc
@@ -247,7 +294,8 @@ def _capture(model, inputs: Inputs, source: SourceInfo, dims_of, log) -> Program
         try:
             with quiet():
                 traced = fx.symbolic_trace(model)
-            ep = _export(traced, inputs, dims_of, log)
+            exported = _export(traced, inputs, dims_of, log)
+            exporting = traced
         except (Exception, SystemExit):  # noqa: BLE001
             where = f" in module '{mod}'" if mod else ""
             at = f" at {line}" if line else ""
@@ -258,4 +306,130 @@ def _capture(model, inputs: Inputs, source: SourceInfo, dims_of, log) -> Program
                 "in-place changes to inputs are the usual causes: rewrite that line with torch ops "
                 "(torch.where, torch.cond), or pass example inputs (--inputs) that avoid the branch."
             ) from None
-    return program_from_exported(ep, inputs, source)
+    program = program_from_exported(exported.ep, inputs, source)
+    program.static_dims = _static_dims(program, exporting, exported, dims_of)
+    if log:
+        for sd in program.static_dims:
+            log(f"static: {sd.describe()}")
+    return program
+
+
+# ---- dimensions export fixed -------------------------------------------------------------------------
+
+def _leaf_names(program: Program) -> list[tuple[str, torch.Tensor | None]]:
+    """(name, example leaf) of every flattened input: ``input_ids``, ``past_key_values[0][1]``."""
+    try:
+        names = list(program.module.graph._codegen.pytree_info.orig_args)
+    except AttributeError:
+        names = []
+    ex = program.inputs
+    out = []
+    for path, leaf in pytree.tree_flatten_with_path((ex.args, ex.kwargs))[0]:
+        top, key = path[0].idx, path[1]
+        name = (names[key.idx] if key.idx < len(names) else f"arg{key.idx}") if top == 0 else str(key.key)
+        out.append((name + pytree.keystr(path[2:]), leaf if isinstance(leaf, torch.Tensor) else None))
+    return out
+
+
+def _static_dims(program: Program, model, exported: _Exported, dims_of) -> tuple[StaticDim, ...]:
+    """The dimensions capture asked to keep symbolic that the program has static, each with its reason."""
+    wanted = []
+    for (name, leaf), dyn in zip(_leaf_names(program), program.dynamic_dims):
+        if leaf is not None:
+            wanted += [(name, d, int(leaf.shape[d])) for d in dims_of(leaf) if d < leaf.dim() and d not in dyn]
+    if not wanted:
+        return ()
+    fixed_by = _why_static(model, exported) if any(size != 1 for _, _, size in wanted) or \
+        exported.size_one_failure is None else {}
+    out = []
+    for name, d, size in wanted:
+        if size == 1 and exported.size_one_failure:
+            reason = (f"the example's size there is 1 and capture at size 2 failed ({exported.size_one_failure}); "
+                      "give an example of size 2 or more there to keep it symbolic")
+        elif (name, d) in fixed_by:
+            reason = f"the model's code fixes it, at {fixed_by[name, d]}"
+        else:
+            reason = "torch.export fixed it while tracing the model (a size the model's code depends on)"
+        out.append(StaticDim(name, d, size, reason))
+    return tuple(out)
+
+
+_SOURCE = re.compile(r"create_symbol (\S+) = \S+ for L\['([^']+)'\]((?:\[[^\]]*\])*)\.size\(\)\[(\d+)\]")
+_FIXED = re.compile(r"set_replacement (\S+) = (-?\d+) ")
+_STDLIB = os.path.dirname(os.__file__) + os.sep
+_HERE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class _SpecialisationLog(logging.Handler):
+    """Listens to torch's shape environment during one export: which input dimension each symbol stands for, and
+    for a symbol set to a constant, the innermost line of the model's code at that moment."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.sources: dict[str, tuple[str, int]] = {}
+        self.fixed: dict[str, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        m = _SOURCE.match(msg)
+        if m:
+            sym, name, rest, d = m.groups()
+            self.sources[sym] = (name + rest, int(d))
+            return
+        m = _FIXED.match(msg)
+        if m and m.group(1) not in self.fixed:
+            self.fixed[m.group(1)] = _model_line() or f"a guard torch.export added ({m.group(1)} = {m.group(2)})"
+
+    def reasons(self) -> dict[tuple[str, int], str]:
+        return {self.sources[s]: where for s, where in self.fixed.items() if s in self.sources}
+
+    @contextlib.contextmanager
+    def listening(self):
+        """Hear INFO records of torch's symbolic-shapes logger, and nothing else (every other handler muted)."""
+        lg = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+        loggers = [logging.root] + [x for x in logging.root.manager.loggerDict.values() if isinstance(x, logging.Logger)]
+        muted = [(h, h.level) for x in loggers for h in x.handlers]
+        if logging.lastResort is not None:
+            muted.append((logging.lastResort, logging.lastResort.level))
+        disabled, level = logging.root.manager.disable, lg.level
+        for h, _ in muted:
+            h.setLevel(logging.CRITICAL + 1)
+        logging.disable(logging.NOTSET)
+        lg.setLevel(logging.INFO)
+        lg.addHandler(self)
+        try:
+            yield self
+        finally:
+            lg.removeHandler(self)
+            lg.setLevel(level)
+            logging.disable(disabled)
+            for h, lvl in muted:
+                h.setLevel(lvl)
+
+
+def _model_line() -> str | None:
+    """``file.py:123: code`` of the innermost frame of the model's code (inside the export of ``_why_static``,
+    outside torch, the standard library and evo-rewrite)."""
+    stack = traceback.extract_stack()
+    start = max((i for i, fs in enumerate(stack) if fs.name == "_why_static" and fs.filename.startswith(_HERE)),
+                default=len(stack))
+    for fs in reversed(stack[start + 1:]):
+        f = fs.filename
+        stdlib = f.startswith(_STDLIB) and not any(p in f for p in ("site-packages", "dist-packages"))
+        if stdlib or f.startswith((_TORCH_DIR, _HERE, "<")):
+            continue
+        return f"{f.rsplit(os.sep, 1)[-1]}:{fs.lineno}: {(fs.line or '').strip()}"
+    return None
+
+
+def _why_static(model, exported: _Exported) -> dict[tuple[str, int], str]:
+    """Export once more, listening to the shape environment: {(input, dim): the model line that fixed it}."""
+    rec = _SpecialisationLog()
+    try:
+        with quiet(), rec.listening(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.export.export(model, exported.args, exported.kwargs, dynamic_shapes=exported.dynamic_shapes,
+                                strict=False)
+    except Exception:  # noqa: BLE001 - it exported once; a reason is a courtesy, never a failure
+        pass
+    return rec.reasons()

@@ -21,7 +21,7 @@ from .annotations import QualityCheck
 from .decoder import is_decoder, run_with_own_cache
 from .figures import figures
 from .pass_infra import Pass, PassResult
-from .program import Program
+from .program import Program, guard_calls
 from .regions import keep_regions
 from .report import PassRecord, Report
 from .sdpa import record_pins
@@ -82,7 +82,8 @@ class PassManager:
             return self._run(program)
 
     def _run(self, program: Program) -> tuple[Program, Report]:
-        report = Report(pipeline=",".join(p.spec() for p in self.passes), inputs=program.inputs.describe())
+        report = Report(pipeline=",".join(p.spec() for p in self.passes), inputs=program.inputs.describe(),
+                        static_dims=[dataclasses.asdict(sd) for sd in program.static_dims])
         report.model_before = figures(program).as_dict()
         second = program.second_inputs()
         checks = [program.inputs] + ([second] if second is not None else [])
@@ -198,7 +199,7 @@ class PassManager:
                                           for i in quality_idx])
             report.end_to_end = {**metrics, **({"problem": problem} if problem else {})}
         report.model_after = figures(program).as_dict()
-        return program, report
+        return guard_calls(program), report  # called like the original: inputs checked, named in errors
 
     def _shadow(self, program: Program, checks):
         """(shadow outputs per verification input or None, program dtype, how exact passes are judged).

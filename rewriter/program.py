@@ -16,9 +16,9 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .annotations import Annotations
-from .inputs import Inputs, like
+from .inputs import InputGuard, Inputs, like
 
-__all__ = ["Program", "SourceInfo"]
+__all__ = ["Program", "SourceInfo", "StaticDim", "guard_calls"]
 
 
 @dataclasses.dataclass
@@ -28,6 +28,20 @@ class SourceInfo:
     model_class: str | None = None
     hf_config: dict | None = None  # config.to_dict() of a Hugging Face source
     hf_class: str | None = None  # transformers class to rebuild an HF checkpoint with
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticDim:
+    """A dimension capture was asked to keep symbolic (batch, sequence) that torch.export fixed: which input,
+    which dimension, the size it is fixed at, and why (the model code that fixed it, or the export failure)."""
+
+    input: str
+    dim: int
+    size: int
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.input} dimension {self.dim} is static at {self.size}: {self.reason}"
 
 
 @dataclasses.dataclass
@@ -43,15 +57,30 @@ class Program:
     # what passes leave for later stages (checkpoint regions, attention backends, tensor-parallel plan,
     # KV-cache layout, calibration, heal's data and teacher): see annotations.py
     annotations: Annotations = dataclasses.field(default_factory=Annotations)
+    # torch.export's guard texts on the inputs (e.g. "L['x'].size()[1] <= 64"): data that InputGuard reads,
+    # never executed
+    guards: tuple[str, ...] = ()
+    # dimensions capture was asked to keep symbolic that torch.export fixed, and why (the report lists them)
+    static_dims: tuple[StaticDim, ...] = ()
 
     @property
     def graph(self) -> fx.Graph:
         return self.module.graph
 
-    def __call__(self, inputs: Inputs | None = None):
-        inputs = self.inputs if inputs is None else inputs
+    def __call__(self, *args, **kwargs):
+        """Run the program without gradients: on an ``Inputs`` (default: its example inputs), or called like
+        the original model, ``program(ids, mask)`` / ``program(**tokenizer(texts, return_tensors="pt"))``,
+        with the call checked by :meth:`input_guard` (an InputError names a wrong input)."""
+        if not kwargs and len(args) <= 1 and (not args or args[0] is None or isinstance(args[0], Inputs)):
+            inputs = self.inputs if not args or args[0] is None else args[0]
+        else:
+            inputs = self.input_guard().bind(args, kwargs)
         with torch.no_grad():
             return self.module(*inputs.args, **inputs.kwargs)
+
+    def input_guard(self) -> InputGuard:
+        """What the program accepts when called: input names in the original's order, dtypes, ranks, sizes."""
+        return InputGuard.from_program(self)
 
     def clone(self) -> "Program":
         """A copy with its own graph and module attributes; tensors are shared, not copied.
@@ -167,6 +196,41 @@ class Program:
             mod.register_buffer(leaf, value)
 
 
+_GUARD_HOOK = "_evo_rewrite_input_guard"
+
+
+def guard_calls(program: Program) -> Program:
+    """Check every call of ``program.module`` with the program's :class:`InputGuard` (a forward pre-hook that
+    binds positional and keyword inputs in the original's order, fills a Hugging Face program's omitted
+    ``attention_mask`` / ``token_type_ids`` and raises InputError on a wrong dtype, rank or size).
+
+    The pass manager installs it on the program a rewrite returns and the loader on a loaded ``.pt2``; clones
+    (what passes see) do not carry it. Traced calls (torch.export re-exporting the module, fake tensors) and
+    decoder programs (``generate`` builds their cache inputs) pass through unchecked.
+    """
+    gm = program.module
+    if program.annotations.kv_cache is not None or getattr(gm, _GUARD_HOOK, None) is not None:
+        return program
+
+    def check(module, args, kwargs):
+        if _tracing(args, kwargs):
+            return None
+        bound = program.input_guard().bind(args, kwargs)
+        return tuple(bound.args), dict(bound.kwargs)
+
+    handle = gm.register_forward_pre_hook(check, with_kwargs=True)
+    gm.__dict__[_GUARD_HOOK] = handle
+    return program
+
+
+def _tracing(args, kwargs) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return True
+    return any(isinstance(t, FakeTensor) for t in pytree.tree_leaves((args, kwargs)))
+
+
 def _get_attr(mod: torch.nn.Module, target: str):
     for part in target.split("."):
         mod = getattr(mod, part)
@@ -180,7 +244,8 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
         graph = copy.deepcopy(gm.graph)
     new_gm = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     for k, v in gm.__dict__.items():
-        if k.startswith("_") and k not in new_gm.__dict__ and not isinstance(v, (torch.nn.Module, torch.Tensor)):
+        if k.startswith("_") and k not in new_gm.__dict__ and k != _GUARD_HOOK and \
+                not isinstance(v, (torch.nn.Module, torch.Tensor)):
             new_gm.__dict__[k] = v
     for k in ("_in_spec", "_out_spec"):
         if hasattr(gm, k):

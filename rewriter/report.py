@@ -8,6 +8,10 @@ JSON schema (``--report-json``; ``schema_version`` 2)::
       "source": str, "source_kind": str, "pipeline": str,
       "inputs": str,                       # example inputs, e.g. "input_ids:int64[2, 16]"
       "verify_inputs": [str],              # every input set each pass is verified on
+      "static_dims": [{                    # dimensions capture kept symbolic by default (batch, sequence)
+          "input": str, "dim": int,        # that torch.export fixed: which, at what size and why (the
+          "size": int, "reason": str       # model line that fixed it); [] when every one stayed symbolic
+      }],
       "passes": [{
           "name": str, "spec": str, "exact": bool,
           "rewrites": int,
@@ -88,6 +92,7 @@ class Report:
     source: str = ""
     source_kind: str = ""
     verify_inputs: list[str] = dataclasses.field(default_factory=list)
+    static_dims: list[dict] = dataclasses.field(default_factory=list)  # StaticDim as dicts: input, dim, size, reason
     passes: list[PassRecord] = dataclasses.field(default_factory=list)
     end_to_end: dict[str, Any] = dataclasses.field(default_factory=dict)
     model_before: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -119,7 +124,8 @@ class Report:
         return {
             "schema_version": 2, "tool": "evo-rewrite", "version": __version__, "torch": torch.__version__,
             "source": self.source, "source_kind": self.source_kind, "pipeline": self.pipeline,
-            "inputs": self.inputs, "verify_inputs": self.verify_inputs, "passes": passes,
+            "inputs": self.inputs, "verify_inputs": self.verify_inputs, "static_dims": self.static_dims,
+            "passes": passes,
             "end_to_end": {k: _finite(v) for k, v in self.end_to_end.items()},
             "model_before": self.model_before, "model_after": self.model_after,
             "outputs": self.outputs, "targets": [t.to_dict() for t in self.targets], "notes": self.notes,
@@ -133,6 +139,8 @@ class Report:
         lines = []
         lines.append(f"source   {self.source} ({self.source_kind})")
         lines.append(f"inputs   {self.inputs}; verified also on: {'; '.join(self.verify_inputs[1:]) or '(no symbolic dims)'}")
+        for sd in self.static_dims:
+            lines.append(f"static   {sd['input']} dimension {sd['dim']} = {sd['size']}: {sd['reason']}")
         lines.append(f"pipeline {self.pipeline or '(none: capture, verify, emit)'}")
         if self.passes:
             hdr = f"{'pass':<28} {'rewrites':>8} {'skipped':>7} {'verified':>11} {'max abs err':>12} {'SQNR dB':>8} {'time s':>7}"

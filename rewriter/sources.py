@@ -31,7 +31,7 @@ import torch
 from .annotations import METADATA_FILE, read_metadata
 from .errors import SourceError, UsageError, quiet
 from .inputs import Inputs, TensorSpec, make_inputs, parse_input_spec
-from .program import Program, SourceInfo
+from .program import Program, SourceInfo, guard_calls
 from .sdpa import restore_pins
 
 __all__ = ["Loaded", "load", "hf_example_inputs", "check_pt2_archive", "check_input_names", "METADATA_FILE"]
@@ -388,8 +388,9 @@ def _load_pt2(path: Path, allow_pickle: bool = False) -> Loaded:
             ep = torch.export.load(str(path), extra_files=extra)
     except Exception as exc:  # noqa: BLE001 - any failure here means the file is not a usable .pt2
         raise _damaged(path, _describe_exc(exc)) from None
-    # export's input guards are Python source that ep.module() would exec; a loaded program is checked
-    # and re-exported with fresh guards before it is saved (graph_capture drops the guard function too)
+    # export's input guards are Python source that ep.module() would exec: the program keeps them as text,
+    # which its InputGuard reads as data (the simple "input dimension <op> size" forms) and never executes
+    guards = [g for g in (getattr(ep, "_guards_code", None) or []) if isinstance(g, str)]
     ep._guards_code = []
     try:
         recorded = read_metadata(extra.get(METADATA_FILE), kind="pt2", path=str(path))
@@ -403,11 +404,12 @@ def _load_pt2(path: Path, allow_pickle: bool = False) -> Loaded:
         inputs = _inputs_from_placeholders(ep)
     try:
         with quiet():
-            program = program_from_exported(ep, inputs, recorded.source)
+            program = program_from_exported(ep, inputs, recorded.source, guards)
     except Exception as exc:  # noqa: BLE001 - a graph torch.export wrote but cannot run here
         raise _damaged(path, _describe_exc(exc)) from None
     program.applied = recorded.applied
     program.annotations = recorded.annotations
+    guard_calls(program)  # called like the original: positional or keyword, checked, named in errors
     return Loaded(source=recorded.source, inputs=inputs, program=program)
 
 
@@ -611,11 +613,36 @@ def _load_hf(path: Path, allow_missing_weights: bool = False) -> Loaded:
                           "--allow-missing-weights (Python: allow_missing_weights=True) to keep them random.")
     info = SourceInfo(kind="hf", path=str(path), model_class=type(model).__qualname__,
                       hf_config=model.config.to_dict(), hf_class=type(model).__name__)
-    return Loaded(source=info, model=model, inputs=hf_example_inputs(model))
+    return Loaded(source=info, model=model, inputs=hf_example_inputs(model, input_names=tokenizer_input_names(path)))
 
 
-def hf_example_inputs(model, batch: int = 2, seq: int = 16) -> Inputs:
-    """Example inputs derived from a transformers model's config (decoder inputs for encoder-decoders)."""
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
+def tokenizer_input_names(path: Path) -> list[str] | None:
+    """The inputs the checkpoint's own tokenizer produces (``model_input_names``: ``input_ids``,
+    ``token_type_ids``, ``attention_mask`` for BERT), or None when the directory has no tokenizer that loads."""
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    try:
+        with quiet():
+            import transformers
+
+            tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception:  # noqa: BLE001 - no usable tokenizer: the inputs are derived from the config
+        return None
+    names = [n for n in (getattr(tok, "model_input_names", None) or []) if isinstance(n, str)]
+    return names or None
+
+
+def hf_example_inputs(model, batch: int = 2, seq: int = 16, *, input_names: list[str] | None = None) -> Inputs:
+    """Example inputs of a transformers model (decoder inputs for encoder-decoders).
+
+    ``input_names``: what the model's tokenizer produces (``tokenizer.model_input_names``), so that every one
+    of them is an input of the captured program and ``program(**tokenizer(texts))`` works; without a
+    tokenizer they are derived from the config (``token_type_ids`` where ``type_vocab_size`` > 1).
+    """
     cfg = model.config
     main = getattr(model, "main_input_name", "input_ids")
     g = torch.Generator().manual_seed(0)
@@ -630,7 +657,11 @@ def hf_example_inputs(model, batch: int = 2, seq: int = 16) -> Inputs:
     seq = max(4, min(seq, int(maxpos) // 2))
     kw = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
           "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
-    if (getattr(text, "type_vocab_size", 0) or 0) > 1 and _accepts(model, "token_type_ids"):
+    if input_names is not None:  # the tokenizer's own inputs, those forward takes (masks of ones, segments 0)
+        kw = {n: kw[n] if n in kw else torch.zeros(batch, seq, dtype=torch.long)
+              for n in input_names if n == "input_ids" or _accepts(model, n)}
+        kw.setdefault("input_ids", torch.randint(0, vocab, (batch, seq), generator=g))
+    elif (getattr(text, "type_vocab_size", 0) or 0) > 1 and _accepts(model, "token_type_ids"):
         # what a BERT-style tokenizer produces (model(**tok(texts))): the program must accept it
         kw["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
     if getattr(cfg, "is_encoder_decoder", False):

@@ -238,11 +238,57 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
         if not taken & set(names):
             for v, name in zip(model.graph.outputs, names):
                 v.name = name
+    name_dims(model)
     model.producer_name, model.producer_version = "evo-rewrite", __import__("evo_rewrite").__version__
     return model, {"sdpa": sdpa, "exported_attention": exported_attention, "lowered": lowered, "packed": packed,
                    "repaired": repaired,
                    "ort_fusions": ort_fusions,
                    "user_inputs": user_inputs}
+
+
+# inputs a Hugging Face tokenizer makes alongside input_ids: always of its (batch, sequence) shape
+_TOKEN_SHAPED = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def name_dims(model) -> dict[str, str]:
+    """Name the graph's symbolic dimensions after what they are, not export's symbols (``s18``, ``s41``):
+    ``batch`` for the first dimension of every input, ``sequence`` for the second of the main input and of
+    the inputs a tokenizer makes with it, ``<input>_dim<d>`` for the others. Expressions over them
+    (``s41 + 1``) are renamed too, on every value of the graph. Returns {old: new}."""
+    import onnx_ir as ir
+
+    renames: dict[str, str] = {}
+    for i, v in enumerate(model.graph.inputs):
+        for d, dim in enumerate(v.shape.dims if v.shape is not None else ()):
+            if not isinstance(dim, ir.SymbolicDim) or not isinstance(dim.value, str) or dim.value in renames:
+                continue
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", dim.value):
+                continue  # an expression: renamed through its symbols
+            token_shaped = i == 0 or v.name in _TOKEN_SHAPED
+            renames[dim.value] = ("batch" if d == 0 else "sequence" if d == 1 and token_shaped
+                                  else f"{v.name}_dim{d}")
+    if not renames:
+        return renames
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, renames)) + r")\b")
+
+    def rename(value) -> None:
+        shape = value.shape
+        if shape is None:
+            return
+        dims, changed = [], False
+        for dim in shape.dims:
+            if isinstance(dim, ir.SymbolicDim) and isinstance(dim.value, str) and pattern.search(dim.value):
+                dim, changed = ir.SymbolicDim(pattern.sub(lambda m: renames[m.group(1)], dim.value)), True
+            dims.append(dim)
+        if changed:
+            value.shape = ir.Shape(dims)
+
+    for v in [*model.graph.inputs, *model.graph.outputs]:
+        rename(v)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for v in node.outputs:
+            rename(v)
+    return renames
 
 
 _TRANSLATING = re.compile(r"Error when translating node %(\S+) .*?target=([\w.:]+)")
