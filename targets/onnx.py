@@ -334,7 +334,7 @@ def as_float32(program: Program) -> Program:
 
     if not any(t.dtype == torch.bfloat16 for t in program.named_tensors().values()):
         return program
-    built = shadow_program(program)
+    built = shadow_program(program, share_weights=False)
     if built is None or built[1] != torch.bfloat16:
         return program
     sp, low, high = built
