@@ -277,9 +277,12 @@ def shadow_program(program: Program, *, share_weights: bool = True) -> tuple[Pro
     for n in list(gm.graph.nodes):
         if n.op == "get_attr" and share_weights:
             if lower(shadow.get_tensor(n.target)):
-                with gm.graph.inserting_after(n):
-                    up = gm.graph.call_function(torch.ops.aten._to_copy.default, (n,), {"dtype": high})
-                n.replace_all_uses_with(up, delete_user_cb=lambda user: user is not up)
+                # cast just before each reader, not after the get_attr: an exported graph reads all its weights
+                # first, and casting them there would hold every upcast weight for the whole run
+                for user in list(n.users):
+                    with gm.graph.inserting_before(user):
+                        up = gm.graph.call_function(torch.ops.aten._to_copy.default, (n,), {"dtype": high})
+                    user.replace_input_with(n, up)
         elif n.op == "get_attr" and n.target not in done:
             done.add(n.target)
             t = shadow.get_tensor(n.target)
