@@ -186,6 +186,9 @@ def _rules():
                     return fail(cache or "no rotary cache", cos)
                 if cache[0].shape[1] * 2 != q_proj.shape[-1] // heads:
                     return fail("partial rotary (cos cache narrower than D/2)", cos)
+                if (q_proj.shape[-1] // heads) % 16:
+                    return fail(f"head size {q_proj.shape[-1] // heads}: ONNX Runtime's GroupQueryAttention rotates "
+                                "only head sizes that are a multiple of 16", q_proj)
             return True
 
         def rewrite(self, op, q_proj, k_proj, v_proj, cos, sin, past_k, past_v, seqlens_k, total, q_rot, out, **_):
@@ -342,6 +345,17 @@ def rewrite_for_genai(model, options: GraphOptions) -> GraphCounts:
     caches = _shared_cache(model, options, counts) if options.rotary else {}
     counts.flat_inputs = pattern.RewriteRuleSet([rotary_rule.rule(options.rotary, caches)]).apply_to_model(model)
     counts.rotary_inside = _count(model, "GroupQueryAttention", do_rotary=1)
+    if options.rotary:  # the sites GQA cannot rotate: flat inputs, rotary kept as RotaryEmbedding
+        left = pattern.RewriteRuleSet([rotary_rule.rule(False, {})]).apply_to_model(model)
+        counts.flat_inputs += left
+        if left:
+            heads = [n for n in model.graph if _is(n, "GroupQueryAttention", MS_DOMAIN) and
+                     not n.attributes.get_int("do_rotary", 0)]
+            d = heads[0].inputs[3].shape[-1] if heads and heads[0].inputs[3].shape is not None else "?"
+            counts.notes.append(f"rotary kept outside GroupQueryAttention at {left} sites (head size {d}: ONNX "
+                                "Runtime's GroupQueryAttention rotates only head sizes that are a multiple of 16)"
+                                if isinstance(d, int) and d % 16 else
+                                f"rotary kept outside GroupQueryAttention at {left} sites")
     counts.flat_outputs = pattern.RewriteRuleSet([output_rule.rule()]).apply_to_model(model)
     if options.pack_qkv:
         counts.packed_qkv = pattern.RewriteRuleSet([pack_qkv_rule.rule()]).apply_to_model(model)
