@@ -107,8 +107,10 @@ def fit_merges(program, plans, kv_heads: int, calibration: Calibration | None = 
     for inputs in batches:
         vals = record(program.module, inputs, set(want))
         for k, v in vals.items():
-            acts[k].append(v.detach().double().cpu().reshape(-1, v.shape[-1]))  # the fit runs on the CPU in float64
-    x = {k: torch.cat([v, torch.ones(v.shape[0], 1, dtype=v.dtype)], 1) for k, v in ((k, torch.cat(v)) for k, v in acts.items() if v)}
+            acts[k].append(v.detach().cpu().reshape(-1, v.shape[-1]))  # kept in the program's dtype until its site's fit
+        del vals
+    x = {k: torch.cat(v) for k, v in acts.items() if v}
+    del acts
     out = {}
     uses: dict[str, int] = {}
     for plan in plans:  # a weight shared by several sites (ALBERT) cannot take per-site fits
@@ -138,6 +140,8 @@ def _fit_site(program, plan, n_new: int, x, qpath, oproj) -> dict | None:
     xk, xv, xq = (x.get(_x_node(p.projection).name) for p in (plan.k_path, plan.v_path, qpath))
     if xk is None or xv is None or xq is None:
         return None
+    # the fit runs on the CPU in float64, one site at a time: only this layer's weights and activations are upcast
+    xk, xv, xq = (torch.cat([t.double(), torch.ones(t.shape[0], 1, dtype=torch.float64)], 1) for t in (xk, xv, xq))
     wk, wv, wq = _rows(program, plan.k_path.projection), _rows(program, plan.v_path.projection), _rows(program, qpath.projection)
     wo_full = program.get_tensor(oproj.weight).detach().double().cpu()
     wo = wo_full if oproj.layout == "out_in" else wo_full.t()  # (hidden, H·dv): block h = columns
@@ -171,11 +175,15 @@ def _fit_site(program, plan, n_new: int, x, qpath, oproj) -> dict | None:
                 # q' = A q (row form q' = q Aᵀ) and o-block' = A o-block
                 new_q[h * d:(h + 1) * d] = ak[i] @ wq[h * d:(h + 1) * d]
                 new_o[:, h * dv:(h + 1) * dv] = wo[:, h * dv:(h + 1) * dv] @ av[i].t()
-    k_rows, v_rows = torch.cat(new_k), torch.cat(new_v)
+    # back to each weight's stored dtype now, so a model's fitted layers never sit in float64 together
+    def stored(t: torch.Tensor, like: str) -> torch.Tensor:
+        return t.to(program.get_tensor(like).dtype)
+
+    k_rows, v_rows = stored(torch.cat(new_k), plan.k_path.projection.weight), stored(torch.cat(new_v), plan.v_path.projection.weight)
     res = {
         (s.module, "k"): (k_rows[:, :-1], k_rows[:, -1] if plan.k_path.projection.bias else None),
         (s.module, "v"): (v_rows[:, :-1], v_rows[:, -1] if plan.v_path.projection.bias else None),
-        (s.module, "q"): (qpath.projection, new_q),
-        (s.module, "o"): (oproj, new_o),
+        (s.module, "q"): (qpath.projection, stored(new_q, qpath.projection.weight)),
+        (s.module, "o"): (oproj, stored(new_o, oproj.weight)),
     }
     return res

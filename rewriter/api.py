@@ -10,7 +10,7 @@ import torch
 
 from .annotations import Calibration
 from .errors import UsageError, VerificationError
-from .decoder import CacheProtocolError, capture_decoder, declares_cache, is_causal_lm
+from .decoder import CacheProtocolError, capture_decoder, declares_cache, is_causal_lm, is_decoder
 from .graph_capture import capture
 from .heal_data import attach_heal_data
 from .inputs import Inputs, make_inputs, parse_input_spec
@@ -171,9 +171,28 @@ def write(program: Program, path: str | os.PathLike, target: str | Target = "pyt
           log: Callable[[str], None] | None = None) -> TargetReport:
     """Write ``program`` at ``path`` with ``target`` (text or object): the one function the CLI and Python use."""
     target = parse_target(target) if isinstance(target, str) else target
+    target = onnx_route(program, path, target)
     if log:
         log(f"writing {path} (target {target.spec()}: write, reload and check) ...")
     return emit(program, target, path, log=log)
+
+
+def routes_to_genai(target: Target, path: str | os.PathLike | None) -> bool:
+    """Whether ``onnx`` to ``path`` means a GenAI directory: a path without ``.onnx`` (for a decoder program)."""
+    return target.name == "onnx" and path is not None and not str(path).endswith(".onnx")
+
+
+def onnx_route(program: Program, path: str | os.PathLike, target: Target) -> Target:
+    """``onnx`` with a path without ``.onnx`` and a decoder program: the ``genai`` target (a directory that
+    onnxruntime_genai runs, with the KV cache); ``-o file.onnx`` and cacheless programs keep the onnx target."""
+    if not (routes_to_genai(target, path) and is_decoder(program)):
+        return target
+    default = type(target)()
+    changed = [f.name for f in dataclasses.fields(target) if getattr(target, f.name) != getattr(default, f.name)]
+    if changed:
+        raise UsageError(f"--target onnx -o {path} (no .onnx) writes an ONNX Runtime GenAI directory, which takes no "
+                         f"onnx({', '.join(changed)}=...) options; give -o NAME.onnx for a single .onnx file with them")
+    return get_target("genai")()
 
 
 def to_inputs(example_inputs) -> Inputs | None:

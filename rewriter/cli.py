@@ -157,6 +157,7 @@ def _silence_libraries() -> None:
 def _check_outputs(args, target) -> None:
     """Every output option, before any work: no two the same (the default -o included), none onto or into the
     source, none onto a directory, device, FIFO or socket, every parent writable."""
+    from .api import routes_to_genai
     from .target_infra import check_output
 
     stem = _stem(args.source)
@@ -172,7 +173,8 @@ def _check_outputs(args, target) -> None:
             if os.path.realpath(p) == os.path.realpath(q):
                 raise UsageError(f"{flag} and {other} are the same path ({p}); give each output its own path")
         check_output(p, [args.source], suffix=target.suffix if flag == "-o" else "",
-                     directory=flag == "--hf-output", what=f"another {flag} path")
+                     directory=flag == "--hf-output" or (flag == "-o" and routes_to_genai(target, p)),
+                     what=f"another {flag} path")
     if not args.output:
         check_output(f"{stem}.rewritten{target.suffix}", [args.source], suffix=target.suffix, what="an -o path")
 
@@ -186,7 +188,7 @@ def run(argv: list[str] | None = None) -> int:
         raise UsageError("give a SOURCE (e.g. evo_rewrite.zoo:gpt), or --list-passes")
     if args.quiet:
         _silence_libraries()
-    from .api import given_inputs, load_calibration, prepare, rewrite
+    from .api import given_inputs, load_calibration, prepare, rewrite, routes_to_genai
     from .heal_data import read_heal_data
     from .pipeline import check_pipeline, check_target, parse_pipeline
     from .target_infra import get_target
@@ -221,7 +223,8 @@ def run(argv: list[str] | None = None) -> int:
     calibration = load_calibration(args.calibration) if args.calibration else None
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
 
-    single_onnx = target.name == "onnx"  # one .onnx file: today's cacheless forward (--target genai has the cache)
+    # --target onnx: one cacheless .onnx file; -o DIR (no .onnx) of a causal LM: a GenAI directory with the cache
+    single_onnx = target.name == "onnx" and not routes_to_genai(target, args.output)
     program = prepare(args.source, args.inputs, allow_pickle=args.allow_pickle, trust_code=args.trust_code,
                       allow_missing_weights=args.allow_missing_weights, device=args.device, log=log,
                       cache=not (args.no_cache or single_onnx))

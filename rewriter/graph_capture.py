@@ -182,6 +182,17 @@ def program_from_exported(ep: torch.export.ExportedProgram, inputs: Inputs, sour
     # on the same shape environment can pin to the example's sizes, and then rejects a valid batch
     gm._forward_pre_hooks.clear()
     gm._forward_pre_hooks_with_kwargs.clear()
+    # export records each dtype conversion with an assert of the dtype it saw (``.to(x.dtype)`` at
+    # capture time); the program is then refused under torch.autocast, where the same conversion sees
+    # another dtype. The asserts compute nothing and every pass skips them, so the program drops them.
+    # (in every graph: torch 2.11 exports an autocast region as a higher-order op whose body is a submodule)
+    for sub in [m for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]:
+        dropped = [n for n in sub.graph.nodes if n.op == "call_function" and not n.users
+                   and n.target is torch.ops.aten._assert_tensor_metadata.default]
+        for n in dropped:
+            sub.graph.erase_node(n)
+        if dropped and sub is not gm:
+            sub.recompile()
     gm.recompile()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     dynamic_dims = []

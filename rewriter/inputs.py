@@ -185,7 +185,9 @@ def like(example: torch.Tensor, shape: tuple[int, ...], *, seed: int, pad_last_r
 
     Integer tensors holding only 0/1 are treated as masks: all ones, with the last row padded at
     its tail, so padding paths are exercised. Other integer tensors are drawn in the example's
-    [min, max] range; floating tensors with its mean and std.
+    [min, max] range; where the example mixes negative values with non-negative ones (labels with
+    -100 = ignored), the negatives are a sentinel: the rest is drawn in the non-negative range and
+    the sentinel placed at the example's rate. Floating tensors get its mean and std.
     """
     g = torch.Generator().manual_seed(seed)
     dev = example.device
@@ -196,8 +198,16 @@ def like(example: torch.Tensor, shape: tuple[int, ...], *, seed: int, pad_last_r
             out[-1, -(shape[1] // 4 or 1):] = 0
         return out.to(dev)
     if not example.dtype.is_floating_point:
-        lo = int(example.min()) if example.numel() else 0
-        hi = int(example.max()) + 1 if example.numel() else 2
+        ex = example.detach().cpu()
+        neg = ex[ex < 0]
+        if neg.numel() and neg.numel() < ex.numel():  # ids with a negative sentinel (labels' -100 = ignore)
+            sentinel = int(neg.mode().values)
+            ex = ex[ex >= 0]
+            out = torch.randint(int(ex.min()), int(ex.max()) + 1, shape, generator=g, dtype=example.dtype)
+            hit = torch.rand(shape, generator=g) < neg.numel() / example.numel()
+            return out.masked_fill(hit, sentinel).to(dev)
+        lo = int(ex.min()) if ex.numel() else 0
+        hi = int(ex.max()) + 1 if ex.numel() else 2
         return torch.randint(lo, max(hi, lo + 1), shape, generator=g, dtype=example.dtype).to(dev)
     ex = example.detach().float()
     mean = float(ex.mean()) if ex.numel() else 0.0

@@ -596,8 +596,10 @@ def _load_hf(path: Path, allow_missing_weights: bool = False) -> Loaded:
         cls = transformers.AutoModel
     try:
         with quiet():
+            # dtype="auto": the stored dtype (a bf16 checkpoint stays bf16: half the memory of fp32, and what the
+            # model was trained in); transformers reads safetensors memory-mapped, tensor by tensor
             model, info = cls.from_pretrained(str(path), local_files_only=True, attn_implementation="eager",
-                                              output_loading_info=True)
+                                              output_loading_info=True, dtype="auto")
     except Exception as exc:  # noqa: BLE001
         if "mismatched_sizes" in str(exc) or "size mismatch" in str(exc):
             raise SourceError(f"{path}: the stored weights' shapes do not match config.json (transformers refused a "

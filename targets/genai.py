@@ -16,17 +16,27 @@ How: attention must be fused first (``prepare`` asks for ``flash``, verified lik
 node (this module's operator: the same arithmetic in PyTorch, causal with the past as offset plus the
 padding mask; GroupQueryAttention in ONNX through a custom translation); the program is exported by
 ``torch.onnx`` (dynamo) with the pytorch target's re-export, and cleaned with onnxscript's optimizer
-and ORT fusions (SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization). ``check`` loads the
-directory in ``onnxruntime_genai`` and requires its greedy tokens for a short prompt to equal the
-PyTorch program's (``evo_rewrite.generate``).
+and ORT fusions (SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization). ``genai_graph`` then
+gives the graph the form of GenAI's own builder (options, all on by default except ``pack_mlp``):
 
-Not done (yet): rotary embedding inside GroupQueryAttention, packed QKV / gate-up projections, a
-shared past/present buffer, fp16/int4.
+* ``rotary``: rotary embedding inside GroupQueryAttention (``do_rotary=1``) with one cos/sin cache pair
+  shared by every layer, computed by the graph's own rotary at positions 0..context_length-1; the
+  ``position_ids`` input goes (GQA rotates at past length + i, what GenAI feeds);
+* ``pack_qkv``: one MatMul with the concatenated Q/K/V weights feeding GQA's packed ``query`` input;
+* ``pack_mlp``: one gate/up MatMul and a Split (off: measured no faster on CPU);
+* ``share_buffer``: ``past_present_share_buffer`` in genai_config.json (GenAI keeps one K/V buffer of the
+  maximum length that GroupQueryAttention writes in place);
+
+with no Reshape/Transpose left around attention. ``check`` loads the directory in ``onnxruntime_genai``
+and requires its greedy tokens for a short prompt to equal the PyTorch program's (``evo_rewrite.generate``).
+
+Not done (yet): fp16/int4, partial rotary inside the operator (kept outside, with a note).
 """
 
 from __future__ import annotations
 
 import collections
+import operator
 import dataclasses
 import json
 import shutil
@@ -173,9 +183,9 @@ def to_gqa_nodes(program: Program) -> tuple[int, list[str]]:
         scale = float(scale) if scale is not None else d ** -0.5
         with g.inserting_before(n):
             node = g.call_function(GENAI_GQA, (q, kc[1], vc[1], kc[0], vc[0], mask, heads, kv_heads, scale))
-            out = g.call_function(__import__("operator").getitem, (node, 0))
-            pk = g.call_function(__import__("operator").getitem, (node, 1))
-            pv = g.call_function(__import__("operator").getitem, (node, 2))
+            out = g.call_function(operator.getitem, (node, 0))
+            pk = g.call_function(operator.getitem, (node, 1))
+            pv = g.call_function(operator.getitem, (node, 2))
         n.replace_all_uses_with(out)
         g.erase_node(n)
         for cat, present in ((k, pk), (v, pv)):
@@ -196,6 +206,11 @@ class GenAIReport(TargetReport):
     attention_sites: int = 0
     op_counts: dict[str, int] = dataclasses.field(default_factory=dict)
     tokenizer_files: list[str] = dataclasses.field(default_factory=list)
+    rotary_inside: int = 0  # GQA sites rotating Q/K themselves (do_rotary=1)
+    packed_qkv: int = 0
+    packed_mlp: int = 0
+    share_buffer: bool = False
+    inputs: list[str] = dataclasses.field(default_factory=list)
     genai_version: str = ""
     check_tokens: dict = dataclasses.field(default_factory=dict)  # prompt, genai, pytorch
 
@@ -203,6 +218,8 @@ class GenAIReport(TargetReport):
         top = ", ".join(f"{k} {v}" for k, v in list(self.op_counts.items())[:10])
         lines = [f"    GroupQueryAttention {self.group_query_attention} / attention sites {self.attention_sites}; "
                  f"operators ({sum(self.op_counts.values())}): {top}",
+                 f"    rotary inside GQA {self.rotary_inside}, packed QKV {self.packed_qkv}, packed gate/up "
+                 f"{self.packed_mlp}, past/present share buffer {'yes' if self.share_buffer else 'no'}",
                  f"    tokenizer files: {', '.join(self.tokenizer_files) or 'none'}"]
         if self.check_tokens:
             lines.append(f"    onnxruntime_genai {self.genai_version}: greedy tokens equal the PyTorch program's "
@@ -210,7 +227,11 @@ class GenAIReport(TargetReport):
         return lines + [f"    note: {n}" for n in self.notes]
 
 
-def _genai_config(program: Program, layout, vocab: int) -> dict:
+def _context_length(program: Program) -> int:
+    return int((program.source.hf_config or {}).get("max_position_embeddings") or 2048)
+
+
+def _genai_config(program: Program, layout, vocab: int, inputs: list[str], share_buffer: bool) -> dict:
     cfg = program.source.hf_config or {}
     heads = {c.kv_heads for c in layout.layers}
     dims = {c.head_dim for c in layout.layers}
@@ -218,7 +239,7 @@ def _genai_config(program: Program, layout, vocab: int) -> dict:
         raise UsageError("onnxruntime_genai needs one K/V head count and head size for every layer; this program's "
                          f"cache has {sorted(heads)} K/V heads and head sizes {sorted(dims)}")
     eos = cfg.get("eos_token_id", 0)
-    ctx = int(cfg.get("max_position_embeddings") or 2048)
+    ctx = _context_length(program)
     q_heads = int(cfg.get("num_attention_heads") or next(iter(heads)))
     return {
         "model": {
@@ -227,7 +248,7 @@ def _genai_config(program: Program, layout, vocab: int) -> dict:
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": "model.onnx", "head_size": next(iter(dims)),
                 "hidden_size": int(cfg.get("hidden_size") or q_heads * next(iter(dims))),
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                "inputs": {**{k: k for k in ("input_ids", "attention_mask", "position_ids") if k in inputs},
                            "past_key_names": f"{PAST}.%d.key", "past_value_names": f"{PAST}.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": f"{PRESENT}.%d.key",
                             "present_value_names": f"{PRESENT}.%d.value"},
@@ -240,7 +261,7 @@ def _genai_config(program: Program, layout, vocab: int) -> dict:
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
                    "max_length": ctx, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "num_return_sequences": 1, "past_present_share_buffer": share_buffer, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
 
@@ -263,6 +284,10 @@ class GenAITarget(Target):
     suffix: ClassVar[str] = ""
 
     tokenizer: str = ""  # directory to copy tokenizer files from (default: the source model directory)
+    rotary: bool = True  # rotary embedding inside GroupQueryAttention, one shared cos/sin cache
+    pack_qkv: bool = True  # one Q/K/V MatMul feeding GroupQueryAttention's packed input
+    pack_mlp: bool = False  # one gate/up MatMul + Split (measured no faster on CPU)
+    share_buffer: bool = True  # past and present K/V in one buffer (past_present_share_buffer)
 
     def validate(self, program: Program | None, out: Path | None = None) -> None:
         if program is not None and not is_decoder(program):
@@ -283,6 +308,7 @@ class GenAITarget(Target):
         import onnxscript.optimizer
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
+        from .genai_graph import GraphOptions, rewrite_for_genai
         from .onnx_rules import rms_norm_to_ort
         from .pytorch import export_program
 
@@ -317,12 +343,19 @@ class GenAITarget(Target):
             out_names = list(program(program.inputs).keys())
         for v, name in zip(model.graph.outputs, out_names):
             v.name = name
+        counts = rewrite_for_genai(model, GraphOptions(rotary=self.rotary, pack_qkv=self.pack_qkv,
+                                                       pack_mlp=self.pack_mlp, context_length=_context_length(program)))
+        presents = {v.name for v in model.graph.outputs if v.name.startswith(PRESENT)}
+        share = self.share_buffer and all(
+            (p := v.producer()) is not None and p.op_type == "GroupQueryAttention"
+            for v in model.graph.outputs if v.name in presents)
         model.producer_name = "evo-rewrite"
         path.mkdir()
         ir.save(model, path / "model.onnx", external_data="model.onnx.data")
         vocab = int(program(program.inputs)["logits"].shape[-1])
-        (path / "genai_config.json").write_text(json.dumps(_genai_config(program, program.annotations.kv_cache, vocab),
-                                                           indent=4))
+        inputs = [v.name for v in model.graph.inputs]
+        (path / "genai_config.json").write_text(json.dumps(
+            _genai_config(program, program.annotations.kv_cache, vocab, inputs, share), indent=4))
         copied = []
         src = Path(self.tokenizer) if self.tokenizer else _tokenizer_dir(program)
         if src is not None:
@@ -330,11 +363,15 @@ class GenAITarget(Target):
                 if (src / f).is_file():
                     shutil.copy2(src / f, path / f)
                     copied.append(f)
-        counts = collections.Counter(n.op_type for n in model.graph)
+        ops = collections.Counter(n.op_type for n in model.graph)
         notes = [] if copied else ["no tokenizer files found (give genai(tokenizer=DIR)); onnxruntime_genai needs them "
                                    "to tokenize text, not to run on token ids"]
-        return GenAIReport(group_query_attention=counts.get("GroupQueryAttention", 0), attention_sites=sites,
-                           op_counts=dict(counts.most_common()), tokenizer_files=copied, notes=notes)
+        if self.share_buffer and not share:
+            notes.append("past/present not in one buffer: a present K/V output is not GroupQueryAttention's own")
+        return GenAIReport(group_query_attention=ops.get("GroupQueryAttention", 0), attention_sites=sites,
+                           op_counts=dict(ops.most_common()), tokenizer_files=copied, notes=notes + counts.notes,
+                           rotary_inside=counts.rotary_inside, packed_qkv=counts.packed_qkv,
+                           packed_mlp=counts.packed_mlp, share_buffer=share, inputs=inputs)
 
     def check(self, program: Program, path: Path, report: GenAIReport) -> None:
         report.check_tokens, report.genai_version = check_genai(program, path)

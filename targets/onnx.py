@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import os
 import re
 import shutil
@@ -210,6 +211,7 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
         finally:
             quiet.setLevel(level)
     model = onnx_program.model
+    fold_weight_casts(model)
     sdpa = sum(1 for n in program.graph.nodes if n.op == "call_function"
                and (n.target in SDPA_OPS or n.target is SOFTCAP_ATTENTION))
     exported_attention = sum(1 for n in model.graph if n.op_type == "Attention" and n.domain == "")
@@ -232,6 +234,9 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
     # the rules and repairs compute the same shapes once per site (sequence lengths, expanded caches)
     eliminate_common_subexpressions(model)
     onnxscript.optimizer.optimize(model)
+    for name, value in list(model.graph.initializers.items()):  # weights whose every read was folded or repacked
+        if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+            model.graph.initializers.pop(name)
     names = _output_names(program)
     if names and len(names) == len(model.graph.outputs):
         taken = {v.name for v in model.graph.inputs}
@@ -327,11 +332,149 @@ def _export_failure(exc: BaseException) -> str:
 # fp16, writing, checking
 # --------------------------------------------------------------------------------------------
 
-def _to_fp16(model_proto):
-    """fp16 weights and activations with ONNX Runtime's own converter; inputs and outputs stay fp32."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+def _cast_weight(src, dtype: np.dtype):
+    """The tensor ``src`` (a torch.onnx TorchTensor or any onnx-ir tensor) as a numpy array of ``dtype``."""
+    import onnx_ir as ir
 
-    return convert_float_to_float16(model_proto, keep_io_types=True, disable_shape_infer=True)
+    raw = getattr(src, "raw", None)
+    if isinstance(raw, torch.Tensor):
+        arr = raw.detach().cpu().to(torch.float32).numpy()
+    else:
+        arr = np.asarray(src.numpy()).astype(np.float32)
+    return ir.Tensor(arr.astype(dtype, copy=False))
+
+
+def fold_weight_casts(model) -> int:
+    """``Cast(bf16/fp16 initializer) -> fp32`` (how an fp32-computing program reads its bf16 weights) becomes one
+    fp32 initializer whose data is made only when it is read or written (an onnx-ir ``LazyTensor``), so the model
+    holds no fp32 copy of its weights; the low-precision initializer goes when nothing else reads it.
+    Returns how many casts were folded."""
+    import functools
+
+    import onnx_ir as ir
+
+    low = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
+    folded = 0
+    for node in list(model.graph):
+        if node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+            continue
+        src, out = node.inputs[0], node.outputs[0]
+        to = node.attributes.get_int("to", None)
+        if (src is None or not src.is_initializer() or src.const_value is None or src.dtype not in low
+                or to != ir.DataType.FLOAT or out.is_graph_output()):
+            continue
+        lazy = ir.LazyTensor(functools.partial(_cast_weight, src.const_value, np.float32), dtype=ir.DataType.FLOAT,
+                             shape=src.const_value.shape, name=out.name)
+        new = ir.Value(name=None, shape=ir.Shape(src.const_value.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                       const_value=lazy)
+        ir.convenience.replace_all_uses_with(out, new)
+        model.graph.remove(node, safe=True)
+        new.name = out.name
+        out.name = None
+        model.graph.register_initializer(new)
+        if not src.uses() and not src.is_graph_output():
+            model.graph.initializers.pop(src.name)
+        folded += 1
+    return folded
+
+
+# initializers at least this large go to the external data file (smaller ones stay in the model, where ORT's
+# fp16 converter converts them itself)
+EXTERNAL_MIN_BYTES = 1024
+_ALIGN = 4096  # each external tensor starts on a page, so ONNX Runtime can map it
+
+
+def _nbytes(value) -> int:
+    """Bytes of an initializer from its type and shape (a lazy initializer is not evaluated)."""
+    return int(value.dtype.itemsize * math.prod(int(d) for d in value.const_value.shape))
+
+
+def _initializer_bytes(model) -> int:
+    return sum(_nbytes(v) for v in model.graph.initializers.values() if v.const_value is not None and v.dtype)
+
+
+def write_streamed(model, path: Path, data_name: str | None, dtype: str) -> int:
+    """Write ``model`` to ``path`` in ``dtype`` (fp32 or fp16), weights in ``data_name`` beside it (or inside the
+    model when None); return the bytes written. Nothing holds the model's weights twice: the graph is serialized
+    with references in place of the large initializers, converted to fp16 there (ONNX Runtime's ``float16`` tool,
+    inputs and outputs kept fp32; it retypes the referenced initializers without reading them), and the weights are
+    then made, cast and appended one at a time (fp16 with the same clamping as that tool)."""
+    import onnx
+    import onnx_ir as ir
+
+    sources = {}
+    if data_name is not None:
+        for value in model.graph.initializers.values():
+            t = value.const_value
+            if t is None or value.dtype is None:
+                continue
+            nbytes = _nbytes(value)
+            if nbytes < EXTERNAL_MIN_BYTES:
+                continue
+            sources[value.name] = t
+            value.const_value = ir.ExternalTensor(data_name, 0, nbytes, value.dtype, shape=t.shape, name=value.name,
+                                                  base_dir=str(path.parent))
+    try:
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for name, t in sources.items():
+            model.graph.initializers[name].const_value = t
+    if dtype == "fp16":
+        proto = _to_fp16(proto)
+    written = 0
+    if data_name is not None:
+        from onnxruntime.transformers.float16 import convert_np_to_float16
+
+        np_of = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+        with open(path.parent / data_name, "wb") as f:
+            for init in proto.graph.initializer:
+                if init.name not in sources:
+                    continue
+                src = sources[init.name]
+                want = np_of.get(init.data_type)
+                if want is None:  # integer and other initializers: as they are
+                    arr = np.ascontiguousarray(src.numpy())
+                else:
+                    arr = _cast_weight(src, np.float32).numpy()
+                    if want is np.float16:
+                        arr = convert_np_to_float16(arr)
+                data = np.ascontiguousarray(arr).tobytes()
+                del arr
+                offset = f.tell()
+                pad = -offset % _ALIGN
+                f.write(b"\0" * pad)
+                offset += pad
+                f.write(data)
+                del init.external_data[:]
+                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(data)))):
+                    init.external_data.add(key=k, value=v)
+                init.data_location = onnx.TensorProto.EXTERNAL
+                del data
+            written = f.tell()
+    try:
+        blob = proto.SerializeToString()
+    except ValueError as exc:  # protobuf's 2 GiB limit
+        raise OutputError(f"cannot write {path.name} as one file ({exc}); use external data "
+                          "(onnx(external_data=true) / --onnx-external-data)") from None
+    path.write_bytes(blob)
+    return written + len(blob)
+
+
+def _to_fp16(proto):
+    """fp16 weights and activations with ONNX Runtime's own converter; inputs and outputs stay fp32.
+
+    The converter reads each converted initializer's array only for its shape (``make_value_info_from_tensor``);
+    for initializers held as references to data not written yet, the shape is taken from ``dims`` instead (the
+    same value), for the duration of the call."""
+    import onnx
+    from onnxruntime.transformers import float16 as f16
+
+    by_dims = lambda t: onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))  # noqa: E731
+    saved, f16.make_value_info_from_tensor = f16.make_value_info_from_tensor, by_dims
+    try:
+        return f16.convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
+    finally:
+        f16.make_value_info_from_tensor = saved
 
 
 def _fp32_on_ep(path: str, tmpdir: str) -> list[str]:
@@ -379,19 +522,20 @@ def _feeds(program: Program, inputs, user_inputs: list[str], session) -> dict[st
 
 
 def as_float32(program: Program) -> Program:
-    """A bf16 program as fp32 (weights, floating inputs and the dtypes the graph names cast up), which ONNX
-    Runtime's CPU execution provider runs; fp16 output is then converted from it. Other programs as they are."""
+    """A bf16 program as one that computes in fp32, which ONNX Runtime's CPU execution provider runs: the
+    verification shadow (``evo_rewrite.verify.shadow_program``) with its weights shared, so each bf16 weight
+    is cast to fp32 where the graph reads it (no fp32 copy of the model in memory) and floating inputs and
+    the dtypes the graph names are cast up. In the exported ONNX each such cast of a weight becomes an fp32
+    initializer that is computed only while it is written (:func:`fold_weight_casts`). Other programs as they are."""
     from evo_rewrite.verify import shadow_program, upcast_inputs
 
     if not any(t.dtype == torch.bfloat16 for t in program.named_tensors().values()):
         return program
-    built = shadow_program(program)
+    built = shadow_program(program, share_weights=True)
     if built is None or built[1] != torch.bfloat16:
         return program
     sp, low, high = built
-    import dataclasses as _dc
-
-    return _dc.replace(sp, inputs=upcast_inputs(program.inputs, low, high))
+    return dataclasses.replace(sp, inputs=upcast_inputs(program.inputs, low, high))
 
 
 def _check(path: str, program: Program, user_inputs: list[str], dtype: str) -> tuple[list[dict], float, str]:
@@ -486,8 +630,6 @@ class OnnxTarget(Target):
         return "flash(softcap=true)" if pending else ""
 
     def write(self, program: Program, path: Path) -> OnnxReport:
-        import onnx_ir as ir
-
         program = as_float32(program)
 
         model, facts = to_onnx(program, attention=self.attention)
@@ -506,9 +648,7 @@ class OnnxTarget(Target):
         if facts["repaired"]["attention_masks"] and self.attention == "onnx":
             notes.append(f"{facts['repaired']['attention_masks']} Attention masks expanded over the query axis (ONNX "
                          "Runtime's CPU Attention kernel does not broadcast them)")
-        if self.dtype == "fp16":
-            model = ir.serde.deserialize_model(_to_fp16(ir.serde.serialize_model(model)))
-        nbytes = _initializer_bytes(model)
+        nbytes = _initializer_bytes(model)  # in fp32: the fp16 file is about half
         external = self.external_data if self.external_data is not None else nbytes > EXTERNAL_DATA_AUTO_BYTES
         data_name = f"{path.name}.data" if external else None
         counts = collections.Counter(_op_name(n) for n in model.graph)
@@ -518,11 +658,8 @@ class OnnxTarget(Target):
         left_as_attention = counts.get("Attention", 0)
         if self.attention == "ort" and left_as_attention:
             notes.append(f"{left_as_attention} Attention nodes have no ORT contrib equivalent and stay standard Attention")
-        try:
-            ir.save(model, path, external_data=data_name) if data_name else ir.save(model, path)
-        except ValueError as exc:  # protobuf's 2 GiB limit
-            raise OutputError(f"cannot write {path.name} as one file ({exc}); use external data "
-                              "(onnx(external_data=true) / --onnx-external-data)") from None
+        write_streamed(model, path, data_name, self.dtype)
+        del model
         return OnnxReport(
             attention=self.attention, dtype=self.dtype, attention_sites=_attention_sites(program),
             fused=len(fused_nodes), fused_ops=dict(collections.Counter(_fused_name(n) for n in fused_nodes)),
@@ -532,7 +669,11 @@ class OnnxTarget(Target):
     def check(self, program: Program, path: Path, report: OnnxReport) -> None:
         program = as_float32(program)  # the ONNX model is checked against the program it was written from
         report.checks, report.tolerance, report.ort_version = _check(str(path), program, report.user_inputs, self.dtype)
-        if self.dtype == "fp16":
+        if self.dtype == "fp16" and report.external_data:
+            report.notes.append(f"fp16 on {PROVIDER}: weights are stored in fp16; ONNX Runtime runs operators that have "
+                                "no fp16 kernel (MatMul among them) in fp32 behind casts it inserts (not listed for a "
+                                "model with external data: listing them needs a second session)")
+        elif self.dtype == "fp16":
             with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
                 report.fp32_ops = _fp32_on_ep(str(path), scratch)
             if report.fp32_ops:

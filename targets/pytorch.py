@@ -32,7 +32,7 @@ from evo_rewrite.target_infra import Target, TargetReport, emit, register_target
 
 from .paths import check_reproduces
 
-__all__ = ["PyTorchTarget", "save_pt2", "export_program"]
+__all__ = ["PyTorchTarget", "save_pt2", "export_program", "load_sharing_weights"]
 
 
 def export_program(program: Program) -> torch.export.ExportedProgram:
@@ -119,8 +119,64 @@ class PyTorchTarget(Target):
 
             check_source(program, path)
             return
-        loaded = torch.export.load(str(path)).module()
+        loaded = load_sharing_weights(path, program).module()
         check_reproduces(program, lambda i: loaded(*i.args, **i.kwargs), "the saved .pt2")
+
+
+def load_sharing_weights(path: str | os.PathLike, program: Program) -> torch.export.ExportedProgram:
+    """Load the .pt2 just written at ``path`` with the in-memory program's weight tensors instead of a second copy.
+
+    Each weight record of the archive is read (one at a time) and compared byte for byte with the program's
+    tensor of the same name, which the loaded program then uses; the graph, constants and example inputs come
+    from the file. So checking a 7B program's .pt2 costs one tensor's bytes, not the weights twice, and still
+    proves the file holds the program's weights. Where torch's archive layout is not the one this reads
+    (another torch version, pickled weights), it falls back to ``torch.export.load`` (a full second copy).
+    """
+    try:
+        from torch._export.serde import schema
+        from torch._export.serde.serialize import ExportedProgramDeserializer, _bytes_to_dataclass
+        from torch.export.pt2_archive import PT2ArchiveReader
+        from torch.export.pt2_archive import _package as pkg
+        from torch.export.pt2_archive import constants as names
+    except ImportError:
+        return torch.export.load(str(path))
+    tensors = program.named_tensors()
+    with PT2ArchiveReader(str(path)) as reader:
+        files = reader.get_file_names()
+        model = "model"
+        config_file = names.WEIGHTS_CONFIG_FILENAME_FORMAT.format(model)
+        if config_file not in files or names.MODELS_FILENAME_FORMAT.format(model) not in files:
+            return torch.export.load(str(path))
+        config = pkg._load_payload_config(reader, config_file)
+        state: dict[str, torch.Tensor] = {}
+        for fqn, meta in config.config.items():
+            mine = tensors.get(fqn)
+            if mine is None:  # a buffer the graph never reads (e.g. rotary's original_inv_freq)
+                try:
+                    mine = program.get_tensor(fqn)
+                except AttributeError:
+                    mine = None
+            if meta.use_pickle or meta.tensor_meta is None or not isinstance(mine, torch.Tensor):
+                return torch.export.load(str(path))
+            tm = meta.tensor_meta
+            raw = reader.read_bytes(os.path.join(names.WEIGHTS_DIR, meta.path_name))
+            stored = torch.frombuffer(bytearray(raw), dtype=mine.dtype) if raw else torch.empty(0, dtype=mine.dtype)
+            del raw
+            try:
+                stored = stored.as_strided([int(s.as_int) for s in tm.sizes], [int(s.as_int) for s in tm.strides],
+                                           int(tm.storage_offset.as_int))
+            except RuntimeError:
+                raise OutputError(f"the saved .pt2 holds weight {fqn} with another size than the program's") from None
+            if stored.shape != mine.shape or not torch.equal(stored, mine.detach().cpu()):
+                raise OutputError(f"the saved .pt2 holds other values for weight {fqn} than the program")
+            del stored
+            state[fqn] = torch.nn.Parameter(mine.detach(), requires_grad=tm.requires_grad) if meta.is_param \
+                else mine.detach()
+        constants = pkg._load_constants(reader, model)
+        serialized = _bytes_to_dataclass(schema.ExportedProgram,
+                                         reader.read_bytes(names.MODELS_FILENAME_FORMAT.format(model)))
+        sample = reader.read_bytes(names.SAMPLE_INPUTS_FILENAME_FORMAT.format(model))
+        return ExportedProgramDeserializer(None).deserialize(serialized, state, constants, sample)
 
 
 def save_pt2(program: Program, path: str | os.PathLike, *, check: bool = True) -> str:

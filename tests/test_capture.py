@@ -119,3 +119,44 @@ def test_capture_leaves_the_users_model_as_it_was():
     assert model.config.use_cache is True
     evo_rewrite.prepare(model, None)
     assert model.config.use_cache is True and model.training  # restored after capture
+
+
+@pytest.mark.parametrize("source", ["zoo", "hf"])
+def test_program_runs_under_autocast(source):
+    # zoo.llama's RMSNorm converts to fp32 and back (``.to(x.dtype)``); export records each conversion
+    # with an assert of the dtype seen at capture, which torch.autocast's bf16 matmuls would fail
+    # (HF's rotary embedding runs in a no-autocast, no-grad region: torch 2.11 exports it as a higher-order op
+    # whose body is a submodule)
+    if source == "zoo":
+        model, (ids,) = zoo.llama(n_layer=2)
+    else:
+        import hf_configs
+        model, ids = hf_configs.build("llama"), torch.randint(0, 64, (2, 12))
+    model.eval()
+    program = evo_rewrite.prepare(model, (ids,))
+    asserts = [n for m in program.module.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes
+               if n.target is torch.ops.aten._assert_tensor_metadata.default]
+    assert asserts == []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = program.module(ids)
+        want = model(ids)
+    got = got["logits"] if isinstance(got, dict) else got[0] if isinstance(got, (tuple, list)) else got
+    want = want[0] if isinstance(want, (tuple, list)) else getattr(want, "logits", want)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.05)
+
+
+def test_labels_with_ignore_index_verify_at_the_second_size():
+    # next-token labels end in -100 (ignored): the second verification size must keep -100 a sentinel,
+    # not draw ids in [-100, vocab), which cross_entropy rejects
+    from evo_rewrite.inputs import like
+
+    model, (ids,) = zoo.llama(n_layer=2)
+    labels = torch.cat((ids[:, 1:], torch.full((ids.shape[0], 1), -100)), 1)
+    drawn = like(labels, (3, 40), seed=1)
+    assert drawn.shape == (3, 40) and set(drawn[drawn < 0].tolist()) <= {-100} and int(drawn.max()) < 64
+    assert 0 < int((drawn == -100).sum()) < drawn.numel()
+    result = evo_rewrite.rewrite(model, "flash", example_inputs=(ids, labels))
+    rec = result.report.passes[0]
+    assert rec.verified and not rec.rolled_back and rec.rewrites == 2, rec.failure
+    torch.testing.assert_close(result.program.module(ids, labels), model(ids, labels), atol=1e-5, rtol=1e-5)
