@@ -104,14 +104,15 @@ def test_genai_default_graph_is_the_builders_form(llama16, tmp_path):
     rep = evo_rewrite.write(program, out, "genai")
     g, ops, gqa = _graph(out)
     layers = 2
-    assert rep.rotary_inside == rep.packed_qkv == len(gqa) == layers and rep.packed_mlp == 0 and rep.share_buffer
+    assert rep.rotary_inside == rep.packed_qkv == rep.packed_mlp == len(gqa) == layers and rep.share_buffer
     assert all(_attr(n, "do_rotary") == 1 and _attr(n, "rotary_interleaved") == 0 for n in gqa)
     assert all(n.input[1] == n.input[2] == "" for n in gqa)  # key/value: packed into query
     assert {n.input[7] for n in gqa} == {"cos_cache"} and {n.input[8] for n in gqa} == {"sin_cache"}  # one pair
     caches = {i.name: list(i.dims) for i in g.initializer if i.name in ("cos_cache", "sin_cache")}
     assert caches == {"cos_cache": [64, 8], "sin_cache": [64, 8]}  # (max_position_embeddings, head_size / 2)
     assert ops["RotaryEmbedding"] == ops["Reshape"] == ops["Transpose"] == 0
-    assert ops["MatMul"] + ops.get("FusedMatMul", 0) == layers * 5 + 1  # qkv, o, gate, up, down; lm_head
+    assert ops["MatMul"] + ops.get("FusedMatMul", 0) == layers * 4 + 1  # qkv, o, gate|up, down; lm_head
+    assert ops["Split"] == layers  # the packed gate/up projection
     assert "position_ids" not in [i.name for i in g.input]
     cfg = json.loads((out / "genai_config.json").read_text())
     assert "position_ids" not in cfg["model"]["decoder"]["inputs"] and cfg["search"]["past_present_share_buffer"]
@@ -123,10 +124,10 @@ def test_genai_default_graph_is_the_builders_form(llama16, tmp_path):
 
 
 @pytest.mark.parametrize("options, expect", [
-    ("rotary=false", {"RotaryEmbedding": 4, "do_rotary": 0, "packed_qkv": 0, "position_ids": True}),
-    ("pack_qkv=false", {"RotaryEmbedding": 0, "do_rotary": 2, "packed_qkv": 0, "position_ids": False}),
-    ("pack_mlp=true", {"RotaryEmbedding": 0, "do_rotary": 2, "packed_qkv": 2, "Split": 2, "position_ids": False}),
-    ("share_buffer=false", {"RotaryEmbedding": 0, "do_rotary": 2, "packed_qkv": 2, "share": False,
+    ("rotary=false", {"RotaryEmbedding": 4, "do_rotary": 0, "packed_qkv": 0, "Split": 2, "position_ids": True}),
+    ("pack_qkv=false", {"RotaryEmbedding": 0, "do_rotary": 2, "packed_qkv": 0, "Split": 2, "position_ids": False}),
+    ("pack_mlp=false", {"RotaryEmbedding": 0, "do_rotary": 2, "packed_qkv": 2, "Split": 0, "position_ids": False}),
+    ("share_buffer=false", {"RotaryEmbedding": 0, "do_rotary": 2, "packed_qkv": 2, "Split": 2, "share": False,
                             "position_ids": False}),
 ])
 def test_genai_graph_options(llama16, tmp_path, options, expect):
@@ -139,7 +140,7 @@ def test_genai_graph_options(llama16, tmp_path, options, expect):
     assert sum(_attr(n, "do_rotary") for n in gqa) == expect["do_rotary"] == rep.rotary_inside
     assert rep.packed_qkv == expect["packed_qkv"] == sum(n.input[1] == "" for n in gqa)
     assert ops["Reshape"] == ops["Transpose"] == 0  # no layout ops around attention in any form
-    assert ops.get("Split", 0) == expect.get("Split", 0) == rep.packed_mlp
+    assert ops.get("Split", 0) == expect["Split"] == rep.packed_mlp
     assert ("position_ids" in [i.name for i in g.input]) == expect["position_ids"]
     cfg = json.loads((out / "genai_config.json").read_text())
     assert cfg["search"]["past_present_share_buffer"] is expect.get("share", True) is rep.share_buffer
