@@ -19,7 +19,7 @@ from .errors import (CaptureError, OutputError, PassNotApplicable, PipelineError
                      UsageError, VerificationError)
 from .figures import Figures, figures
 from .generate import generate
-from .inputs import Inputs, parse_input_spec
+from .inputs import InputError, Inputs, parse_input_spec
 from .sources import load
 from .manager import PassManager
 from .pass_infra import (Pass, PassResult, Placement, Skip, get_pass, module_path, register_pass,
@@ -37,7 +37,7 @@ __all__ = [
     "parse_input_spec", "Pass", "PassResult", "Skip", "register_pass", "registered_passes", "get_pass",
     "module_path", "parse_pipeline", "format_pipeline", "PassManager", "Thresholds", "Report", "PassRecord",
     "Figures", "figures", "AttentionSite", "find_attention", "RewriteError", "UsageError", "PipelineError",
-    "PassNotApplicable", "SourceError", "CaptureError", "VerificationError", "OutputError",
+    "PassNotApplicable", "SourceError", "CaptureError", "VerificationError", "OutputError", "InputError",
     "repeated_blocks", "write", "Placement", "check_pipeline", "Target", "TargetReport", "register_target",
     "registered_targets", "get_target", "parse_target", "emit", "Annotations", "CheckpointRegions",
     "AttentionBackends", "TensorParallelPlan", "KVCacheLayout", "LayerCache", "Calibration", "generate",

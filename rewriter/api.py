@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,7 +20,7 @@ from .pass_infra import Pass
 from .pipeline import check_pipeline, parse_pipeline
 from .program import Program, SourceInfo
 from .report import Report
-from .sources import Loaded, hf_example_inputs, is_hf_model, load
+from .sources import Loaded, hf_example_inputs, is_hf_model, load, tokenizer_input_names
 from .target_infra import Target, TargetReport, emit, get_target, parse_target
 from .verify import Thresholds
 
@@ -207,9 +208,19 @@ def to_inputs(example_inputs) -> Inputs | None:
     raise UsageError(f"example_inputs must be a tuple, a dict or a tensor, not {type(example_inputs).__name__}")
 
 
+def _tokenizer_inputs(tokenizer) -> list[str] | None:
+    """``model_input_names`` of a tokenizer object, or of the tokenizer in a directory."""
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer_input_names(Path(tokenizer))
+    names = [n for n in (getattr(tokenizer, "model_input_names", None) or []) if isinstance(n, str)]
+    return names or None
+
+
 def prepare(source, example_inputs=None, *, allow_pickle: bool = False, trust_code: bool = False,
             allow_missing_weights: bool = False, device: str = "cpu",
-            log: Callable[[str], None] | None = None, cache: bool = False) -> Program:
+            log: Callable[[str], None] | None = None, cache: bool = False, tokenizer=None) -> Program:
     """Load (if needed) and capture SOURCE: a path/spec string, an nn.Module, or a Program.
 
     ``allow_pickle``, ``trust_code``, ``allow_missing_weights``: consent for what loading SOURCE may
@@ -225,8 +236,8 @@ def prepare(source, example_inputs=None, *, allow_pickle: bool = False, trust_co
         hf = is_hf_model(source)
         if isinstance(inputs, str):
             inputs = make_inputs(parse_input_spec(inputs))
-        elif inputs is None and hf:
-            inputs = hf_example_inputs(source)
+        elif inputs is None and hf:  # the inputs the tokenizer makes, where one is given
+            inputs = hf_example_inputs(source, input_names=_tokenizer_inputs(tokenizer))
         elif inputs is None and not (cache and declares_cache(source)):  # the decoder capture makes its own
             raise UsageError("rewrite(module, ...) needs example_inputs (a tuple of positional or a dict of "
                              "keyword tensors)")
@@ -278,7 +289,8 @@ def rewrite(source, pipeline: str | list[Pass] = "", example_inputs=None, *, all
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
     check_pipeline(passes, given_inputs(calibration is not None, heal_data is not None, device))
     program = prepare(source, example_inputs, allow_pickle=allow_pickle, trust_code=trust_code,
-                      allow_missing_weights=allow_missing_weights, device=device, log=log, cache=cache)
+                      allow_missing_weights=allow_missing_weights, device=device, log=log, cache=cache,
+                      tokenizer=tokenizer)
     set_calibration(program, calibration, device)
     attach_heal_data(program, heal_data, tokenizer)
     manager = PassManager(passes, thresholds or Thresholds(), log=log)

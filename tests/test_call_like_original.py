@@ -349,3 +349,18 @@ def test_size_one_dim_that_cannot_widen_says_why():
     assert set(result.program.dynamic_dims[0]) == {1}  # the sequence stays symbolic
     with pytest.raises(InputError, match=r"dimension 0 is 2; the program takes exactly 1"):
         result.module(torch.randint(0, 50, (2, 8)))
+
+
+def test_rewrite_of_a_module_takes_the_given_tokenizers_inputs():
+    """``rewrite(hf_module, tokenizer=...)`` captures the inputs that tokenizer makes; without one, the config's guess
+    (token_type_ids for a BERT with segment embeddings)."""
+    import types
+
+    import hf_configs
+
+    model = hf_configs.build("bert").eval()
+    guessed = evo_rewrite.prepare(model)
+    assert "token_type_ids" in guessed.inputs.kwargs
+    tok = types.SimpleNamespace(model_input_names=["input_ids", "attention_mask"])
+    told = evo_rewrite.prepare(model, tokenizer=tok)
+    assert set(told.inputs.kwargs) == {"input_ids", "attention_mask"}
