@@ -538,11 +538,14 @@ def as_float32(program: Program) -> Program:
     return dataclasses.replace(sp, inputs=upcast_inputs(program.inputs, low, high))
 
 
-def _check(path: str, program: Program, user_inputs: list[str], dtype: str) -> tuple[list[dict], float, str]:
+def _check(path: str, program: Program, user_inputs: list[str], dtype: str,
+           large: bool = False) -> tuple[list[dict], float, str]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if large:  # a model with external data: no prepacked second copy of every MatMul weight for a two-input check
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     try:
         session = ort.InferenceSession(path, opts, providers=[PROVIDER])
     except Exception as exc:  # noqa: BLE001
@@ -668,7 +671,8 @@ class OnnxTarget(Target):
 
     def check(self, program: Program, path: Path, report: OnnxReport) -> None:
         program = as_float32(program)  # the ONNX model is checked against the program it was written from
-        report.checks, report.tolerance, report.ort_version = _check(str(path), program, report.user_inputs, self.dtype)
+        report.checks, report.tolerance, report.ort_version = _check(str(path), program, report.user_inputs, self.dtype,
+                                                                        large=bool(report.external_data))
         if self.dtype == "fp16" and report.external_data:
             report.notes.append(f"fp16 on {PROVIDER}: weights are stored in fp16; ONNX Runtime runs operators that have "
                                 "no fp16 kernel (MatMul among them) in fp32 behind casts it inserts (not listed for a "
