@@ -4,7 +4,8 @@ The program must be a decoder program (a causal LM captured with its cache, rewr
 The directory holds
 
 * ``model.onnx`` + ``model.onnx.data`` (external weights): inputs ``input_ids``, ``attention_mask``,
-  ``position_ids``, ``past_key_values.N.key/value``; outputs ``logits``, ``present.N.key/value``;
+  ``past_key_values.N.key/value`` (and ``position_ids`` where rotary stays outside attention); outputs
+  ``logits``, ``present.N.key/value``;
 * every attention site one ``com.microsoft.GroupQueryAttention`` taking the new K/V and the past and
   returning the present (``seqlens_k`` and ``total_sequence_length`` derived from the attention mask
   inside the graph, as GenAI's own builder does);
@@ -36,9 +37,9 @@ Not done (yet): fp16/int4, partial rotary inside the operator (kept outside, wit
 from __future__ import annotations
 
 import collections
-import operator
 import dataclasses
 import json
+import operator
 import shutil
 import warnings
 from pathlib import Path
