@@ -212,6 +212,7 @@ def to_onnx(program: Program, *, attention: str = DEFAULT_ATTENTION) -> tuple[An
             quiet.setLevel(level)
     model = onnx_program.model
     fold_weight_casts(model)
+    fold_weight_transposes(model)
     sdpa = sum(1 for n in program.graph.nodes if n.op == "call_function"
                and (n.target in SDPA_OPS or n.target is SOFTCAP_ATTENTION))
     exported_attention = sum(1 for n in model.graph if n.op_type == "Attention" and n.domain == "")
@@ -367,6 +368,46 @@ def fold_weight_casts(model) -> int:
                              shape=src.const_value.shape, name=out.name)
         new = ir.Value(name=None, shape=ir.Shape(src.const_value.shape), type=ir.TensorType(ir.DataType.FLOAT),
                        const_value=lazy)
+        ir.convenience.replace_all_uses_with(out, new)
+        model.graph.remove(node, safe=True)
+        new.name = out.name
+        out.name = None
+        model.graph.register_initializer(new)
+        if not src.uses() and not src.is_graph_output():
+            model.graph.initializers.pop(src.name)
+        folded += 1
+    return folded
+
+
+def _transposed(src, perm: tuple[int, ...]):
+    import onnx_ir as ir
+
+    return ir.Tensor(np.ascontiguousarray(np.transpose(src.numpy(), perm)))
+
+
+def fold_weight_transposes(model) -> int:
+    """``Transpose(initializer)`` (how an exported ``linear`` reads its weight) becomes the transposed initializer,
+    made lazily like :func:`fold_weight_casts`'s: onnxscript's optimizer folds these only below its size limit,
+    and ONNX Runtime would otherwise fold each one when a session starts, holding every weight twice.
+    Returns how many were folded."""
+    import functools
+
+    import onnx_ir as ir
+
+    folded = 0
+    for node in list(model.graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        src, out = node.inputs[0], node.outputs[0]
+        if src is None or not src.is_initializer() or src.const_value is None or out.is_graph_output():
+            continue
+        shape = list(src.const_value.shape)
+        perm_attr = node.attributes.get("perm")
+        perm = tuple(perm_attr.as_ints()) if perm_attr is not None else tuple(reversed(range(len(shape))))
+        new_shape = [shape[p] for p in perm]
+        lazy = ir.LazyTensor(functools.partial(_transposed, src.const_value, perm), dtype=src.dtype,
+                             shape=ir.Shape(new_shape), name=out.name)
+        new = ir.Value(name=None, shape=ir.Shape(new_shape), type=ir.TensorType(src.dtype), const_value=lazy)
         ir.convenience.replace_all_uses_with(out, new)
         model.graph.remove(node, safe=True)
         new.name = out.name
