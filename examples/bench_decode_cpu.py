@@ -120,7 +120,7 @@ def _mqa_dir(args, model, tok, work: Path, ref_model) -> tuple[Path, dict]:
     write_corpus(docs, corpus)
     lossy = "gqa(kv_heads=1,method=fit)"
     heal = (f"heal(steps={args.heal_steps},lr={args.heal_lr},batch={args.heal_batch},seq_len={args.heal_seq},"
-            "holdout=0.05,precision=fp32)")
+            f"holdout={args.heal_holdout},precision=fp32)")
     pipeline = f"{lossy},{heal}" if args.heal_steps else lossy
     t0 = time.perf_counter()
     result = evo_rewrite.rewrite(model, pipeline, dict(cal[0]), calibration=[dict(b) for b in cal],
@@ -170,6 +170,7 @@ def main() -> None:
     ap.add_argument("--heal-batch", type=int, default=4)
     ap.add_argument("--heal-seq", type=int, default=256)
     ap.add_argument("--heal-lr", type=float, default=2e-4)
+    ap.add_argument("--heal-holdout", type=float, default=0.05, help="fraction of the heal data heal scores itself on")
     ap.add_argument("--cal-sequences", type=int, default=32, help="calibration sequences of 256 tokens for gqa's fit")
     ap.add_argument("--ppl-sequences", type=int, default=16, help="held-out sequences of 256 tokens for perplexity")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "bench_decode_cpu.json"))
