@@ -113,14 +113,14 @@ def _mqa_dir(args, model, tok, work: Path, ref_model) -> tuple[Path, dict]:
     import real_models as rm
     from heal_study import docstring_corpus, write_corpus
 
-    cal = rm.lm_batches(rm.texts("calibration"), batch=8, seq_len=256, max_sequences=32, tokenizer=tok)
+    cal = rm.lm_batches(rm.texts("calibration"), batch=8, seq_len=256, max_sequences=args.cal_sequences, tokenizer=tok)
     eval_b = rm.lm_batches(rm.texts("eval"), batch=8, seq_len=256, max_sequences=args.ppl_sequences, tokenizer=tok)
     docs, corpus_note = docstring_corpus()
     corpus = work / "heal_corpus.txt"
     write_corpus(docs, corpus)
     lossy = "gqa(kv_heads=1,method=fit)"
     heal = (f"heal(steps={args.heal_steps},lr={args.heal_lr},batch={args.heal_batch},seq_len={args.heal_seq},"
-            "holdout=0.05,precision=fp32)")
+            f"holdout={args.heal_holdout},precision=fp32)")
     pipeline = f"{lossy},{heal}" if args.heal_steps else lossy
     t0 = time.perf_counter()
     result = evo_rewrite.rewrite(model, pipeline, dict(cal[0]), calibration=[dict(b) for b in cal],
@@ -130,20 +130,31 @@ def _mqa_dir(args, model, tok, work: Path, ref_model) -> tuple[Path, dict]:
     rewrite_s = time.perf_counter() - t0
     original = perplexity(lambda i, m: ref_model(input_ids=i, attention_mask=m), eval_b)
     after = perplexity(lambda i, m: result.module(input_ids=i, attention_mask=m), eval_b)
+    # the healed weights (named by module path) into a transformers model with one K/V head; the program holds
+    # the tied embedding once (as lm_head.weight), which the hf target refuses, so the weights are applied here
+    cfg = transformers.AutoConfig.from_pretrained(model.config._name_or_path)
+    cfg.num_key_value_heads = 1
+    mqa = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+    state = {k: v.detach() for k, v in result.program.named_tensors().items()}
+    state.setdefault("model.embed_tokens.weight", state.get("lm_head.weight"))
+    missing, _ = mqa.load_state_dict(state, strict=False)
+    if [k for k in missing if not k.endswith("inv_freq")]:
+        raise SystemExit(f"healed program lacks {missing[:3]}")
+    mqa.tie_weights()
+    check = perplexity(lambda i, m: mqa(input_ids=i, attention_mask=m), eval_b[:1])
     hf_dir = work / "mqa-hf"
-    result.write(hf_dir, "hf")
+    mqa.save_pretrained(hf_dir)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # the genai check's tokenizer
         src = Path(model.config._name_or_path) / f
         if src.is_file():
             (hf_dir / f).write_bytes(src.read_bytes())
     mqa = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), attn_implementation="eager",
                                                             dtype=torch.float32).eval()
-    mqa.tie_weights()  # the checkpoint keeps the tied embedding once
     out = work / "evo-mqa.genai"
     rep = evo_rewrite.rewrite(mqa, "flash", cache=True).write(out, "genai")
     heal_rec = next((p for p in result.report.passes if p.name == "heal"), None)
     return out, {"pipeline": pipeline, "mqa_model": mqa, "perplexity_original": original, "perplexity_after": after,
-                 "perplexity_ratio": after / original, "eval_tokens": sum(b["input_ids"].numel() for b in eval_b),
+                 "perplexity_ratio": after / original, "perplexity_first_batch_transformers": check, "eval_tokens": sum(b["input_ids"].numel() for b in eval_b),
                  "eval_text_crc32": rm.text_fingerprint("eval"), "heal_data": corpus_note,
                  "heal_notes": heal_rec.notes.get("heal") if heal_rec is not None and heal_rec.notes else None,
                  "rewrite_s": rewrite_s, "report": rep.lines()}
@@ -159,6 +170,8 @@ def main() -> None:
     ap.add_argument("--heal-batch", type=int, default=4)
     ap.add_argument("--heal-seq", type=int, default=256)
     ap.add_argument("--heal-lr", type=float, default=2e-4)
+    ap.add_argument("--heal-holdout", type=float, default=0.05, help="fraction of the heal data heal scores itself on")
+    ap.add_argument("--cal-sequences", type=int, default=32, help="calibration sequences of 256 tokens for gqa's fit")
     ap.add_argument("--ppl-sequences", type=int, default=16, help="held-out sequences of 256 tokens for perplexity")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "bench_decode_cpu.json"))
     args = ap.parse_args()
