@@ -430,3 +430,17 @@ def test_cuda_generate_of_a_protocol_module_equals_its_own_loop(compile):
     ref = _own_greedy(model, prompt, 8)
     got = evo_rewrite.generate(program, prompt, max_new_tokens=8, device="cuda", cache="static", compile=compile)
     assert torch.equal(got, ref)
+
+
+def test_fit_on_a_decoder_takes_plain_token_batches_as_calibration(llama):
+    """Calibration for a program with its cache: token batches (ids, mask) are taken as prefill steps (empty
+    past, positions from the mask), as a user would give them for the cacheless program."""
+    model, _ = llama
+    batches = [{"input_ids": _prompt(seed=s), "attention_mask": torch.ones(2, 6, dtype=torch.long)} for s in range(4)]
+    result = evo_rewrite.rewrite(model, "gqa(kv_heads=1,method=fit)", cache=True, calibration=batches)
+    rec = result.report.passes[0]
+    assert rec.verified and rec.rewrites == hf_configs.LAYERS, rec.failure
+    assert {c.kv_heads for c in result.program.annotations.kv_cache.layers} == {1}
+    with pytest.raises(UsageError, match="token_type_ids|input"):
+        evo_rewrite.rewrite(model, "gqa(kv_heads=1,method=fit)", cache=True,
+                            calibration=[{"input_ids": _prompt(), "token_type_ids": torch.zeros(2, 6, dtype=torch.long)}])
