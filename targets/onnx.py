@@ -364,19 +364,27 @@ def fold_weight_casts(model) -> int:
         if (src is None or not src.is_initializer() or src.const_value is None or src.dtype not in low
                 or to != ir.DataType.FLOAT or out.is_graph_output()):
             continue
-        lazy = ir.LazyTensor(functools.partial(_cast_weight, src.const_value, np.float32), dtype=ir.DataType.FLOAT,
-                             shape=src.const_value.shape, name=out.name)
-        new = ir.Value(name=None, shape=ir.Shape(src.const_value.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                       const_value=lazy)
-        ir.convenience.replace_all_uses_with(out, new)
-        model.graph.remove(node, safe=True)
-        new.name = out.name
-        out.name = None
-        model.graph.register_initializer(new)
-        if not src.uses() and not src.is_graph_output():
-            model.graph.initializers.pop(src.name)
+        _replace_by_lazy_initializer(model, node, functools.partial(_cast_weight, src.const_value, np.float32),
+                                     ir.DataType.FLOAT, list(src.const_value.shape))
         folded += 1
     return folded
+
+
+def _replace_by_lazy_initializer(model, node, make, dtype, shape) -> None:
+    """Replace ``node`` (one output, first input an initializer) by an initializer of its output's name whose
+    values ``make()`` computes only when read or written; drop the input initializer when nothing else reads it."""
+    import onnx_ir as ir
+
+    src, out = node.inputs[0], node.outputs[0]
+    lazy = ir.LazyTensor(make, dtype=dtype, shape=ir.Shape(shape), name=out.name)
+    new = ir.Value(name=None, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=lazy)
+    ir.convenience.replace_all_uses_with(out, new)
+    model.graph.remove(node, safe=True)
+    new.name = out.name
+    out.name = None
+    model.graph.register_initializer(new)
+    if not src.uses() and not src.is_graph_output():
+        model.graph.initializers.pop(src.name)
 
 
 def _transposed(src, perm: tuple[int, ...]):
@@ -392,7 +400,6 @@ def fold_weight_transposes(model) -> int:
     Returns how many were folded."""
     import functools
 
-    import onnx_ir as ir
 
     folded = 0
     for node in list(model.graph):
@@ -405,16 +412,8 @@ def fold_weight_transposes(model) -> int:
         perm_attr = node.attributes.get("perm")
         perm = tuple(perm_attr.as_ints()) if perm_attr is not None else tuple(reversed(range(len(shape))))
         new_shape = [shape[p] for p in perm]
-        lazy = ir.LazyTensor(functools.partial(_transposed, src.const_value, perm), dtype=src.dtype,
-                             shape=ir.Shape(new_shape), name=out.name)
-        new = ir.Value(name=None, shape=ir.Shape(new_shape), type=ir.TensorType(src.dtype), const_value=lazy)
-        ir.convenience.replace_all_uses_with(out, new)
-        model.graph.remove(node, safe=True)
-        new.name = out.name
-        out.name = None
-        model.graph.register_initializer(new)
-        if not src.uses() and not src.is_graph_output():
-            model.graph.initializers.pop(src.name)
+        _replace_by_lazy_initializer(model, node, functools.partial(_transposed, src.const_value, perm), src.dtype,
+                                     new_shape)
         folded += 1
     return folded
 
