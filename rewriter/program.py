@@ -212,10 +212,12 @@ def guard_calls(program: Program) -> Program:
     if program.annotations.kv_cache is not None or getattr(gm, _GUARD_HOOK, None) is not None:
         return program
 
+    guard = program.input_guard()  # built once: the program's inputs do not change after it is returned
+
     def check(module, args, kwargs):
         if _tracing(args, kwargs):
             return None
-        bound = program.input_guard().bind(args, kwargs)
+        bound = guard.bind(args, kwargs)
         return tuple(bound.args), dict(bound.kwargs)
 
     handle = gm.register_forward_pre_hook(check, with_kwargs=True)
