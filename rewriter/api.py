@@ -21,7 +21,7 @@ from .pass_infra import Pass
 from .pipeline import check_pipeline, parse_pipeline
 from .program import Program, SourceInfo
 from .report import Report
-from .sources import Loaded, hf_example_inputs, is_hf_model, load, tokenizer_input_names
+from .sources import Loaded, hf_example_inputs, input_names_of, is_hf_model, load, tokenizer_input_names
 from .target_infra import Target, TargetReport, emit, get_target, parse_target
 from .verify import Thresholds
 
@@ -229,8 +229,7 @@ def _tokenizer_inputs(tokenizer) -> list[str] | None:
         return None
     if isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer_input_names(Path(tokenizer))
-    names = [n for n in (getattr(tokenizer, "model_input_names", None) or []) if isinstance(n, str)]
-    return names or None
+    return input_names_of(tokenizer)
 
 
 def prepare(source, example_inputs=None, *, allow_pickle: bool = False, trust_code: bool = False,

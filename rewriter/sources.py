@@ -634,7 +634,12 @@ def tokenizer_input_names(path: Path) -> list[str] | None:
             tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception:  # noqa: BLE001 - no usable tokenizer: the inputs are derived from the config
         return None
-    names = [n for n in (getattr(tok, "model_input_names", None) or []) if isinstance(n, str)]
+    return input_names_of(tok)
+
+
+def input_names_of(tokenizer) -> list[str] | None:
+    """A tokenizer object's ``model_input_names`` (None when it names none)."""
+    names = [n for n in (getattr(tokenizer, "model_input_names", None) or []) if isinstance(n, str)]
     return names or None
 
 
