@@ -36,7 +36,9 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from evo_rewrite.decoder import PAST, empty_past
 from evo_rewrite.errors import PassNotApplicable
+from evo_rewrite.inputs import Inputs
 from evo_rewrite.pass_infra import Pass, PassResult, Placement, option_error, register_pass
 from evo_rewrite.program import Program, copy_graph_module
 from evo_rewrite.verify import _module_outputs
@@ -238,8 +240,14 @@ class _Flat:
             if name not in trainable:
                 holder.set_tensor(name, t.detach(), parameter=False)
         self.module = gm
+        self.layout = program.annotations.kv_cache
 
     def __call__(self, inputs):
+        past = inputs.kwargs.get(PAST) if self.layout is not None else None
+        if past and all(v.shape[2] == 0 for v in past.values()):  # a prefill: the empty past in this program's
+            ids = inputs.kwargs["input_ids"]  # own cache layout (the teacher may keep more K/V heads)
+            inputs = Inputs(inputs.args, {**inputs.kwargs, PAST: empty_past(self.layout, ids.shape[0], 0,
+                                                                             device=ids.device)})
         return self.module(*pytree.tree_leaves((inputs.args, inputs.kwargs)))
 
 

@@ -11,8 +11,7 @@ import torch
 
 from .annotations import Calibration
 from .errors import UsageError, VerificationError
-from .decoder import (PAST, CacheProtocolError, capture_decoder, declares_cache, empty_past, is_causal_lm,
-                      is_decoder, step_inputs)
+from .decoder import CacheProtocolError, as_prefill, capture_decoder, declares_cache, is_causal_lm, is_decoder
 from .graph_capture import capture
 from .heal_data import attach_heal_data
 from .inputs import Inputs, make_inputs, parse_input_spec
@@ -47,26 +46,13 @@ def set_calibration(program: Program, calibration, device="cpu") -> None:
         return
     if isinstance(calibration, (dict, Inputs, torch.Tensor, tuple)):
         calibration = [calibration]
-    batches = [_match_inputs(program, _as_prefill(program, to_inputs(c)), i).to(device)
+    batches = [_match_inputs(program, as_prefill(program, to_inputs(c)), i).to(device)
                for i, c in enumerate(calibration)]
     if not batches:
         raise UsageError("calibration is empty; give at least one batch of inputs")
     fit, held, how = split_held_out(batches)
     program.annotations.calibration = Calibration(
         tuple(fit), f"{len(batches)} calibration batch(es): {batches[0].describe()}; {how}", tuple(held))
-
-
-def _as_prefill(program: Program, batch: Inputs) -> Inputs:
-    """A decoder program takes token batches (``input_ids``, optionally ``attention_mask``) as prefill steps:
-    positions from the mask and an empty past in the cache's layout."""
-    layout = program.annotations.kv_cache
-    kw = batch.kwargs if not batch.args else {"input_ids": batch.args[0]} if len(batch.args) == 1 else None
-    if layout is None or kw is None or PAST in kw or set(kw) - {"input_ids", "attention_mask"} \
-            or not isinstance(kw.get("input_ids"), torch.Tensor):
-        return batch
-    ids = kw["input_ids"]
-    mask = kw.get("attention_mask", torch.ones_like(ids))
-    return step_inputs(ids, mask, empty_past(layout, ids.shape[0], 0, device=ids.device))
 
 
 def input_names(program: Program) -> tuple[list[str], list[str]]:

@@ -62,7 +62,8 @@ from .program import Program, SourceInfo
 
 __all__ = ["cached_module", "protocol_module", "capture_decoder", "is_causal_lm", "declares_cache", "takes_cache",
            "CACHE_PROTOCOL", "CacheProtocolError", "not_causal_lm_message", "decoder_inputs",
-           "cache_layout", "sync_cache", "set_cache_heads", "is_decoder", "reads_mask", "empty_past", "step_inputs", "run_with_own_cache",
+           "cache_layout", "sync_cache", "set_cache_heads", "is_decoder", "reads_mask", "empty_past", "step_inputs", "as_prefill",
+           "run_with_own_cache",
            "verify_decoder", "DecoderCheck", "second_decoder_inputs", "export_dynamic_shapes", "PAST", "PRESENT", "DIM_NAMES"]
 
 PAST = "past_key_values"  # the input dict; its flattened names read past_key_values.N.key / .value
@@ -301,6 +302,19 @@ def step_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, past: dic
     s = input_ids.shape[1]
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:].contiguous()
     return Inputs((), {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": pos, PAST: past})
+
+
+def as_prefill(program: Program, batch: Inputs) -> Inputs:
+    """A decoder program takes token batches (``input_ids``, optionally ``attention_mask``) as prefill steps:
+    positions from the mask and an empty past in the cache's layout. Any other batch is returned as it is."""
+    layout = program.annotations.kv_cache
+    kw = batch.kwargs if not batch.args else {"input_ids": batch.args[0]} if len(batch.args) == 1 else None
+    if layout is None or kw is None or PAST in kw or set(kw) - {"input_ids", "attention_mask"} \
+            or not isinstance(kw.get("input_ids"), torch.Tensor):
+        return batch
+    ids = kw["input_ids"]
+    mask = kw.get("attention_mask", torch.ones_like(ids))
+    return step_inputs(ids, mask, empty_past(layout, ids.shape[0], 0, device=ids.device))
 
 
 def _prefix(batch: int, past_len: int, vocab: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .decoder import as_prefill, is_decoder
 from .errors import UsageError
 from .inputs import Inputs
 
@@ -129,23 +130,40 @@ def token_shape(program) -> tuple[int | None, int | None, int | None]:
 
 
 def _batches(rows, batch: int, program, device, pad_to: int | None = None) -> list[Inputs]:
+    """Batches in the program's input structure; a decoder program's are prefill steps (empty past)."""
     out = []
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
-        out.append(_assemble(chunk, program.inputs, pad_to).to(device))
+        if is_decoder(program):
+            ids, mask = _ids_and_mask(chunk, pad_to)
+            extra = sorted(set(chunk[0]) - {"input_ids", "attention_mask"})
+            if extra:
+                raise UsageError(f"--heal-data: a model captured with its cache takes input_ids and attention_mask; "
+                                 f"the data also gives {', '.join(extra)}")
+            mask = torch.stack([r["attention_mask"] for r in chunk]).long() if "attention_mask" in chunk[0] else mask
+            out.append(as_prefill(program, Inputs((), {"input_ids": ids, "attention_mask": mask})).to(device))
+        else:
+            out.append(_assemble(chunk, program.inputs, pad_to).to(device))
     return out
 
 
-def _assemble(chunk: list[dict[str, torch.Tensor]], example: Inputs, pad_to: int | None = None) -> Inputs:
-    """One batch in the example inputs' structure: pad ids (right), fill what tokens imply."""
+def _ids_and_mask(chunk: list[dict[str, torch.Tensor]], pad_to: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the right to one length, and the mask of the real tokens."""
     longest = pad_to or max(len(r["input_ids"]) for r in chunk)
     ids = torch.zeros(len(chunk), longest, dtype=torch.long)
     mask = torch.zeros(len(chunk), longest, dtype=torch.long)
-    given: dict[str, torch.Tensor] = {}
     for j, r in enumerate(chunk):
         n = len(r["input_ids"])
         ids[j, :n] = r["input_ids"]
         mask[j, :n] = 1
+    return ids, mask
+
+
+def _assemble(chunk: list[dict[str, torch.Tensor]], example: Inputs, pad_to: int | None = None) -> Inputs:
+    """One batch in the example inputs' structure: pad ids (right), fill what tokens imply."""
+    ids, mask = _ids_and_mask(chunk, pad_to)
+    longest = ids.shape[1]
+    given: dict[str, torch.Tensor] = {}
     for name in chunk[0]:
         if name not in ("input_ids",):
             given[name] = torch.stack([r[name] for r in chunk])

@@ -220,3 +220,28 @@ def test_bf16_autocast_failure_is_explained(monkeypatch):
     model, inputs = _gpt()
     with pytest.raises(UsageError, match="does not train under bf16 autocast .*use precision=fp32"):
         _heal(model, inputs, "gqa(kv_heads=2),heal(steps=2,precision=bf16,seq_len=16)")
+
+
+@pytest.mark.slow
+def test_heal_on_a_decoder_program_trains_on_prefill_steps_and_keeps_the_smaller_cache():
+    """A causal LM captured with its KV cache: heal's batches are prefill steps (empty past), the teacher
+    runs with its own (larger) cache, and the healed program keeps gqa's cache layout."""
+    import hf_configs
+    from evo_rewrite import decoder as D
+
+    model = hf_configs.build("llama")
+    ids = torch.randint(3, hf_configs.VOCAB, (2000,), generator=torch.Generator().manual_seed(0))
+    result = evo_rewrite.rewrite(model, "gqa(kv_heads=1),heal(steps=30,lr=3e-3,seq_len=16,batch=4)", cache=True,
+                                 heal_data=ids)
+    rec = _heal_record(result)
+    info = rec.notes["heal"]
+    assert info["objective"] == "lm" and 0.9 * 30 * 4 * 16 <= info["tokens"] <= 30 * 4 * 16
+    assert info["held_back_after"]["kl"] < info["held_back_before"]["kl"], info
+    assert all(".k_proj." in n or ".v_proj." in n for n in info["trained_tensors"]), info["trained_tensors"]
+    assert {c.kv_heads for c in result.program.annotations.kv_cache.layers} == {1}
+    # the healed program still runs a prefill and a decode step from its own cache
+    prompt = torch.randint(3, hf_configs.VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    out = result.program.module(**D.step_inputs(prompt, mask, D.empty_past(result.program.annotations.kv_cache, 2)).kwargs)
+    assert out["logits"].shape == (2, 5, hf_configs.VOCAB)
+    assert out["present.0.key"].shape == (2, 1, 5, result.program.annotations.kv_cache.layers[0].head_dim)
