@@ -85,14 +85,20 @@ def _build(program: Program):
     device, dtype = first.device, first.dtype
     with device:
         model = cls(config).to(dtype)  # real (not meta) init, so buffers the graph never reads exist too
+    model.tie_weights()
+    # tied weights (embedding and LM head) are one tensor under two names; the program keeps one of them
+    # (either, depending on how the source was loaded), which fills both
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    covered = {n for group in names.values() if any(g in state for g in group) for n in group}
     missing, unexpected = model.load_state_dict(state, strict=False)
     buffers = dict(model.named_buffers())
     # export's lifted constants (lifted_tensor_N) are graph constants, not model weights
     unexpected = [u for u in unexpected if u not in buffers and isinstance(tensors[u], torch.nn.Parameter)]
     if unexpected:
         raise VerificationError(f"the rewritten weights do not fit {cls.__name__} with the new config: unexpected {unexpected[:3]}")
-    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
-    missing = [m for m in missing if m not in buffers and m not in tied]
+    missing = [m for m in missing if m not in buffers and m not in covered]
     if missing:
         raise VerificationError(f"the rewritten program does not provide {missing[:3]} for {cls.__name__}")
     model.tie_weights()

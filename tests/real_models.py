@@ -107,6 +107,12 @@ def smollm2_dir() -> Path:
     gguf = smollm2_gguf()
     target = _cache_root() / f"smollm2-{gguf.stat().st_size}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        config = json.loads((target / "config.json").read_text())
+        if not config.get("architectures"):  # written by an earlier version of this function
+            config["architectures"] = ["LlamaForCausalLM"]
+            tmp = target / "config.json.tmp"
+            tmp.write_text(json.dumps(config, indent=2))
+            os.replace(tmp, target / "config.json")
         return target
     if importlib.util.find_spec("gguf") is None:
         raise MissingModelError("converting the SmolLM2 GGUF file needs the 'gguf' package: pip install 'gguf>=0.10'"
@@ -123,6 +129,7 @@ def smollm2_dir() -> Path:
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["dtype"] = "float32"
+    config["architectures"] = [type(model).__name__]  # so a directory loader picks the class with the LM head
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import evo_rewrite
+import hf_configs
 from hf_configs import build
 from evo_rewrite import PassNotApplicable, PipelineError, zoo
 
@@ -133,6 +134,38 @@ def test_hf_checkpoint_output_reloads_with_fewer_kv_heads(tmp_path):
     assert transformers.AutoConfig.from_pretrained(tmp_path / "src").num_key_value_heads == 2
     with pytest.raises(evo_rewrite.OutputError, match="already exists"):
         result.save_hf(tmp_path / "out")
+
+
+@pytest.mark.parametrize("stored_as", ["embedding", "head"])
+def test_hf_checkpoint_of_a_tied_embedding_decoder(tmp_path, stored_as):
+    """A causal LM whose LM head is tied to its embedding (SmolLM2, Llama 3.2): the program keeps the tied
+    tensor under one name, and the checkpoint holds it under the name transformers expects. Both ways a
+    tied checkpoint is stored: save_pretrained (the embedding), safetensors' save_model (the head)."""
+    import transformers
+    from safetensors.torch import save_model
+
+    cls, config = hf_configs._config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = cls._from_config(config, attn_implementation="eager").eval()
+    src = tmp_path / "src"
+    if stored_as == "embedding":
+        model.save_pretrained(src)
+    else:
+        config.architectures = [cls.__name__]
+        config.save_pretrained(src)
+        save_model(model, str(src / "model.safetensors"), metadata={"format": "pt"})
+    result = evo_rewrite.rewrite(str(src), "gqa(kv_heads=1)", cache=True)
+    out = result.save_hf(tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert reloaded.config.num_key_value_heads == 1 and reloaded.config.tie_word_embeddings
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(reloaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    ids = torch.randint(3, hf_configs.VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    grouped = evo_rewrite.rewrite(model, "gqa(kv_heads=1)").module
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids, use_cache=False).logits, grouped(input_ids=ids)["logits"],
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_hf_checkpoint_refused_when_not_expressible(tmp_path):
