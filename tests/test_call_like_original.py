@@ -77,6 +77,7 @@ def llama(tmp_path_factory):
 
 # ---- MiniLM: real weights, the tokenizer's output ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_minilm_program_takes_every_tokenizer_input_in_forward_order(minilm):
     model, tok, result, _ = minilm
     assert set(result.program.inputs.kwargs) == set(tok.model_input_names) == {
@@ -85,6 +86,7 @@ def test_minilm_program_takes_every_tokenizer_input_in_forward_order(minilm):
     assert result.program.input_guard().names == ("input_ids", "attention_mask", "token_type_ids")
 
 
+@pytest.mark.slow
 def test_minilm_pt2_accepts_tokenizer_output_positions_and_keywords(minilm):
     model, tok, _, path = minilm
     enc = tok(TEXTS, return_tensors="pt", padding=True)
@@ -102,6 +104,7 @@ def test_minilm_pt2_accepts_tokenizer_output_positions_and_keywords(minilm):
         assert _rel(got, want) < 1e-4
 
 
+@pytest.mark.slow
 def test_minilm_omitted_mask_and_segments_are_filled_like_the_original(minilm):
     model, tok, result, _ = minilm
     ids = tok(TEXTS[:2], return_tensors="pt", padding=True)["input_ids"]
@@ -111,6 +114,7 @@ def test_minilm_omitted_mask_and_segments_are_filled_like_the_original(minilm):
     assert _rel(got, want) < 1e-4
 
 
+@pytest.mark.slow
 def test_minilm_has_no_static_dims(minilm):
     report = minilm[2].report
     assert report.static_dims == []
@@ -139,6 +143,7 @@ def test_minilm_onnx_runs_the_tokenizers_numpy_output(minilm, tmp_path):
 
 # ---- tiny Llama with its tokenizer ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_llama_directory_pt2_matches_the_original_on_tokenizer_output(llama, tmp_path):
     model, tok, d = llama
     result = evo_rewrite.rewrite(str(d), "flash")
@@ -153,6 +158,7 @@ def test_llama_directory_pt2_matches_the_original_on_tokenizer_output(llama, tmp
             assert _rel(got["logits"], want) < 1e-4
 
 
+@pytest.mark.slow
 def test_llama_onnx_runs_the_tokenizers_numpy_output(llama, tmp_path):
     import onnxruntime as ort
 
@@ -169,6 +175,7 @@ def test_llama_onnx_runs_the_tokenizers_numpy_output(llama, tmp_path):
     assert _rel(torch.from_numpy(got), want) < 1e-4
 
 
+@pytest.mark.slow
 def test_batch_one_capture_runs_at_batch_three(llama, tmp_path):
     model, tok, _ = llama
     one = dict(tok(TEXTS[:1], return_tensors="pt"))

@@ -76,6 +76,7 @@ def test_outputs_and_gradients_match_and_backward_recomputes(gpt):
     assert _saved_for_backward(result.module, x) < _saved_for_backward(plain, x)
 
 
+@pytest.mark.slow
 def test_every_and_module_globs(gpt):
     model, inputs = gpt
     r = evo_rewrite.rewrite(model, "checkpoint(every=2)", example_inputs=inputs, strict=True)
@@ -206,6 +207,7 @@ def test_options_that_do_not_fit_the_model(gpt, text, msg):
         evo_rewrite.rewrite(model, text, example_inputs=inputs)
 
 
+@pytest.mark.slow
 def test_source_directory_round_trip_keeps_regions(gpt, tmp_path):
     model, inputs = gpt
     r = evo_rewrite.rewrite(model, "flash,checkpoint(every=2)", example_inputs=inputs, strict=True)

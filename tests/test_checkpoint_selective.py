@@ -62,6 +62,7 @@ def _step(module, args):
 
 
 @pytest.mark.parametrize("pipeline", ["", "flash,fuse"], ids=["unfused", "flash-fuse"])
+@pytest.mark.slow
 def test_selective_is_exact_and_holds_between_none_and_full(llama, pipeline):
     model, inputs = llama
     base = evo_rewrite.rewrite(model, pipeline, example_inputs=inputs, strict=True).program if pipeline else None
@@ -112,6 +113,7 @@ def test_estimate_orders_policies_and_budget_mixes_them(llama):
     assert len(r2.program.annotations.checkpoint.policies) == len(r2.program.annotations.checkpoint.paths)
 
 
+@pytest.mark.slow
 def test_policy_survives_metadata_and_later_passes(llama):
     model, inputs = llama
     r = evo_rewrite.rewrite(model, "checkpoint(policy=selective),fuse", example_inputs=inputs, strict=True)
@@ -125,6 +127,7 @@ def test_bad_policy_is_refused():
         evo_rewrite.parse_pipeline("checkpoint(policy=lazy)")
 
 
+@pytest.mark.slow
 def test_region_without_matmul_keeps_what_full_keeps(llama):
     """Negative case: norms only — nothing for selective to keep; it holds exactly what full holds."""
     model, inputs = llama

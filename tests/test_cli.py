@@ -25,6 +25,7 @@ def test_list_passes(capsys):
     assert "test-noise" in out and "lossy" in out and "scale (float, default 0.001)" in out
 
 
+@pytest.mark.slow
 def test_round_trip_writes_pt2_and_report(capsys, tmp_path):
     out_file, rep = tmp_path / "gpt.pt2", tmp_path / "r.json"
     code, out, err = run(capsys, "evo_rewrite.zoo:gpt", "-o", str(out_file), "--report-json", str(rep))

@@ -97,6 +97,7 @@ def test_gqa_shrinks_the_cache(llama):
     assert len(check.steps) == 3
 
 
+@pytest.mark.slow
 def test_pt2_keeps_the_cache_and_runs_prefill_after_reload(llama, tmp_path):
     import evo_rewrite
 
@@ -117,6 +118,7 @@ def test_not_a_causal_lm_is_refused():
         D.capture_decoder(hf_configs.build("bert"))
 
 
+@pytest.mark.slow
 def test_gqa_on_a_multi_head_decoder_keeps_the_grouped_cache_as_output():
     """MHA source (no repeat to resize): gqa inserts the repeat for attention only; present K/V stay grouped."""
     import transformers as T
@@ -223,6 +225,7 @@ def test_gqa_then_flash_shrinks_a_protocol_modules_cache(cached):
     assert tokens.shape == (2, 9)
 
 
+@pytest.mark.slow
 def test_a_grouped_protocol_module_shrinks_to_one_head():
     model, _ = zoo.cached_llama(n_kv_head=2)
     result = evo_rewrite.rewrite(model, "gqa(kv_heads=1),flash", cache=True)  # no example inputs needed
@@ -292,6 +295,7 @@ class NoMaskLM(torch.nn.Module):
         return self.head(x), presents
 
 
+@pytest.mark.slow
 def test_a_module_without_mask_or_positions_ignores_those_inputs():
     torch.manual_seed(0)
     model = NoMaskLM().eval()
@@ -432,6 +436,7 @@ def test_cuda_generate_of_a_protocol_module_equals_its_own_loop(compile):
     assert torch.equal(got, ref)
 
 
+@pytest.mark.slow
 def test_fit_on_a_decoder_takes_plain_token_batches_as_calibration(llama):
     """Calibration for a program with its cache: token batches (ids, mask) are taken as prefill steps (empty
     past, positions from the mask), as a user would give them for the cacheless program."""

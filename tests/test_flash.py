@@ -82,6 +82,7 @@ def test_padding_mask_from_input_stays_a_mask():
     torch.testing.assert_close(result.module(x2, m2), model(x2, m2), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gpt_zoo_all_layers_causal_and_saved(tmp_path):
     model, inputs = zoo.gpt()
     result = evo_rewrite.rewrite(model, "flash", example_inputs=inputs)
@@ -123,6 +124,7 @@ def test_pin_and_unpin_round_trip_graph():
     assert fb.repin(program.graph, chosen) == 2
 
 
+@pytest.mark.slow
 def test_padding_mask_that_is_causal_when_unpadded_chooses_per_call(monkeypatch):
     """A Llama mask (causal AND padding from attention_mask) is reported as causal-when-unpadded; pinned, the site
     runs SDPA with is_causal=True for a batch without padding and with the mask otherwise; both equal the
@@ -218,6 +220,7 @@ def test_softcap_not_fused_by_default_or_after_a_mask():
     assert rec.rewrites == 0 and "soft-capped with tanh after a bias" in rec.skipped[0]["reason"]
 
 
+@pytest.mark.slow
 def test_softcap_program_round_trips_as_pt2_in_a_fresh_process(tmp_path):
     """A .pt2 holding evo_rewrite::softcap_attention loads wherever evo_rewrite is imported (the op registers)."""
     import subprocess

@@ -217,6 +217,7 @@ def test_options_select_kinds_and_fuse_twice_is_a_no_op():
     assert again.rewrites == 0 and again.message == "every site is already fused"
 
 
+@pytest.mark.slow
 def test_zoo_models_norms_are_already_one_kernel():
     """zoo's GPT and encoder use nn.LayerNorm (aten.layer_norm: one kernel already) and ungated MLPs."""
     for factory, norms in ((zoo.gpt, 9), (zoo.encoder, 8)):
@@ -226,6 +227,7 @@ def test_zoo_models_norms_are_already_one_kernel():
         assert rec.message == "every site is already fused"
 
 
+@pytest.mark.slow
 def test_fused_program_round_trips_as_pt2_in_a_fresh_process(tmp_path):
     model = fm.tiny_lm(norm="gemma", rotary="interleaved", fused=True)
     result = evo_rewrite.rewrite(model, "flash,fuse", example_inputs=(torch.randint(0, fm.VOCAB, (2, 12)),))
@@ -248,6 +250,7 @@ def test_fused_program_round_trips_as_pt2_in_a_fresh_process(tmp_path):
                                                                  "SkipSimplifiedLayerNormalization": 4,
                                                                  "RotaryEmbedding": 4, "Gelu": 2}),
 ], ids=["llama", "gemma-interleaved"])
+@pytest.mark.slow
 def test_onnx_maps_the_fused_operators_and_ort_matches(tmp_path, flags, ort_ops):
     import onnx
     import onnxruntime as ort

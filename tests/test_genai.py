@@ -21,6 +21,7 @@ def llama():
     return model, D.capture_decoder(model, source=SourceInfo(kind="module", hf_config=model.config.to_dict()))
 
 
+@pytest.mark.slow
 def test_genai_directory_runs_in_onnxruntime_genai(llama, tmp_path):
     import onnx
 
@@ -46,6 +47,7 @@ def test_genai_directory_runs_in_onnxruntime_genai(llama, tmp_path):
     assert got == ref[:len(got)] and len(got) >= 1
 
 
+@pytest.mark.slow
 def test_genai_after_gqa_has_the_smaller_cache(llama, tmp_path):
     _, program = llama
     result = evo_rewrite.rewrite(program, "gqa(kv_heads=1),flash")
@@ -96,6 +98,7 @@ def _attr(node, name, default=0):
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
+@pytest.mark.slow
 def test_genai_default_graph_is_the_builders_form(llama16, tmp_path):
     from evo_rewrite.targets.genai import genai_greedy
 
@@ -130,6 +133,7 @@ def test_genai_default_graph_is_the_builders_form(llama16, tmp_path):
     ("share_buffer=false", {"RotaryEmbedding": 0, "do_rotary": 2, "packed_qkv": 2, "Split": 2, "share": False,
                             "position_ids": False}),
 ])
+@pytest.mark.slow
 def test_genai_graph_options(llama16, tmp_path, options, expect):
     _, program = llama16
     out = tmp_path / "o.genai"
@@ -147,6 +151,7 @@ def test_genai_graph_options(llama16, tmp_path, options, expect):
     assert ("position_ids" in cfg["model"]["decoder"]["inputs"]) == expect["position_ids"]
 
 
+@pytest.mark.slow
 def test_genai_head_size_gqa_cannot_rotate_keeps_rotary_outside(llama, tmp_path):
     _, program = llama  # head size 8: ORT's GroupQueryAttention rotates multiples of 16 only
     rep = evo_rewrite.write(program, tmp_path / "h8.genai", "genai")
@@ -156,6 +161,7 @@ def test_genai_head_size_gqa_cannot_rotate_keeps_rotary_outside(llama, tmp_path)
     assert rep.check_tokens["genai"] == rep.check_tokens["pytorch"]
 
 
+@pytest.mark.slow
 def test_onnx_target_to_a_directory_writes_genai(llama16, tmp_path):
     _, program = llama16
     rep = evo_rewrite.write(program, tmp_path / "lm", "onnx")  # no .onnx: a GenAI directory
@@ -164,6 +170,7 @@ def test_onnx_target_to_a_directory_writes_genai(llama16, tmp_path):
         evo_rewrite.write(program, tmp_path / "lm16", "onnx(dtype=fp16)")
 
 
+@pytest.mark.slow
 def test_cli_onnx_directory_vs_file(tmp_path, capsys):
     import onnx
 

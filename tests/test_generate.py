@@ -41,6 +41,7 @@ def test_greedy_equals_transformers(llama, cache):
         assert torch.equal(got, ref)
 
 
+@pytest.mark.slow
 def test_qwen2_module_in_tokens_out():
     model = hf_configs.build("qwen2")
     ids = _ids(1, 5, seed=3)
@@ -48,6 +49,7 @@ def test_qwen2_module_in_tokens_out():
     assert torch.equal(evo_rewrite.generate(model, ids, max_new_tokens=NEW), ref)
 
 
+@pytest.mark.slow
 def test_pt2_round_trip_after_flash_reproduces_transformers(llama, tmp_path):
     model, program = llama
     result = evo_rewrite.rewrite(program, "flash")
@@ -239,6 +241,7 @@ def test_bf16_cache_is_stored_in_bf16(llama):
     assert set(inplace_step(program).dtypes.values()) == {torch.float32}
 
 
+@pytest.mark.slow
 def test_compiled_step_compiles_once_and_reuses_its_buffers(llama):
     """Under torch.compile (aot_eager: functionalized, as inductor sees it) the step is compiled once for every
     decode step and a second call; the buffers are kept (same addresses) and the tokens are transformers'."""

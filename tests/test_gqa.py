@@ -12,9 +12,9 @@ def _gqa(model, spec, inputs=None, **kw):
     return result, result.report.passes[0]
 
 
-def test_unchanged_head_count_is_identity():
-    model, inputs = zoo.gpt()
-    result, rec = _gqa(model, "gqa(kv_heads=4)", inputs)
+def test_unchanged_head_count_is_identity(gpt, gpt_program):
+    model, _ = gpt
+    result, rec = _gqa(gpt_program, "gqa(kv_heads=4)")
     assert rec.rewrites == 0 and rec.verified
     assert rec.message == "no site needs grouping to 4 K/V heads"
     assert {s["reason"] for s in rec.skipped} == {"already has 4 K/V heads"}
@@ -24,9 +24,8 @@ def test_unchanged_head_count_is_identity():
 
 @pytest.mark.parametrize("kv", [2, 1])
 @pytest.mark.parametrize("factory", ["gpt", "encoder"])
-def test_zoo_ratios_shapes_and_kv_cache(factory, kv):
-    model, inputs = getattr(zoo, factory)()
-    result, rec = _gqa(model, f"gqa(kv_heads={kv})", inputs)
+def test_zoo_ratios_shapes_and_kv_cache(factory, kv, request):
+    result, rec = _gqa(request.getfixturevalue(f"{factory}_program"), f"gqa(kv_heads={kv})")
     assert rec.rewrites == 4 and rec.verified
     before, after = result.report.model_before, result.report.model_after
     assert after["kv_cache_bytes_per_token"] * 4 // kv == before["kv_cache_bytes_per_token"]
@@ -39,10 +38,9 @@ def test_zoo_ratios_shapes_and_kv_cache(factory, kv):
     assert 0.5 < rec.metrics["cosine"] < 1.0  # lossy, and reported
 
 
-def test_mean_pooling_is_the_papers_conversion():
-    model, inputs = zoo.encoder()
-    result, _ = _gqa(model, "gqa(kv_heads=2)", inputs)
-    w = model.layers[1].key.weight.detach()  # 4 heads x 16 dims
+def test_mean_pooling_is_the_papers_conversion(encoder_program):
+    result, _ = _gqa(encoder_program, "gqa(kv_heads=2)")
+    w = encoder_program.get_tensor("layers.1.key.weight").detach()  # 4 heads x 16 dims
     expected = w.reshape(2, 2, 16, 64).mean(1).reshape(32, 64)
     torch.testing.assert_close(result.program.get_tensor("layers.1.key.weight"), expected)
 
@@ -63,9 +61,8 @@ def test_hf_models(arch, kv, sites):
     assert all(torch.isfinite(v).all() for v in out.values())
 
 
-def test_gradients_reach_the_grouped_weights():
-    model, inputs = zoo.gpt()
-    result, _ = _gqa(model, "gqa(kv_heads=2)", inputs)
+def test_gradients_reach_the_grouped_weights(gpt_program):
+    result, _ = _gqa(gpt_program, "gqa(kv_heads=2)")
     w = dict(result.module.named_parameters())["h.0.attn.c_attn.weight"]
     result.module(torch.randint(0, 256, (2, 8))).square().mean().backward()
     assert w.grad is not None and w.grad.shape == (128, 64) and w.grad.abs().sum() > 0
@@ -93,10 +90,9 @@ def test_fit_is_exact_under_rotary_when_nothing_is_merged_away():
     assert rec.verified and rec.metrics["max_rel_error"] < 1e-5
 
 
-def test_kv_heads_that_do_not_divide():
-    model, inputs = zoo.gpt()
+def test_kv_heads_that_do_not_divide(gpt_program):
     with pytest.raises(PassNotApplicable, match=r"site h\.0\.attn has 4 K/V heads, which 3 does not divide; valid kv_heads for it: 1, 2, 4"):
-        evo_rewrite.rewrite(model, "gqa(kv_heads=3)", example_inputs=inputs)
+        evo_rewrite.rewrite(gpt_program, "gqa(kv_heads=3)")
 
 
 def test_bad_options():
@@ -137,6 +133,7 @@ def test_hf_checkpoint_output_reloads_with_fewer_kv_heads(tmp_path):
 
 
 @pytest.mark.parametrize("stored_as", ["embedding", "head"])
+@pytest.mark.slow
 def test_hf_checkpoint_of_a_tied_embedding_decoder(tmp_path, stored_as):
     """A causal LM whose LM head is tied to its embedding (SmolLM2, Llama 3.2): the program keeps the tied
     tensor under one name, and the checkpoint holds it under the name transformers expects. Both ways a
@@ -168,6 +165,7 @@ def test_hf_checkpoint_of_a_tied_embedding_decoder(tmp_path, stored_as):
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_hf_checkpoint_refused_when_not_expressible(tmp_path):
     build("bert").save_pretrained(tmp_path / "bert")
     result = evo_rewrite.rewrite(str(tmp_path / "bert"), "gqa(kv_heads=1)")
@@ -239,9 +237,9 @@ def test_auto_loose_thresholds_go_to_one_head():
     assert rec.notes["next smaller"] == "none: 1 is the fewest count that divides the K/V heads"
 
 
-def test_auto_with_no_grouping_within_the_default_thresholds_rewrites_nothing():
-    model, inputs = zoo.gpt()
-    result, rec = _gqa(model, "gqa", inputs)  # default for auto: cosine >= 0.99, which random-token GPT misses
+def test_auto_with_no_grouping_within_the_default_thresholds_rewrites_nothing(gpt, gpt_program):
+    model, _ = gpt
+    result, rec = _gqa(gpt_program, "gqa")  # default for auto: cosine >= 0.99, which random-token GPT misses
     assert rec.rewrites == 0 and rec.verified
     assert rec.message.startswith("kv_heads=auto: no grouping stays within cosine >= 0.99 (the default for kv_heads=auto)")
     assert "the mildest, 2 K/V heads, gives cosine 0.9" in rec.message
@@ -249,12 +247,12 @@ def test_auto_with_no_grouping_within_the_default_thresholds_rewrites_nothing():
     torch.testing.assert_close(result.module(x), model(x))
 
 
-def test_auto_measures_on_held_out_calibration():
-    model, inputs = zoo.encoder()
+def test_auto_measures_on_held_out_calibration(encoder_program):
     g = torch.Generator().manual_seed(5)
     calib = [dict(input_ids=torch.randint(0, 256, (2, 16), generator=g), attention_mask=torch.ones(2, 16, dtype=torch.long))
              for _ in range(4)]
-    _, rec = _gqa(model, "gqa(method=fit)", inputs, calibration=calib, thresholds=evo_rewrite.Thresholds(min_cosine=0.5))
+    _, rec = _gqa(encoder_program.clone(), "gqa(method=fit)", calibration=calib,  # clone: calibration attaches to it
+                  thresholds=evo_rewrite.Thresholds(min_cosine=0.5))
     assert rec.rewrites == 4 and "on 1 held-out calibration batch(es)" in rec.notes["kv_heads"]
     assert rec.measured_on.startswith("1 held-out calibration batch(es)")
     assert "measured on" not in rec.notes  # real data: no random-token warning

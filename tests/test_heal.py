@@ -60,6 +60,7 @@ def test_heal_reduces_distillation_loss_and_error_on_held_back_data(healed):
     assert kl["healed"] < 0.8 * kl["grouped"], kl
 
 
+@pytest.mark.slow
 def test_heal_trains_only_what_the_lossy_pass_changed(healed):
     model, _, before, grouped, result = healed
     rec = _heal_record(result)
@@ -78,6 +79,7 @@ def test_heal_trains_only_what_the_lossy_pass_changed(healed):
     assert [n.op for n in result.program.graph.nodes] == [n.op for n in grouped.program.graph.nodes]
 
 
+@pytest.mark.slow
 def test_healed_program_reloads(healed, tmp_path):
     _, _, _, _, result = healed
     path = result.save(tmp_path / "healed.pt2")
@@ -134,6 +136,7 @@ def test_bad_options(opt, match):
         evo_rewrite.parse_pipeline(f"gqa(kv_heads=2),heal({opt})")
 
 
+@pytest.mark.slow
 def test_data_errors(tmp_path):
     model, inputs = _gpt()
     with pytest.raises(UsageError, match=r"pass 'heal' \(position 2 of 2\) needs unlabeled data to distil on"):

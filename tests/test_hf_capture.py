@@ -58,6 +58,7 @@ def _sizes_changed(first: evo_rewrite.Inputs, second: evo_rewrite.Inputs, dynami
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.slow
 def test_capture_hf(arch, tmp_path):
     model = build(arch)
 

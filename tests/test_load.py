@@ -58,6 +58,7 @@ def test_package_module_factory():
     assert set(loaded.inputs.kwargs) == {"input_ids", "attention_mask"}
 
 
+@pytest.mark.slow
 def test_pt2_round_trip(tmp_path):
     model, inputs = zoo.gpt(n_layer=2)
     path = evo_rewrite.rewrite(model, "", example_inputs=inputs).save(tmp_path / "g.pt2")

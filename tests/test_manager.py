@@ -141,6 +141,7 @@ def test_pipeline_rules_are_checked_before_loading():
     evo_rewrite.check_pipeline(evo_rewrite.parse_pipeline("gqa(kv_heads=2),heal,bf16"), {"heal_data"})  # fine
 
 
+@pytest.mark.slow
 def test_written_pt2_keeps_the_annotations(tmp_path):
     model, inputs = zoo.gpt(n_layer=2)
     r = evo_rewrite.rewrite(model, "tensor-parallel(degree=2)", example_inputs=inputs, strict=True)

@@ -46,6 +46,7 @@ def test_checkpoint_script_is_seeded_bf16_and_loads(ckpt, tmp_path):
         assert len(list(f.keys())) == 2 + 9 * 2 + 1  # embedding, lm head, 9 per layer, final norm
 
 
+@pytest.mark.slow
 def test_hf_checkpoint_loads_in_its_stored_dtype(bf16_program):
     weights = [t for t in bf16_program.named_tensors().values() if isinstance(t, torch.nn.Parameter)]
     assert weights and {t.dtype for t in weights} == {torch.bfloat16}
@@ -71,6 +72,7 @@ def test_shared_weight_shadow_holds_no_copy_and_matches_the_copying_one(bf16_pro
     assert la[0].dtype == torch.float32 and all(torch.equal(x, y) for x, y in zip(la, lb))
 
 
+@pytest.mark.slow
 def test_pt2_check_loads_with_the_programs_weights(bf16_program, tmp_path):
     result = evo_rewrite.rewrite(bf16_program, "flash")
     path = Path(result.save(tmp_path / "m.pt2"))
@@ -103,6 +105,7 @@ def test_gqa_fit_keeps_the_stored_dtype(bf16_program):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.slow
 def test_bf16_program_exports_to_onnx_in_the_dtype_asked(ckpt, tmp_path, dtype):
     program = evo_rewrite.prepare(str(ckpt))  # no KV cache: the single-file ONNX target's forward
     out = tmp_path / f"m_{dtype}.onnx"
@@ -122,6 +125,7 @@ def test_bf16_program_exports_to_onnx_in_the_dtype_asked(ckpt, tmp_path, dtype):
     assert weights * item <= data <= weights * item + len(external) * 4096
 
 
+@pytest.mark.slow
 def test_program_made_bf16_by_the_pass_is_still_refused(gpt_program, tmp_path):
     result = evo_rewrite.rewrite(gpt_program, "bf16")
     assert result.report.ok
@@ -130,6 +134,7 @@ def test_program_made_bf16_by_the_pass_is_still_refused(gpt_program, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_cli_writes_only_the_output_asked_for_and_runs_twice(ckpt, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for _ in range(2):

@@ -139,6 +139,7 @@ def test_onnx_attention_fully_masked_rows_refused(tmp_path):
 
 @pytest.mark.parametrize("attention", ["ort", "onnx"])
 @pytest.mark.parametrize("which", ["gpt", "encoder"])
+@pytest.mark.slow
 def test_zoo_models(which, attention, tmp_path):
     model, inputs = getattr(zoo, which)()
     result = evo_rewrite.rewrite(model, "flash", example_inputs=inputs)
@@ -169,6 +170,7 @@ def test_fp16_variant(tmp_path):
     assert 0 < rep.max_rel_error <= onnx_target.ORT_TOLERANCE["fp16"]
 
 
+@pytest.mark.slow
 def test_external_data_and_atomic_write(tmp_path):
     model, inputs = zoo.gpt()
     program = evo_rewrite.prepare(model, inputs)

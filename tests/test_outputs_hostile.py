@@ -294,6 +294,7 @@ SIGTERM_SCRIPT = textwrap.dedent("""\
     """)
 
 
+@pytest.mark.slow
 def test_sigterm_during_write_leaves_nothing(tmp_path, factory):
     script = tmp_path / "slow.py"
     script.write_text(SIGTERM_SCRIPT)
@@ -410,6 +411,7 @@ def _calib(path: Path, order, rows=8, seed=0):
     return path
 
 
+@pytest.mark.slow
 def test_calibration_matched_by_name_not_order(capsys, tmp_path, factory):
     figures = []
     for order in (("input_ids", "attention_mask"), ("attention_mask", "input_ids")):

@@ -20,6 +20,7 @@ def deep_bf16_program():
     return evo_rewrite.prepare(model.to(torch.bfloat16), inputs)
 
 
+@pytest.mark.slow
 def test_flash_passes_on_deep_bf16_by_the_shadow(deep_bf16_program):
     _, report = evo_rewrite.PassManager(evo_rewrite.parse_pipeline("flash")).run(deep_bf16_program)
     rec = report.passes[0]
@@ -32,6 +33,7 @@ def test_flash_passes_on_deep_bf16_by_the_shadow(deep_bf16_program):
     assert "float32 shadow" in rec.notes["verification"]
 
 
+@pytest.mark.slow
 def test_wrong_exact_pass_still_rolled_back_in_bf16(deep_bf16_program):
     _, report = evo_rewrite.PassManager(evo_rewrite.parse_pipeline("test-corrupt(factor=1.1)")).run(deep_bf16_program)
     rec = report.passes[0]
@@ -69,6 +71,7 @@ def test_fp64_program_falls_back_to_fixed_tolerance():
 # --- 2. batch-1 examples stay batch-dynamic --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_batch_one_capture_stays_dynamic_and_runs_at_batch_three(tmp_path):
     model, _ = zoo.gpt(n_layer=2)
     ids = torch.randint(0, 256, (1, 16))
@@ -94,6 +97,7 @@ def test_batch_one_capture_stays_dynamic_and_runs_at_batch_three(tmp_path):
 # --- 3. Hugging Face call conventions --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_hf_bert_pt2_positional_and_tokenizer_keywords(tmp_path):
     import hf_configs
 
@@ -119,6 +123,7 @@ def test_hf_bert_pt2_positional_and_tokenizer_keywords(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.slow
 def test_bf16_program_exports_to_onnx(tmp_path, dtype):
     pytest.importorskip("onnxruntime")
     import numpy as np

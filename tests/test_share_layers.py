@@ -37,6 +37,7 @@ def _weights_read(program):
 
 # -- analysis ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_repeated_blocks_found(gpt_program, hf_programs):
     (g,) = repeated_blocks(gpt_program)
     assert g.container == "h" and g.indices == (0, 1, 2, 3)
@@ -143,6 +144,7 @@ def test_what_is_shared(hf_programs, arch, what, shared, kept):
     assert f"{layer}.1.{kept}" in names
 
 
+@pytest.mark.slow
 def test_no_repeated_blocks_is_reported():
     _, rec = _run(build("albert"), "share-layers")  # ALBERT: one layer used twice already
     assert rec.rewrites == 0 and rec.message.startswith("no repeated blocks")
@@ -184,6 +186,7 @@ def _pt2_graph_bytes(path):
 
 
 @pytest.mark.parametrize("rank", [0, 4])
+@pytest.mark.slow
 def test_saved_file_stores_shared_tensors_once(gpt_program, tmp_path, rank):
     base = evo_rewrite.rewrite(gpt_program, "")
     shared = evo_rewrite.rewrite(gpt_program, f"share-layers(rank={rank})")

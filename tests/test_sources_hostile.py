@@ -105,6 +105,7 @@ def test_pt2_metadata_not_an_object(pay, tmp_path, capsys, text, needle):
     refused(capsys, tmp_path, [str(src)], 3, needle, source=src)
 
 
+@pytest.mark.slow
 def test_pt2_guards_are_not_executed(pay, tmp_path, capsys):
     """Export guards are Python source that ep.module() executes: the loader drops them."""
     marker = tmp_path / "guard-marker"
@@ -197,6 +198,7 @@ def test_factory_sys_exit_at_import(tmp_path, capsys):
     refused(capsys, tmp_path, [f"{path}:make"], 3, "called sys.exit(0)", "if __name__ == '__main__'")
 
 
+@pytest.mark.slow
 def test_factory_sys_exit_command_exit_code(tmp_path):
     """The real command: a factory's sys.exit(0) must not end the run with exit 0 and nothing written."""
     src = hp.factory_sys_exit(tmp_path)

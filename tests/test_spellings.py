@@ -37,7 +37,7 @@ from spelling_gen import C, D, H, Attention, Spelling, negatives, spellings
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default, torch.ops.aten._safe_softmax.default}
-FAST_DRAW, FAST_NEGATIVE_DRAW = 15, 10
+FAST_DRAW, FAST_NEGATIVE_DRAW = 6, 4
 CI_DRAW, CI_ONNX_DRAW, CI_NEGATIVE_DRAW = 500, 24, 60
 SLOW_DRAW, SLOW_ONNX_DRAW, SLOW_NEGATIVE_DRAW = 2000, 200, 300
 RATE = 0.99
@@ -222,6 +222,7 @@ def test_negatives_never_fused():
     assert not misses, "\n".join(f"{sp}\n    {why}" for sp, why in misses[:20])
 
 
+@pytest.mark.slow
 def test_the_draw_covers_every_choice():
     """The 500 spellings exercise every value of every choice (a generator that stopped varying would pass)."""
     drawn = draw(spellings(), CI_DRAW)
@@ -312,6 +313,7 @@ def test_issue_bmm_3d_through_onnx(attention, tmp_path):
     assert "Softmax" not in rep.op_counts
 
 
+@pytest.mark.slow
 def test_onnx_export_failure_is_exit_4_naming_the_operator(tmp_path):
     """A program the PyTorch target writes but torch.onnx cannot export: exit 4, the operator named."""
     from evo_rewrite.targets.onnx import save_onnx

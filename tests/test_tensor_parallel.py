@@ -42,6 +42,7 @@ def _styles(plan):
     return {lin["module"]: lin["style"] for lin in plan["linears"]}
 
 
+@pytest.mark.slow
 def test_plan_names_every_linear_layer_once(gpt, llama):
     for program in (gpt, llama):
         plan, _ = plan_rank(program, 2)
