@@ -32,6 +32,26 @@ aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 
 
+def _share_mask_casts(g: fx.Graph) -> int:
+    """Merge the dtype casts of one mask that the rewrite made per site (same input, same dtype) into the
+    first of them, so every site reads one tensor: no copy per layer, and a per-call causal check
+    (evo_rewrite.sdpa.sdpa_causal_if_unpadded) runs once per forward. Returns how many were merged."""
+    first: dict[tuple, fx.Node] = {}
+    merged = 0
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.target is not aten._to_copy.default or len(n.args) != 1 \
+                or set(n.kwargs) != {"dtype"} or not any(u.target is SDPA for u in n.users):
+            continue
+        key = (n.args[0], n.kwargs["dtype"])
+        if key in first:
+            n.replace_all_uses_with(first[key])
+            g.erase_node(n)
+            merged += 1
+        else:
+            first[key] = n
+    return merged
+
+
 class _NotExpressible(Exception):
     pass
 
@@ -254,6 +274,8 @@ class Flash(Pass):
         g.eliminate_dead_code()
         program.module.recompile()
         n_causal, padded = self._use_is_causal(program, causal_candidates)
+        if _share_mask_casts(g):  # one cast of a shared mask, not one per site: one tensor for every layer
+            program.module.recompile()
         notes = {"causal sites": n_causal} if fused else {}
         if padded:  # chosen per call on CUDA (see _choose_backends); on CPU the masked kernel serves them
             notes["causal when unpadded"] = len(padded)
@@ -321,7 +343,7 @@ class Flash(Pass):
                         raise _NotExpressible(f"K/V heads ({hk}) do not divide query heads ({hq})")
             if q_shape is not None and k_shape is not None and str(q_shape[0]) != str(k_shape[0]):
                 raise _NotExpressible("K/V are broadcast over the batch")
-            if bias is not None:
+            if bias is not None and getattr(bias.meta.get("val"), "dtype", None) != dtype:
                 bias = g.call_function(aten._to_copy.default, (bias,), {"dtype": dtype})
             if b.softcap is not None:
                 if b.softcap == 0 or dropout_p:
