@@ -146,6 +146,8 @@ HEAVY = {
     "test_onnx.py::test_softcap_spelling_to_onnx[onnx]",  # [ort] stays
     "test_gqa.py::test_zoo_ratios_shapes_and_kv_cache[gpt-2]",  # [gpt-1], [encoder-2] stay
     "test_gqa.py::test_zoo_ratios_shapes_and_kv_cache[encoder-1]",
+    "test_flash_hf.py::test_every_layer_reads_one_mask_tensor[flash-dtype1-0]",  # [flash-dtype0-0] (fp32) stays
+    "test_flash_hf.py::test_every_layer_reads_one_mask_tensor[bf16,flash-dtype2-1]",
 }
 
 
