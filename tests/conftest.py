@@ -151,6 +151,10 @@ HEAVY = {
 }
 
 
+# the files that take longest in CI (about 15 and 13 minutes of the 56 a serial run takes on 2 cores)
+LONGEST_FILES = ("test_spellings.py", "test_onnx.py")
+
+
 def pytest_collection_modifyitems(config, items):
     from hf_configs import ARCHITECTURES
 
@@ -162,6 +166,9 @@ def pytest_collection_modifyitems(config, items):
                    and not config.getoption("deselect"))
     if stale:
         raise pytest.UsageError(f"tests/conftest.py HEAVY names tests that do not exist: {', '.join(stale)}")
+    # the longest files first: with `-n 2` (one worker per file) a long file started last would run alone
+    rank = {f: i for i, f in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1], len(rank)))
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         arch = params.get("arch")
